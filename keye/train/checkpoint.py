@@ -1,0 +1,188 @@
+"""Resumable training checkpoints, safetensors only, written atomically.
+
+A checkpoint is a folder ``run_dir/checkpoints/step_{N:08d}/`` holding
+  model.safetensors      the trainable model's state dict
+  optimizer.safetensors  every tensor of the optimizer state (``state.{param}.{name}``)
+  rng.safetensors        torch CPU (and CUDA) generator states
+  state.json             step, param groups, scheduler, python/numpy RNG, data position, anything else
+It is written into ``step_N.tmp/`` and renamed into place, then ``latest`` is replaced atomically, so a run
+killed mid-write leaves the previous checkpoint intact and never a half-written one under a real name.
+No pickle anywhere: a checkpoint from an untrusted source cannot execute code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from keye.errors import KeyeInputError
+
+_LATEST = "latest"
+
+
+@dataclass
+class TrainState:
+    """What a loop needs besides module/optimizer tensors to continue exactly where it stopped."""
+
+    step: int = 0
+    data_position: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    state: TrainState,
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint for ``state.step`` and prune all but the newest ``keep``. Returns its folder."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{state.step:08d}"
+    tmp = root / f"{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    meta: dict[str, Any] = {
+        "step": state.step,
+        "data_position": state.data_position,
+        "extra": state.extra,
+        "python_rng": _jsonable_python_rng(random.getstate()),
+        "numpy_rng": _jsonable_numpy_rng(np.random.get_state()),
+    }
+    if optimizer is not None:
+        tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+    if scheduler is not None:
+        meta["scheduler"] = scheduler.state_dict()
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _write_atomic(root / _LATEST, final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / _LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file() and not p.name.endswith(".tmp"))
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its TrainState."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise KeyeInputError(f"checkpoint {path}: no state.json (not a checkpoint folder, or an interrupted write)")
+    meta = json.loads((path / "state.json").read_text())
+    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise KeyeInputError(
+            f"checkpoint {path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if optimizer is not None and "optimizer" in meta:
+        tensors = load_file(path / "optimizer.safetensors")
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    if restore_rng:
+        random.setstate(_python_rng_from_json(meta["python_rng"]))
+        np.random.set_state(_numpy_rng_from_json(meta["numpy_rng"]))
+        rng = load_file(path / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+    return TrainState(step=meta["step"], data_position=meta["data_position"], extra=meta["extra"])
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage (tied embeddings) and non-contiguous views; clone those.
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach()
+        ptr = tensor.data_ptr() if tensor.numel() else -1
+        if ptr in seen or not tensor.is_contiguous():
+            tensor = tensor.clone().contiguous()
+        seen.add(ptr)
+        out[key] = tensor.cpu()
+    return out
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable_python_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _jsonable_numpy_rng(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_rng_from_json(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
