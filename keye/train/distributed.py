@@ -1,0 +1,207 @@
+"""Data parallelism applied from the outside: one place, one small class per strategy.
+
+Model code is written for one device (STYLE.md principle 2). A loop asks ``build_strategy(cfg)`` for a
+strategy, hands it the model and an optimizer factory, and from then on only calls:
+
+    with strategy.accumulating(model, boundary):   # no gradient sync until the accumulation boundary
+        loss = compute(model, batch)
+        strategy.backward(loss)                    # scaled by 1/accum_steps (DeepSpeed scales itself)
+    if boundary:
+        strategy.step(optimizer)                   # clip, step, zero grads
+
+Strategies: ``none`` (one process), ``ddp`` (torch DDP), ``fsdp2`` (``fully_shard`` per block, then the
+root), ``deepspeed`` (ZeRO-2/3 from a JSON config in ``pipelines/deepspeed/``). On CPU they all run over gloo,
+which is how the tests check them against a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from keye.errors import ConfigError
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "none"  # one of STRATEGIES
+    deepspeed_config: str | None = None  # a JSON file; "auto" values are filled from the loop's settings
+
+
+def init_process_group() -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun; returns (rank, world_size)."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Strategy:
+    """One process, no wrapping. The base of the others."""
+
+    def __init__(self, cfg: DistConfig, accum_steps: int = 1, grad_clip: float | None = None, micro_batch: int = 1):
+        self.cfg, self.accum_steps, self.grad_clip, self.micro_batch = cfg, accum_steps, grad_clip, micro_batch
+        self.rank, self.world_size = init_process_group()
+
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, build_optimizer(model)
+
+    @contextlib.contextmanager
+    def accumulating(self, model: nn.Module, boundary: bool) -> Iterator[None]:
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Clip, step, zero grads; returns the gradient norm before clipping."""
+        norm = self._clip(model)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _clip(self, model: nn.Module) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on every rank (CPU tensors), for saving."""
+        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class DDPStrategy(Strategy):
+    def setup(self, model, build_optimizer):
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return model, build_optimizer(model.module)
+
+    @contextlib.contextmanager
+    def accumulating(self, model, boundary):
+        # Must cover the forward too: DDP decides at forward time whether this backward all-reduces.
+        with contextlib.nullcontext() if boundary else model.no_sync():
+            yield
+
+    def unwrap(self, model):
+        return model.module
+
+
+class FSDP2Strategy(Strategy):
+    """``fully_shard`` each repeated block (HF's ``_no_split_modules``), then the root module."""
+
+    def setup(self, model, build_optimizer):
+        from torch.distributed.fsdp import fully_shard
+
+        block_names = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in block_names:
+                fully_shard(module)
+        fully_shard(model)
+        return model, build_optimizer(model)
+
+    @contextlib.contextmanager
+    def accumulating(self, model, boundary):
+        model.set_requires_gradient_sync(boundary)
+        yield
+
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False))
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed ZeRO from a JSON config; our torch optimizer is handed in (no op compilation on CPU)."""
+
+    def setup(self, model, build_optimizer):
+        import deepspeed
+
+        if not self.cfg.deepspeed_config:
+            raise ConfigError("dist.deepspeed_config: required for strategy 'deepspeed' (see pipelines/deepspeed/)")
+        path = Path(self.cfg.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"dist.deepspeed_config: {path} not found")
+        ds_config = _fill_auto(
+            json.loads(path.read_text()),
+            train_micro_batch_size_per_gpu=self.micro_batch,
+            gradient_accumulation_steps=self.accum_steps,
+            gradient_clipping=self.grad_clip or 0.0,
+        )
+        ds_config["train_batch_size"] = self.micro_batch * self.accum_steps * self.world_size
+        ds_config.setdefault("zero_allow_untested_optimizer", True)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model), config=ds_config)
+        return engine, optimizer
+
+    def backward(self, loss):
+        # The engine divides by gradient_accumulation_steps itself, and counts micro-steps in step():
+        # it only reduces and updates at its own boundary, which coincides with the loop's.
+        self._engine.backward(loss)
+        self._engine.step()
+
+    @contextlib.contextmanager
+    def accumulating(self, model, boundary):
+        self._engine = model
+        yield
+
+    def step(self, model, optimizer):
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def unwrap(self, model):
+        return model.module
+
+    def full_state_dict(self, model):
+        if model.zero_optimization_stage() == 3:
+            with _gathered(model):
+                return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
+        return super().full_state_dict(model)
+
+
+@contextlib.contextmanager
+def _gathered(engine):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
+
+
+def _fill_auto(config: dict, **values) -> dict:
+    out = dict(config)
+    for key, value in values.items():
+        if out.get(key, "auto") == "auto":
+            out[key] = value
+    return out
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "none": Strategy,
+    "ddp": DDPStrategy,
+    "fsdp2": FSDP2Strategy,
+    "deepspeed": DeepSpeedStrategy,
+}
+
+
+def build_strategy(cfg: DistConfig, accum_steps: int = 1, grad_clip: float | None = None, micro_batch: int = 1) -> Strategy:
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"dist.strategy: {cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    return STRATEGIES[cfg.strategy](cfg, accum_steps=accum_steps, grad_clip=grad_clip, micro_batch=micro_batch)

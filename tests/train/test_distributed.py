@@ -1,0 +1,58 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from keye.errors import ConfigError
+from keye.train.distributed import DistConfig, build_strategy
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, strategy, nproc, ds_config=None):
+    out = tmp_path / f"{strategy}-{nproc}.json"
+    args = [str(WORKER), strategy, str(out)] + ([str(ROOT / ds_config)] if ds_config else [])
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("single"), "none", 1)
+
+
+@pytest.mark.parametrize(
+    "strategy, ds_config",
+    [("ddp", None), ("fsdp2", None), ("deepspeed", "pipelines/deepspeed/zero2.json"), ("deepspeed", "pipelines/deepspeed/zero3.json")],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
+)
+def test_two_processes_match_one(tmp_path, single, strategy, ds_config):
+    result = _run(tmp_path, strategy, 2, ds_config)
+    assert single["losses"][-1] < single["losses"][0]  # it trained
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
+    for key, value in single["state"].items():
+        torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_unknown_strategy_is_a_config_error():
+    with pytest.raises(ConfigError, match="'horovod' is not one of"):
+        build_strategy(DistConfig(strategy="horovod"))
