@@ -101,19 +101,13 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its TrainState."""
     path = Path(path)
-    if not (path / "state.json").is_file():
-        raise KeyeInputError(f"checkpoint {path}: no state.json (not a checkpoint folder, or an interrupted write)")
-    meta = json.loads((path / "state.json").read_text())
+    meta = _read_meta(path)
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise KeyeInputError(
             f"checkpoint {path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    if optimizer is not None and "optimizer" in meta:
-        tensors = load_file(path / "optimizer.safetensors")
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
+    load_optimizer_state(path, optimizer, scheduler)
     if restore_rng:
         random.setstate(_python_rng_from_json(meta["python_rng"]))
         np.random.set_state(_numpy_rng_from_json(meta["numpy_rng"]))
@@ -124,6 +118,25 @@ def load_checkpoint(
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
     return TrainState(step=meta["step"], data_position=meta["data_position"], extra=meta["extra"])
+
+
+def load_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer | None, scheduler: Any | None) -> bool:
+    """Restore optimizer and scheduler state (e.g. after a strategy built the optimizer); False if none saved."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if scheduler is not None and "scheduler" in meta:
+        scheduler.load_state_dict(meta["scheduler"])
+    if optimizer is None or "optimizer" not in meta:
+        return False
+    tensors = load_file(path / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return True
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not (path / "state.json").is_file():
+        raise KeyeInputError(f"checkpoint {path}: no state.json (not a checkpoint folder, or an interrupted write)")
+    return json.loads((path / "state.json").read_text())
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,183 @@
+"""The training loop every stage shares: batches, accumulation, strategy, schedule, checkpoints, metrics.
+
+A stage supplies a map-style dataset, a ``collate`` that turns a list of samples into a batch, a
+``loss_fn(model, batch) -> StepLoss`` whose ``loss_sum`` is a SUM over the batch's target units (tokens,
+pairs), and ``count_units(batch)``, their number, known before the forward. The runner divides by the units
+of the whole accumulation window (across ranks), so batch 1 x 4 accumulation steps computes exactly what
+batch 4 x 1 does; a mean per micro-batch would weight short samples more whenever lengths differ.
+
+The batch order is a pure function of (seed, epoch, position), so a resumed run reads exactly the batches
+the uninterrupted run would have, and the checkpoint only needs (epoch, position).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
+from keye.train.distributed import DistConfig, Strategy, build_strategy
+from keye.train.metrics import MetricsLog, plot_curves
+from keye.train.optim import OptimConfig, build_optimizer, build_scheduler
+
+
+class StepLoss(NamedTuple):
+    loss_sum: torch.Tensor  # summed over the batch's units; the runner normalises
+    aux_loss: torch.Tensor | None = None  # already a mean (e.g. the MoE router loss); averaged over the window
+    metrics: dict[str, float] = {}
+
+
+@dataclass
+class RunConfig:
+    steps: int = 100
+    micro_batch: int = 4
+    accum_steps: int = 1
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+LossFn = Callable[[nn.Module, Any], StepLoss]
+CountUnits = Callable[[Any], int]  # target units in a batch (e.g. label tokens), known before the forward
+
+
+class BatchPlan:
+    """Deterministic micro-batches: a seeded permutation per epoch, sliced per rank."""
+
+    def __init__(self, num_samples: int, micro_batch: int, world_size: int, rank: int, seed: int):
+        per_step = micro_batch * world_size
+        if num_samples < per_step:
+            raise ValueError(f"dataset has {num_samples} samples, fewer than one global micro-batch ({per_step})")
+        self.num_samples, self.micro_batch, self.world_size, self.rank, self.seed = (
+            num_samples, micro_batch, world_size, rank, seed)
+        self.per_epoch = num_samples // per_step  # drop the ragged tail: every rank gets full micro-batches
+        self._epoch, self._perm = -1, None
+
+    def indices(self, position: int) -> list[int]:
+        epoch, index = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_samples, generator=gen).tolist()
+        start = (index * self.world_size + self.rank) * self.micro_batch
+        return self._perm[start:start + self.micro_batch]
+
+
+def train(
+    model: nn.Module,
+    dataset: Sequence,
+    collate: Callable[[list], Any],
+    loss_fn: LossFn,
+    count_units: CountUnits,
+    cfg: RunConfig,
+    run_dir: str | Path,
+    resume: bool = True,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the (unwrapped) model."""
+    run_dir = Path(run_dir)
+    strategy = build_strategy(cfg.dist, cfg.accum_steps, cfg.optim.grad_clip, cfg.micro_batch)
+    torch.manual_seed(cfg.seed)
+    state, checkpoint = TrainState(), latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:  # weights and RNG go into the plain model, before any wrapping or sharding
+        state = load_checkpoint(checkpoint, model)
+    wrapped, optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg.optim))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    if checkpoint is not None:
+        load_optimizer_state(checkpoint, _plain_optimizer(strategy, optimizer), scheduler)
+    plan = BatchPlan(len(dataset), cfg.micro_batch, strategy.world_size, strategy.rank, cfg.seed)
+    log = MetricsLog(run_dir, resume_step=state.step if checkpoint else None) if strategy.is_main else None
+
+    position = state.data_position.get("position", 0)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not strategy.is_main, dynamic_ncols=True)
+    wrapped.train()
+    while state.step < cfg.steps:
+        started = time.perf_counter()
+        batches = [collate([dataset[i] for i in plan.indices(position + k)]) for k in range(cfg.accum_steps)]
+        position += cfg.accum_steps
+        stats = _accumulate(wrapped, batches, loss_fn, count_units, strategy)
+        stats["grad_norm"] = strategy.step(wrapped, optimizer)
+        stats["lr"] = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        state.step += 1
+        state.data_position = {"position": position, "epoch": position // plan.per_epoch}
+        stats["step_time"] = time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        if log is not None and state.step % cfg.log_every == 0:
+            log.log(state.step, **stats)
+        if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.steps:
+            _save(run_dir, strategy, wrapped, optimizer, scheduler, state, cfg.keep_checkpoints)
+    bar.close()
+    if strategy.is_main:
+        plot_curves(run_dir)
+    return strategy.unwrap(wrapped)
+
+
+def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: CountUnits, strategy: Strategy) -> dict[str, float]:
+    """Forward/backward each micro-batch, normalised by the units of the whole window on all ranks."""
+    units = torch.tensor(float(sum(count_units(b) for b in batches)))
+    if strategy.world_size > 1:
+        torch.distributed.all_reduce(units)
+    if units == 0:
+        raise ValueError("an accumulation window has no target units (e.g. every label masked): check the data")
+    # Strategies average gradients over ranks and backward() divides by the window length, so scale the
+    # summed loss by window / (units per rank): the gradient is then d(sum of losses)/d(theta) / units.
+    scale = len(batches) * strategy.world_size / units
+    total, aux_total = torch.zeros(()), 0.0
+    metrics: dict[str, float] = {}
+    for k, batch in enumerate(batches):
+        with strategy.accumulating(model, boundary=k == len(batches) - 1):
+            out = loss_fn(model, batch)
+            loss = out.loss_sum * scale
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss
+                aux_total += float(out.aux_loss) / len(batches)
+            strategy.backward(loss)
+        total += out.loss_sum.detach().float().cpu()
+        for key, value in out.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value) / len(batches)
+    if strategy.world_size > 1:
+        torch.distributed.all_reduce(total)
+    stats = {"loss": float(total / units), "units": float(units), **metrics}
+    if aux_total:
+        stats["aux_loss"] = aux_total
+    if not math.isfinite(stats["loss"]):
+        raise FloatingPointError(f"loss became {stats['loss']}: check the learning rate and the data")
+    return stats
+
+
+def _plain_optimizer(strategy: Strategy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    # Sharded strategies hold optimizer state in shards; gathering it into our safetensors layout is not
+    # implemented yet, so their resumes restore weights, schedule, RNG and data position, not the moments.
+    return optimizer if strategy.cfg.strategy in ("none", "ddp") else None
+
+
+def _save(run_dir, strategy, model, optimizer, scheduler, state, keep):
+    # Every rank takes part in gathering a sharded state dict; only rank 0 writes.
+    full = strategy.full_state_dict(model)
+    if strategy.is_main:
+        holder = _StateHolder(full)
+        save_checkpoint(run_dir, holder, _plain_optimizer(strategy, optimizer), scheduler, state, keep=keep)
+    if strategy.world_size > 1:
+        torch.distributed.barrier()
+
+
+class _StateHolder(nn.Module):
+    """Lets save_checkpoint write an already-gathered state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        self._state = state
+
+    def state_dict(self, *args, **kwargs):
+        return self._state
