@@ -1,0 +1,116 @@
+"""Keye configs: a vision config, a projector config and a transformers text config in one model config.
+
+Field names follow the published Keye-VL-1.5 ``config.json`` where one exists (``vision_config`` is
+SigLIP-shaped, ``image_token_id`` / ``video_token_id`` are the Qwen ids), so a published config maps
+onto these classes with few renames (see ``keye.models.adapter``).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from keye.errors import ConfigError
+
+
+class KeyeVisionConfig(PreTrainedConfig):
+    """SigLIP-style native-resolution ViT (Keye-VL-1.5 uses SigLIP-so400m-patch14-384).
+
+    ``image_size // patch_size`` is the side of the learned position table (27 for 384 / 14), which
+    is interpolated bilinearly to every image's own patch grid.
+    """
+
+    model_type = "keye_vision"
+    base_config_key = "vision_config"
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    rope_theta: float = 10000.0
+    # The published checkpoint carries a 32768-row `packing_position_embedding` that the 1.5 forward
+    # never reads (it interpolates `position_embedding` instead); we keep it, frozen, so checkpoints
+    # load and save without renames. 0 leaves it out.
+    packing_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"vision_config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 4:
+            raise ConfigError("vision_config: head_dim must be a multiple of 4 for the 2D (h, w) RoPE")
+
+    @property
+    def position_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class KeyeProjectorConfig(PreTrainedConfig):
+    """The ``mlp_AR`` projector of Keye-VL-1.5: 2x2 merge -> LayerNorm -> Linear -> GELU -> Linear."""
+
+    model_type = "keye_projector"
+    base_config_key = "projector_config"
+
+    merge_size: int = 2
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+
+
+class KeyeConfig(PreTrainedConfig):
+    """Keye vision-language model config.
+
+    ``text_config`` is a transformers ``Qwen3Config`` (Keye-VL-1.5-8B) or ``Qwen3MoeConfig``
+    (Keye-VL-2.0 / keye-nano); the decoder is built from it with transformers' own classes.
+    ``mrope_section`` splits the text RoPE half-dim between (t, h, w) as in Qwen2.5-VL; the
+    published 1.5 config uses [16, 24, 24] for head_dim 128.
+    """
+
+    model_type = "keye"
+    sub_configs_defaults = {
+        "vision_config": KeyeVisionConfig,
+        "projector_config": KeyeProjectorConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3_moe"),
+    }
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vision_config: dict | PreTrainedConfig | None = None
+    projector_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    mrope_section: list | None = None
+    # ST-MoE router z-loss (Zoph et al. 2022, eq. 5); off by default, the load-balancing loss is on.
+    router_z_loss_coef: float = 0.0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        if text.model_type not in ("qwen3", "qwen3_moe"):
+            raise ConfigError(f"text_config.model_type must be 'qwen3' or 'qwen3_moe', got {text.model_type!r}")
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if self.mrope_section is None:
+            # Qwen2.5-VL's split scaled to this head size: t gets 1/4 of the pairs, h and w 3/8 each.
+            t = head_dim // 8
+            self.mrope_section = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+        self.mrope_section = [int(s) for s in self.mrope_section]
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != head_dim // 2:
+            raise ConfigError(
+                f"mrope_section {self.mrope_section} must have 3 entries summing to head_dim/2 = {head_dim // 2}"
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.text_config.model_type == "qwen3_moe"

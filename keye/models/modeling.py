@@ -1,0 +1,357 @@
+"""Keye vision-language model: ViT -> ``mlp_AR`` -> Qwen3 / Qwen3-MoE decoder (transformers' own).
+
+Weight names are the published Keye-VL-1.5 ones: ``visual.vision_model.*``, ``mlp_AR.*``,
+``model.*`` (the transformers decoder, used as a component) and an untied ``lm_head``. For an MoE
+decoder the experts stay in transformers' fused layout; ``keye.models.adapter`` converts to and from
+the per-expert layout of published checkpoints.
+
+Text positions use 3D mRoPE as the published 1.5 model does (public ``KeyeVL1_5ForConditionalGeneration``
+in vLLM implements ``SupportsMRoPE``; sections [16, 24, 24] for the 8B): text tokens advance
+(t, h, w) together; every image or video frame is its own t=1 grid whose merged tokens get
+(t0, t0 + row, t0 + col). Timestamps reach the model only as text (``<|frame|>12.5``). On text-only
+input all three axes are equal and the rotation is exactly Qwen3's 1D RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeModel, Qwen3MoeTopKRouter
+
+from keye.errors import KeyeInputError
+from keye.models.configuration import KeyeConfig
+from keye.models.losses import ROUTER_LOSSES
+from keye.models.projector import KeyeProjector
+from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, grid_list
+
+TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
+
+
+# ----------------------------------------------------------------------------- text positions
+
+
+class KeyeMRotaryEmbedding(nn.Module):
+    """Multimodal RoPE around the decoder's own rotary module.
+
+    The wrapped module computes cos/sin for each axis; section ``i`` of the rotary half-dim then takes
+    its angles from axis ``i % 3`` (Qwen2-VL's ``apply_multimodal_rotary_pos_emb``, done once here
+    so transformers' unchanged attention layers can apply it).
+    """
+
+    def __init__(self, rotary: nn.Module, mrope_section: list[int]):
+        super().__init__()
+        self.rotary = rotary
+        self.mrope_section = list(mrope_section)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: (3, B, L) or (B, L) -> cos, sin of shape (B, L, head_dim)."""
+        if position_ids.ndim == 2:
+            return self.rotary(x, position_ids)
+        cos_3BLD, sin_3BLD = (torch.stack(z) for z in zip(*(self.rotary(x, p) for p in position_ids)))
+        sections = self.mrope_section * 2
+        cos = torch.cat([c[i % 3] for i, c in enumerate(cos_3BLD.split(sections, dim=-1))], dim=-1)
+        sin = torch.cat([s[i % 3] for i, s in enumerate(sin_3BLD.split(sections, dim=-1))], dim=-1)
+        return cos, sin
+
+
+def mrope_positions(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: KeyeConfig,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D positions for a prompt.
+
+    input_ids, attention_mask: (B, L). Grids are consumed in order of appearance, batch-major, images
+    and frames independently (the processor's order). Returns positions (3, B, L) and per-sample
+    ``deltas`` (B, 1) = max position + 1 - real length, used to continue positions while decoding.
+    """
+    merge = config.projector_config.merge_size
+    grids = {
+        config.image_token_id: grid_list(image_grid_thw) if image_grid_thw is not None else [],
+        config.video_token_id: grid_list(video_grid_thw) if video_grid_thw is not None else [],
+    }
+    cursor = {config.image_token_id: 0, config.video_token_id: 0}
+    B, L = input_ids.shape
+    positions = torch.zeros(3, B, L, dtype=torch.long, device=input_ids.device)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+    for b in range(B):
+        keep = attention_mask[b].bool()
+        ids = input_ids[b][keep].tolist()
+        pos_3T = torch.zeros(3, len(ids), dtype=torch.long)
+        i, nxt = 0, 0
+        while i < len(ids):
+            tok = ids[i]
+            if tok not in grids:
+                pos_3T[:, i] = nxt
+                i, nxt = i + 1, nxt + 1
+                continue
+            if cursor[tok] >= len(grids[tok]):
+                raise KeyeInputError(f"sample {b}: more vision pad runs than grids in grid_thw for token id {tok}")
+            t, h, w = grids[tok][cursor[tok]]
+            cursor[tok] += 1
+            gh, gw = h // merge, w // merge
+            n = t * gh * gw
+            if ids[i : i + n] != [tok] * n:
+                raise KeyeInputError(
+                    f"sample {b}: a vision block at token {i} needs {n} consecutive pad tokens for grid {(t, h, w)}"
+                )
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            pos_3T[:, i : i + n] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + nxt
+            nxt = int(pos_3T[:, i : i + n].max()) + 1
+            i += n
+        positions[:, b, keep] = pos_3T.to(positions.device)
+        deltas[b] = nxt - len(ids)
+    for tok, used in cursor.items():
+        if used != len(grids[tok]):
+            raise KeyeInputError(f"grid_thw has {len(grids[tok])} grids for token id {tok}, the prompt uses {used}")
+    return positions, deltas
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class KeyeCausalLMOutput(ModelOutput):
+    """loss = lm_loss + aux_coef * aux_loss + z_coef * z_loss (router terms only for an MoE decoder)."""
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class KeyePreTrainedModel(PreTrainedModel):
+    config_class = KeyeConfig
+    config: KeyeConfig
+    base_model_prefix = "keye"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionEncoderLayer", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.text_config.initializer_range
+        if isinstance(module, Qwen3MoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Qwen3MoeTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, VisionRotaryEmbedding2D):
+            # non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta
+            dim = module.inv_freq.shape[0] * 2
+            theta = self.config.vision_config.rope_theta
+            init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)))
+
+
+class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
+    """Keye-VL: answers questions about images and videos, trains with assistant-only loss.
+
+    Visual inputs are packed patches, Qwen2-VL style: ``pixel_values`` (sum t*h*w, 3*14*14) with
+    ``image_grid_thw`` (N_img, 3), and ``pixel_values_videos`` with ``video_grid_thw`` (one row per
+    frame, t=1, since Keye-1.5 encodes frames separately). Each grid fills exactly t*h*w/4
+    ``<|image_pad|>`` / ``<|video_pad|>`` positions; any other count is an error.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: KeyeConfig):
+        super().__init__(config)
+        text = config.text_config
+        self.visual = KeyeVisionModel(config.vision_config)
+        self.mlp_AR = KeyeProjector(config.projector_config, config.vision_config.hidden_size, text.hidden_size)
+        self.model = TEXT_MODELS[text.model_type](text)
+        self.model.rotary_emb = KeyeMRotaryEmbedding(self.model.rotary_emb, config.mrope_section)
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.rope_deltas: torch.Tensor | None = None  # set on prefill, read while decoding (Qwen2-VL does the same)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    # ------------------------------------------------------------------ vision
+
+    def visual_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Packed patches (sum t*h*w, 3*p*p) -> LM-space tokens (sum t*h*w / 4, hidden)."""
+        return self.mlp_AR(self.visual(pixel_values.to(self.dtype), grid_thw), grid_thw)
+
+    def _insert(self, embeds_BLD, input_ids, token_id: int, features_ND: torch.Tensor, what: str):
+        mask_BL = input_ids == token_id
+        n = int(mask_BL.sum())
+        if n != features_ND.shape[0]:
+            raise KeyeInputError(
+                f"{what}: the prompt has {n} pad tokens but the vision tower produced {features_ND.shape[0]} "
+                "features; each frame of h x w pixels needs h*w/784 pads"
+            )
+        return embeds_BLD.masked_scatter(mask_BL[..., None], features_ND.to(embeds_BLD.dtype))
+
+    def _embed(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            feats = self.visual_features(pixel_values, image_grid_thw)
+            inputs_embeds = self._insert(inputs_embeds, input_ids, self.config.image_token_id, feats, "images")
+        if pixel_values_videos is not None:
+            feats = self.visual_features(pixel_values_videos, video_grid_thw)
+            inputs_embeds = self._insert(inputs_embeds, input_ids, self.config.video_token_id, feats, "videos")
+        return inputs_embeds
+
+    def _positions(self, input_ids, attention_mask, past_len, new_len, image_grid_thw, video_grid_thw):
+        if past_len == 0 and input_ids is not None:
+            positions, self.rope_deltas = mrope_positions(
+                input_ids, attention_mask[:, -new_len:], self.config, image_grid_thw, video_grid_thw
+            )
+            return positions
+        text_BL = attention_mask.long().cumsum(-1)[:, -new_len:] - 1
+        if self.rope_deltas is not None and past_len > 0:
+            text_BL = text_BL + self.rope_deltas.to(text_BL.device)
+        return text_BL.clamp(min=0)[None].expand(3, -1, -1)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> KeyeCausalLMOutput:
+        """input_ids/attention_mask/labels: (B, L); labels are -100 outside assistant turns.
+
+        position_ids, if given, are (3, B, L) mRoPE positions (or (B, L) for text-only input);
+        by default they are derived from the prompt's vision blocks.
+        """
+        embeds_BLD = self._embed(input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        B, L = embeds_BLD.shape[:2]
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            # always pass a mask: with none, transformers reads jumps in position_ids as packed sequences
+            attention_mask = torch.ones(B, past_len + L, dtype=torch.long, device=embeds_BLD.device)
+        if position_ids is None:
+            position_ids = self._positions(input_ids, attention_mask, past_len, L, image_grid_thw, video_grid_thw)
+        is_moe = self.config.is_moe
+        want_router = is_moe and (bool(output_router_logits) or labels is not None)
+        extra = {"output_router_logits": want_router} if is_moe else {}
+        out = self.model(
+            inputs_embeds=embeds_BLD,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **extra,
+        )
+        hidden_BLD = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden_BLD[:, keep])
+
+        loss = lm_loss = aux = z = None
+        router_logits = getattr(out, "router_logits", None) if is_moe else None
+        if labels is not None:
+            lm_loss = ForCausalLMLoss(logits, labels, self.config.text_config.vocab_size, **kwargs)
+            loss = lm_loss
+        if router_logits:
+            text = self.config.text_config
+            args = (router_logits, text.num_experts, text.num_experts_per_tok, attention_mask[:, -L:])
+            aux = ROUTER_LOSSES["load_balancing"](*args)
+            z = ROUTER_LOSSES["z_loss"](*args)
+            if loss is not None:
+                loss = loss + text.router_aux_loss_coef * aux.to(loss.device)
+                if self.config.router_z_loss_coef:
+                    loss = loss + self.config.router_z_loss_coef * z.to(loss.device)
+        return KeyeCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux,
+            z_loss=z,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            hidden_states=(*(out.hidden_states or ()), hidden_BLD) if output_hidden_states else None,
+            router_logits=router_logits,
+        )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # our forward derives 3D positions itself (prefill: from the vision blocks; decode: + rope_deltas);
+        # the 1D ones GenerationMixin builds would drop the vision layout
+        inputs.pop("position_ids", None)
+        return inputs
+
+    # ------------------------------------------------------------------ embeddings API
+
+    @torch.no_grad()
+    def _pooled(self, token_mask_BL: torch.Tensor, normalize: bool, **inputs) -> torch.Tensor:
+        out = self(**inputs, output_hidden_states=True, use_cache=False)
+        hidden_BLD = out.hidden_states[-1].float()
+        if not bool(token_mask_BL.any(-1).all()):
+            raise KeyeInputError("every sample needs at least one token of the pooled kind")
+        w_BL = token_mask_BL.float()
+        pooled_BD = (hidden_BLD * w_BL[..., None]).sum(1) / w_BL.sum(1, keepdim=True)
+        return F.normalize(pooled_BD, dim=-1) if normalize else pooled_BD
+
+    def encode_video(self, input_ids, pixel_values_videos, video_grid_thw, attention_mask=None, normalize=False):
+        """Mean of the decoder's final (normed) hidden states over each sample's ``<|video_pad|>`` tokens.
+
+        Pooling after the LM, not after ``mlp_AR``, puts videos, images and text in one space, and
+        lets the video tokens see the prompt (e.g. a title). Returns (B, hidden).
+        """
+        mask = input_ids == self.config.video_token_id
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        return self._pooled(
+            mask, normalize, input_ids=input_ids, attention_mask=attention_mask,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+        )
+
+    def encode_image(self, input_ids, pixel_values, image_grid_thw, attention_mask=None, normalize=False):
+        """Mean of the final hidden states over ``<|image_pad|>`` tokens. Returns (B, hidden)."""
+        mask = input_ids == self.config.image_token_id
+        if attention_mask is not None:
+            mask &= attention_mask.bool()
+        return self._pooled(
+            mask, normalize, input_ids=input_ids, attention_mask=attention_mask,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        )
+
+    def encode_text(self, input_ids, attention_mask=None, normalize=False):
+        """Mean of the final hidden states over real (unpadded) tokens. Returns (B, hidden)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return self._pooled(mask, normalize, input_ids=input_ids, attention_mask=attention_mask)

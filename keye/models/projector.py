@@ -1,0 +1,43 @@
+"""The ``mlp_AR`` projector of Keye-VL-1.5: 2x2 patch merge, then LayerNorm -> Linear -> GELU -> Linear.
+
+Keye-VL-1.5 moved the LayerNorm after the merge (over 4 * 1152 = 4608 features), where 1.0 normed
+each patch before merging (public ``KeyeVL1_5Projector`` vs ``Projector``). Patches stay in raster
+order, so a merged token gathers rows (2i, 2i+1) x columns (2j, 2j+1) of its frame.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+from transformers.activations import ACT2FN
+
+from keye.errors import KeyeInputError
+from keye.models.configuration import KeyeProjectorConfig
+from keye.models.vision import grid_list
+
+
+class KeyeProjector(nn.Module):
+    def __init__(self, config: KeyeProjectorConfig, vision_hidden: int, text_hidden: int):
+        super().__init__()
+        self.merge = config.merge_size
+        merged = vision_hidden * self.merge**2
+        self.pre_norm = nn.LayerNorm(merged, eps=config.layer_norm_eps)
+        self.linear_1 = nn.Linear(merged, merged)
+        self.act = ACT2FN[config.hidden_act]
+        self.linear_2 = nn.Linear(merged, text_hidden)
+
+    def forward(self, features_ND: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """features_ND: (sum t*h*w, D_vision) raster-ordered -> (sum t*h*w / m^2, D_text)."""
+        m = self.merge
+        merged, start = [], 0
+        for t, h, w in grid_list(grid_thw):
+            if h % m or w % m:
+                raise KeyeInputError(f"grid {(t, h, w)}: h and w must be multiples of the merge size {m}")
+            n = t * h * w
+            merged.append(
+                rearrange(features_ND[start : start + n], "(t h p w q) d -> (t h w) (p q d)", t=t, h=h // m, p=m, q=m)
+            )
+            start += n
+        x = self.pre_norm(torch.cat(merged))
+        return self.linear_2(self.act(self.linear_1(x)))

@@ -1,0 +1,237 @@
+"""Native-resolution SigLIP ViT of Keye-VL-1.5 (rotary -> attention -> layer -> encoder -> model).
+
+Every image or video frame keeps its own patch grid. Patches of all frames are packed into one
+sequence of shape (total_patches, C*14*14) in raster order (row by row, per frame), described by
+``grid_thw`` (N, 3). Attention is restricted to each frame ("varlen", like flash-attn's
+``cu_seqlens``) and computed exactly, so frames of different sizes batch without padding.
+
+Position information is twofold, as in the published model (Keye-VL-1.5 report, sec. 2.1; public
+``KeyeSiglipVisionTransformer``): the learned 27x27 SigLIP table is interpolated bilinearly to the
+frame's (h, w) grid and added to the patch embeddings, and a 2D RoPE over (row, column) rotates q
+and k in every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+from keye.errors import KeyeInputError
+from keye.models.configuration import KeyeVisionConfig
+
+
+def grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(N, 3) int tensor -> list of (t, h, w) python ints."""
+    return [tuple(int(x) for x in row) for row in grid_thw.tolist()]
+
+
+def check_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor, patch_dim: int) -> None:
+    if grid_thw.ndim != 2 or grid_thw.shape[-1] != 3:
+        raise KeyeInputError(f"grid_thw must have shape (N, 3), got {tuple(grid_thw.shape)}")
+    total = int(grid_thw.prod(-1).sum())
+    if pixel_values.ndim != 2 or pixel_values.shape != (total, patch_dim):
+        raise KeyeInputError(
+            f"pixel_values must have shape (sum(t*h*w)={total}, {patch_dim}) for the given grid_thw, "
+            f"got {tuple(pixel_values.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+class VisionRotaryEmbedding2D(nn.Module):
+    """2D RoPE: half of each head's rotary pairs encode the patch row, half the column.
+
+    Matches the public ``SigLIPRotaryEmbedding(head_dim // 2)`` use: frequencies for row and column
+    are concatenated, then duplicated for the rotate-half layout (flash-attn's non-interleaved
+    ``apply_rotary_emb`` with ``cos.chunk(2)[0]`` is the same rotation).
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        dim = head_dim // 2
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, rows_N: torch.Tensor, cols_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows_N, cols_N: (N,) patch coordinates -> cos, sin of shape (N, head_dim), float32."""
+        freqs_N = torch.cat(
+            [rows_N[:, None].float() * self.inv_freq, cols_N[:, None].float() * self.inv_freq], dim=-1
+        )
+        emb = torch.cat([freqs_N, freqs_N], dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x_NHD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor) -> torch.Tensor:
+    # float32 rotation as in the reference (q.float() ... .type_as(q)): bf16 angles drift for large grids
+    x = x_NHD.float()
+    out = x * cos_ND[:, None, :] + rotate_half(x) * sin_ND[:, None, :]
+    return out.to(x_NHD.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def varlen_sdpa(q_NHD, k_NHD, v_NHD, seqlens: list[int], scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Exact per-sequence attention over a packed batch via SDPA.
+
+    Sequences of equal length are stacked into one batched SDPA call, so a clip of same-sized frames
+    costs a single kernel launch; no sequence ever sees another's keys.
+    """
+    out = torch.empty_like(q_NHD)
+    starts = torch.tensor([0, *seqlens[:-1]], device=q_NHD.device).cumsum(0)
+    lengths = torch.tensor(seqlens, device=q_NHD.device)
+    for length in sorted(set(seqlens)):
+        idx_SL = starts[lengths == length][:, None] + torch.arange(length, device=q_NHD.device)
+        q, k, v = (rearrange(t[idx_SL], "s l h d -> s h l d") for t in (q_NHD, k_NHD, v_NHD))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        out[idx_SL] = rearrange(o, "s h l d -> s l h d")
+    return out
+
+
+def varlen_eager(q_NHD, k_NHD, v_NHD, seqlens: list[int], scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Reference: one softmax over the whole pack with a block-diagonal mask (O(N^2) memory)."""
+    seq_id = torch.repeat_interleave(torch.arange(len(seqlens), device=q_NHD.device), torch.tensor(seqlens))
+    scores_HNN = torch.einsum("nhd,mhd->hnm", q_NHD.float(), k_NHD.float()) * scale
+    scores_HNN = scores_HNN.masked_fill(seq_id[:, None] != seq_id[None, :], float("-inf"))
+    probs = F.dropout(scores_HNN.softmax(-1), p=dropout)
+    return torch.einsum("hnm,mhd->nhd", probs, v_NHD.float()).to(q_NHD.dtype)
+
+
+VISION_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"sdpa": varlen_sdpa, "eager": varlen_eager}
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_impl = "sdpa"
+
+    def forward(self, x_ND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], seqlens: list[int]) -> torch.Tensor:
+        q, k, v = (rearrange(p(x_ND), "n (h d) -> n h d", h=self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        attn = VISION_ATTENTION[self.attention_impl]
+        o_NHD = attn(q, k, v, seqlens, self.scale, self.dropout if self.training else 0.0)
+        return self.out_proj(rearrange(o_NHD, "n h d -> n (h d)"))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class VisionEncoderLayer(nn.Module):
+    """Pre-norm SigLIP block; the MLP is transformers' ``SiglipMLP`` (fc1 -> gelu_tanh -> fc2)."""
+
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = VisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SiglipMLP(config)
+
+    def forward(self, x_ND, rope, seqlens):
+        x_ND = x_ND + self.self_attn(self.layer_norm1(x_ND), rope, seqlens)
+        return x_ND + self.mlp(self.layer_norm2(x_ND))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.rotary_pos_emb = VisionRotaryEmbedding2D(config.hidden_size // config.num_attention_heads, config.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward(self, x_ND: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        rows, cols = [], []
+        for t, h, w in grids:
+            pos = torch.arange(h * w, device=x_ND.device).repeat(t)
+            rows.append(pos // w)
+            cols.append(pos % w)
+        rope = self.rotary_pos_emb(torch.cat(rows), torch.cat(cols))
+        # one attention sequence per grid (a Keye-1.5 video frame is its own grid with t=1)
+        seqlens = [t * h * w for t, h, w in grids]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x_ND = torch.utils.checkpoint.checkpoint(layer, x_ND, rope, seqlens, use_reentrant=False)
+            else:
+                x_ND = layer(x_ND, rope, seqlens)
+        return x_ND
+
+
+class VisionEmbeddings(nn.Module):
+    """Conv patch embedding plus the learned SigLIP position table, interpolated per grid."""
+
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.grid = config.position_grid
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.position_embedding = nn.Embedding(self.grid * self.grid, config.hidden_size)
+        if config.packing_position_embeddings:
+            self.packing_position_embedding = nn.Embedding(config.packing_position_embeddings, config.hidden_size)
+            self.packing_position_embedding.weight.requires_grad_(False)
+
+    def interpolated_positions(self, h: int, w: int) -> torch.Tensor:
+        """Learned (G*G, D) table -> (h*w, D), bilinear with align_corners=False as in the reference."""
+        table = rearrange(self.position_embedding.weight, "(gh gw) d -> 1 d gh gw", gh=self.grid)
+        table = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)
+        return rearrange(table, "1 d h w -> (h w) d")
+
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """pixel_values: (N, C*p*p) patches in raster order -> (N, D)."""
+        patches = rearrange(pixel_values, "n (c p q) -> n c p q", c=self.num_channels, p=self.patch_size)
+        x_ND = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype)).flatten(1)
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        positions = []
+        for t, h, w in grids:
+            if (h, w) not in cache:
+                cache[(h, w)] = self.interpolated_positions(h, w)
+            positions.append(cache[(h, w)].repeat(t, 1))
+        return x_ND + torch.cat(positions).to(x_ND.dtype)
+
+
+class KeyeVisionTransformer(nn.Module):
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = VisionEmbeddings(config)
+        self.encoder = VisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (sum t*h*w, C*p*p); grid_thw: (N, 3) -> features (sum t*h*w, D)."""
+        check_grid(pixel_values, grid_thw, self.config.num_channels * self.config.patch_size**2)
+        grids = grid_list(grid_thw)
+        x_ND = self.embeddings(pixel_values, grids)
+        return self.post_layernorm(self.encoder(x_ND, grids))
+
+
+class KeyeVisionModel(nn.Module):
+    """Holds the transformer under ``vision_model`` so weight names read ``visual.vision_model.*``."""
+
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__()
+        self.vision_model = KeyeVisionTransformer(config)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values, grid_thw)
