@@ -16,6 +16,8 @@ from keye.errors import KeyeInputError
 _SUBCOMMANDS = [
     "keye.video.cli",
     "keye.demo",
+    "keye.items.cli",
+    "keye.data.world.cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Conversation datasets (jsonl), packing, conversation modes, and the synthetic video world."""

@@ -1,0 +1,5 @@
+import sys
+
+from keye.data.world.cli import main
+
+sys.exit(main())

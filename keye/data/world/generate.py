@@ -1,0 +1,342 @@
+"""Write a synthetic world to disk: mp4 clips, crops, and jsonl conversations per split.
+
+Layout of ``out_dir``::
+
+    videos/<clip_id>.mp4          one clip per id (ids are "<split>-<index>", so splits never share a clip)
+    crops/<qa_id>.png             zoomed crops for think-with-image questions
+    train.jsonl val.jsonl test.jsonl               single-turn video QA rows (kinds from config.kinds)
+    train_zoom.jsonl val_zoom.jsonl test_zoom.jsonl think-with-image rows (video, then a crop image turn)
+    captions.jsonl                captions of the TRAIN clips only, for alignment (no held-out leakage)
+    captions_val.jsonl captions_test.jsonl         captions of the held-out clips, for caption eval
+    clips.jsonl                   the scene spec of every clip (the ground truth the rows derive from)
+    world.json                    config, answer space and reasoning flag per kind, hint levels, counts
+
+Every row is ShareGPT / LLaMA-Factory "messages" + "videos" (+ "images") layout with
+``<video>`` / ``<image>`` placeholders, paths relative to ``out_dir``, so the world reads like
+real data downstream.
+
+Determinism: each clip is drawn from a Generator seeded by (config.seed, clip id), so clips can
+be generated in any order or in parallel, and the same config always gives byte-identical jsonl.
+Resumable: media already on disk is kept; jsonl and world.json are rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from keye.data.world.questions import HINT_LEVELS, QA, QUESTION_KINDS, choose_question
+from keye.data.world.render import render_clip, zoom_crop
+from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip
+from keye.errors import ConfigError
+from keye.video.writer import write_video
+
+SPLITS = ("train", "val", "test")
+THINK_WITH_IMAGE_KIND = "zoom"
+CAPTION_PROMPT = "Describe the video."
+WORLD_VERSION = 1
+
+
+def _default_kinds() -> dict[str, float]:
+    return {name: 1.0 for name in QUESTION_KINDS if name != THINK_WITH_IMAGE_KIND}
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything that decides the world's content. ``kinds`` weights the single-turn question kinds."""
+
+    seed: int = 0
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    clips: dict[str, int] = field(default_factory=lambda: {"train": 400, "val": 50, "test": 100})
+    questions_per_clip: int = 4
+    zoom_per_clip: int = 1
+    kinds: dict[str, float] = field(default_factory=_default_kinds)
+    crop_size: int = 112
+    crf: int = 18
+
+    def __post_init__(self):
+        scene = self.scene
+        if scene.height % 2 or scene.width % 2 or min(scene.height, scene.width) < 32:
+            raise ConfigError(f"world scene size {scene.width}x{scene.height}: needs even sides >= 32 (H.264 yuv420p)")
+        if scene.fps < 2.0:
+            raise ConfigError(f"world scene.fps={scene.fps}: must be >= 2 so the 2 fps sampling grid exists")
+        if set(self.clips) - set(SPLITS) or any(n < 0 for n in self.clips.values()):
+            raise ConfigError(f"world clips={self.clips}: keys must be among {SPLITS}, counts >= 0")
+        unknown = set(self.kinds) - (set(QUESTION_KINDS) - {THINK_WITH_IMAGE_KIND})
+        if unknown:
+            raise ConfigError(f"world kinds: unknown {sorted(unknown)}; known: {sorted(set(QUESTION_KINDS) - {THINK_WITH_IMAGE_KIND})}")
+        if not any(w > 0 for w in self.kinds.values()) and self.questions_per_clip > 0:
+            raise ConfigError("world kinds: at least one kind needs a positive weight")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WorldConfig:
+        """Strict: unknown keys raise ConfigError; lists become tuples where the default is a tuple."""
+        data = dict(data)
+        scene = _strict(SceneConfig, data.pop("scene", {}), "world.scene")
+        return _strict(cls, {**data, "scene": scene}, "world")
+
+
+def _strict(cls, data: dict, where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    defaults = cls()
+    return cls(**{k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in data.items()})
+
+
+def clip_ids(config: WorldConfig) -> list[tuple[str, str]]:
+    """(split, clip_id) for every clip of the world."""
+    return [(split, f"{split}-{i:05d}") for split in SPLITS for i in range(config.clips.get(split, 0))]
+
+
+def make_clip(config: WorldConfig, split: str, clip_id: str) -> tuple[Clip, np.random.Generator]:
+    """The clip spec for an id and the Generator its questions are drawn from (independent streams,
+    so changing the question mixture never changes the videos)."""
+    digest = hashlib.sha256(f"{config.seed}/{clip_id}".encode()).digest()
+    scene_seq, question_seq = np.random.SeedSequence(int.from_bytes(digest[:16], "little")).spawn(2)
+    clip = sample_clip(clip_id, split, config.scene, np.random.default_rng(scene_seq))
+    return clip, np.random.default_rng(question_seq)
+
+
+def answer_spaces(config: WorldConfig) -> dict[str, list[str]]:
+    return {name: kind.answer_space(config.scene) for name, kind in QUESTION_KINDS.items()}
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _video_rel(clip_id: str) -> str:
+    return f"videos/{clip_id}.mp4"
+
+
+def _qa_fields(clip: Clip, qa: QA, qa_id: str) -> dict:
+    return {
+        "id": qa_id,
+        "clip_id": clip.clip_id,
+        "split": clip.split,
+        "kind": qa.kind,
+        "reasoning": QUESTION_KINDS[qa.kind].reasoning,
+        "question": qa.question,
+        "answer": qa.answer,
+        "options": qa.options,
+        "cot": qa.cot,
+        "hints": list(qa.hints),
+    }
+
+
+def qa_row(clip: Clip, qa: QA, qa_id: str) -> dict:
+    """A single-turn video QA row; the assistant says the bare answer (non-thinking)."""
+    return {
+        **_qa_fields(clip, qa, qa_id),
+        "messages": [{"role": "user", "content": f"<video>{qa.question}"}, {"role": "assistant", "content": qa.answer}],
+        "videos": [_video_rel(clip.clip_id)],
+    }
+
+
+def zoom_row(clip: Clip, qa: QA, qa_id: str) -> dict:
+    """Think-with-image: the assistant asks for a zoom, the crop comes back as an image turn, then it answers."""
+    where = f"the {qa.crop['quadrant']} of the frame at {qa.crop['time']:.1f}s"
+    return {
+        **_qa_fields(clip, qa, qa_id),
+        "crop": {k: qa.crop[k] for k in ("time", "box")},
+        "messages": [
+            {"role": "user", "content": f"<video>{qa.question}"},
+            {"role": "assistant", "content": f"<think>I need a closer look at {where}.</think>"},
+            {"role": "user", "content": "<image>"},
+            {"role": "assistant", "content": f"<think>{qa.cot}</think>{qa.answer}"},
+        ],
+        "videos": [_video_rel(clip.clip_id)],
+        "images": [f"crops/{qa_id}.png"],
+    }
+
+
+def caption(clip: Clip) -> str:
+    """A templated description of every shot, its objects, motions, pause and cut."""
+    scenes = []
+    for s, shot in enumerate(clip.shots):
+        things = ", ".join(_describe_object(o) for o in shot.objects)
+        text = f"Scene {s + 1}: {shot.background.describe()} with {things}."
+        if shot.pause:
+            text += f" Everything stops from {shot.pause[0] / clip.fps:.1f}s to {(shot.pause[1] - clip.grid_step) / clip.fps:.1f}s."
+        if s + 1 < len(clip.shots):
+            text += f" At {clip.shots[s + 1].start / clip.fps:.1f}s the scene cuts."
+        scenes.append(text)
+    return " ".join(scenes)
+
+
+_EDGE = {"left": "left", "right": "right", "up": "top", "down": "bottom"}
+_OPPOSITE_EDGE = {"left": "right", "right": "left", "up": "bottom", "down": "top"}
+
+
+def _describe_object(obj) -> str:
+    if obj.motion == STILL:
+        return f"a {obj.name} that stays still"
+    if obj.entry == "enters":
+        return f"a {obj.name} entering from the {_OPPOSITE_EDGE[obj.motion]} and moving {obj.motion}"
+    if obj.entry == "leaves":
+        return f"a {obj.name} moving {obj.motion} and leaving at the {_EDGE[obj.motion]}"
+    return f"a {obj.name} moving {obj.motion}"
+
+
+def caption_row(clip: Clip) -> dict:
+    text = caption(clip)
+    return {
+        "id": f"{clip.clip_id}-caption",
+        "clip_id": clip.clip_id,
+        "split": clip.split,
+        "caption": text,
+        "messages": [{"role": "user", "content": f"<video>{CAPTION_PROMPT}"}, {"role": "assistant", "content": text}],
+        "videos": [_video_rel(clip.clip_id)],
+    }
+
+
+def questions_for_clip(config: WorldConfig, clip: Clip, rng: np.random.Generator) -> tuple[list[QA], list[QA]]:
+    """(single-turn questions, think-with-image questions) of one clip, without repeats."""
+    names = sorted(k for k, w in config.kinds.items() if w > 0)  # order-free, like the JSON it round-trips through
+    weights = [config.kinds[k] for k in names]
+    asked: set[str] = set()
+    single: list[QA] = []
+    while len(single) < config.questions_per_clip and names:
+        p = np.asarray(weights, dtype=np.float64)
+        i = int(rng.choice(len(names), p=p / p.sum()))
+        qa = choose_question(names[i], clip, rng, exclude=asked)
+        if qa is None:  # this clip cannot ask this kind (any more): drop it for this clip
+            del names[i], weights[i]
+            continue
+        asked.add(qa.question)
+        single.append(qa)
+    zooms: list[QA] = []
+    for _ in range(config.zoom_per_clip):
+        qa = choose_question(THINK_WITH_IMAGE_KIND, clip, rng, exclude=asked)
+        if qa is None:
+            break
+        asked.add(qa.question)
+        zooms.append(qa)
+    return single, zooms
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _build_clip(args: tuple[WorldConfig, str, str, str]) -> dict:
+    """Spec, rows and (if missing) media of one clip. Runs in a worker process when num_workers > 0."""
+    config, split, clip_id, out_dir = args
+    out = Path(out_dir)
+    clip, rng = make_clip(config, split, clip_id)
+    single, zooms = questions_for_clip(config, clip, rng)
+    zoom_ids = [f"{clip_id}-z{i}" for i in range(len(zooms))]
+    video_path = out / _video_rel(clip_id)
+    crop_paths = [out / "crops" / f"{qid}.png" for qid in zoom_ids]
+    wrote = False
+    if not video_path.exists() or not all(p.exists() for p in crop_paths):
+        frames_THWC = render_clip(clip)
+        if not video_path.exists():
+            write_video(video_path, frames_THWC, fps=clip.fps, crf=config.crf)
+            wrote = True
+        for qa, path in zip(zooms, crop_paths):
+            if not path.exists():
+                _write_png(path, zoom_crop(frames_THWC[qa.crop["frame"]], tuple(qa.crop["box"]), config.crop_size))
+    return {
+        "split": split,
+        "clip": clip.to_json(),
+        "qa": [qa_row(clip, qa, f"{clip_id}-q{i}") for i, qa in enumerate(single)],
+        "zoom": [zoom_row(clip, qa, qid) for qa, qid in zip(zooms, zoom_ids)],
+        "caption": caption_row(clip),
+        "wrote_video": wrote,
+    }
+
+
+def _write_png(path: Path, image_HWC: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(image_HWC).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, progress: bool = True, num_workers: int = 0) -> dict:
+    """Generate (or finish generating) the world in ``out_dir``; returns world.json's content plus timing.
+
+    Raises ConfigError when ``out_dir`` already holds a world made from a different config.
+    """
+    config = config or WorldConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world_json = out / "world.json"
+    if world_json.exists():
+        previous = json.loads(world_json.read_text())
+        if previous.get("config") != json.loads(json.dumps(config.to_dict())):
+            raise ConfigError(f"{world_json}: this folder holds a world made from a different config; use a new folder")
+
+    jobs = [(config, split, clip_id, str(out)) for split, clip_id in clip_ids(config)]
+    t0 = time.perf_counter()
+    if num_workers > 0:
+        with ProcessPoolExecutor(num_workers) as pool:
+            results = list(_progress(pool.map(_build_clip, jobs, chunksize=4), len(jobs), progress))
+    else:
+        results = list(_progress(map(_build_clip, jobs), len(jobs), progress))
+    seconds = time.perf_counter() - t0
+
+    by_split = {split: [r for r in results if r["split"] == split] for split in SPLITS}
+    for split, rs in by_split.items():
+        _write_jsonl(out / f"{split}.jsonl", [row for r in rs for row in r["qa"]])
+        _write_jsonl(out / f"{split}_zoom.jsonl", [row for r in rs for row in r["zoom"]])
+        _write_jsonl(out / ("captions.jsonl" if split == "train" else f"captions_{split}.jsonl"), [r["caption"] for r in rs])
+    _write_jsonl(out / "clips.jsonl", [r["clip"] for r in results])
+    info = {
+        "version": WORLD_VERSION,
+        "config": config.to_dict(),
+        "answer_spaces": answer_spaces(config),
+        "reasoning_kinds": sorted(k for k, kind in QUESTION_KINDS.items() if kind.reasoning),
+        "hint_levels": list(HINT_LEVELS),
+        "counts": {
+            split: {"clips": len(rs), "qa": sum(len(r["qa"]) for r in rs), "zoom": sum(len(r["zoom"]) for r in rs)}
+            for split, rs in by_split.items()
+        },
+    }
+    tmp = world_json.with_name(f".world.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, world_json)
+    written = sum(r["wrote_video"] for r in results)
+    return {**info, "videos_written": written, "seconds": seconds, "clips_per_second": len(results) / max(seconds, 1e-9)}
+
+
+def _progress(iterable, total: int, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc="world clips", unit="clip")
+
+
+def guess_baselines(rows: list[dict], spaces: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    """Per kind: the accuracy of a uniform random guess over the answer space, and of always
+    answering the most common answer in ``rows`` (the stronger of the two blind baselines)."""
+    from collections import Counter
+
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        answers = Counter(r["answer"] for r in rows if r["kind"] == kind)
+        total = sum(answers.values())
+        out[kind] = {"random": 1.0 / len(spaces[kind]), "majority": answers.most_common(1)[0][1] / total, "n": total}
+    return out

@@ -1,0 +1,336 @@
+"""The synthetic world: ground truth checked against the pixels, determinism, resume, splits.
+
+Every answer check reads the rendered (or decoded) frames and recomputes the fact from pixels by
+colour segmentation, never from the spec the answer was derived from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from keye.data.world import QUESTION_KINDS, SceneConfig, WorldConfig, generate_world, guess_baselines, make_clip, render_clip
+from keye.data.world.scene import BACKGROUNDS, COLORS
+from keye.errors import ConfigError
+
+SCENE = SceneConfig(height=64, width=64, fps=4.0, durations=(4.0, 5.0))
+CONFIG = WorldConfig(seed=7, scene=SCENE, clips={"train": 8, "val": 3, "test": 3}, questions_per_clip=8, zoom_per_clip=2)
+
+_NAMES = list(COLORS) + list(BACKGROUNDS)
+_PALETTE = np.array([*COLORS.values(), *BACKGROUNDS.values()], dtype=np.int32)
+_N_OBJ = len(COLORS)
+
+
+# ---------------------------------------------------------------- pixel analysis (independent of the spec)
+
+
+def segment(frames_THWC: np.ndarray) -> np.ndarray:
+    """(T, H, W) index into _NAMES of the nearest palette colour."""
+    d = ((frames_THWC[..., None, :].astype(np.int32) - _PALETTE) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def shape_of(mask_HW: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask_HW)
+    fill = mask_HW.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return "square" if fill > 0.92 else "circle" if fill > 0.66 else "triangle"
+
+
+def shot_starts(labels_THW: np.ndarray) -> list[int]:
+    """Frames where every pixel that is background in both frames changed background colour."""
+    starts = [0]
+    for t in range(1, len(labels_THW)):
+        a, b = labels_THW[t - 1], labels_THW[t]
+        both_bg = (a >= _N_OBJ) & (b >= _N_OBJ)
+        if both_bg.sum() and (a[both_bg] != b[both_bg]).mean() > 0.9:
+            starts.append(t)
+    return starts
+
+
+class PixelFacts:
+    """Per shot and object colour: shape, direction, entry and first frame, from pixels only."""
+
+    def __init__(self, frames_THWC: np.ndarray, grid_step: int):
+        self.frames = frames_THWC
+        self.labels = segment(frames_THWC)
+        T, H, W = self.labels.shape
+        self.starts = shot_starts(self.labels)
+        bounds = [*self.starts, T]
+        self.objects: dict[tuple[int, str], dict] = {}
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for c, color in enumerate(COLORS):
+                tracks = []
+                for t in range(a, b):
+                    mask = self.labels[t] == c
+                    if mask.sum() < 4:
+                        tracks.append(None)
+                        continue
+                    ys, xs = np.nonzero(mask)
+                    inside = ys.min() > 0 and xs.min() > 0 and ys.max() < H - 1 and xs.max() < W - 1
+                    tracks.append(((xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, inside, mask))
+                if all(tr is None for tr in tracks):
+                    continue
+                full = [(a + i, tr) for i, tr in enumerate(tracks) if tr is not None and tr[2]]
+                (_, first), (_, last) = full[0], full[-1]
+                dx, dy = last[0] - first[0], last[1] - first[1]
+                if max(abs(dx), abs(dy)) < 1:
+                    motion = "still"
+                elif abs(dx) > abs(dy):
+                    motion = "right" if dx > 0 else "left"
+                else:
+                    motion = "down" if dy > 0 else "up"
+                starts_full, ends_full = tracks[0] is not None and tracks[0][2], tracks[-1] is not None and tracks[-1][2]
+                entry = "stays" if starts_full and ends_full else "enters" if ends_full else "leaves"
+                first_seen = a + next(i for i, tr in enumerate(tracks) if tr is not None)
+                self.objects[(s, color)] = {
+                    "shape": shape_of(full[len(full) // 2][1][3]),
+                    "motion": motion,
+                    "entry": entry,
+                    "first": first_seen,
+                }
+
+    def find(self, name: str) -> dict:
+        color, shape = name.split()
+        hits = [o for (s, c), o in self.objects.items() if c == color and o["shape"] == shape]
+        assert len(hits) == 1, f"{name}: {len(hits)} matches in the pixels"
+        return hits[0]
+
+    def has_pause(self) -> bool:
+        bounds = [*self.starts, len(self.frames)]
+        return any(
+            np.array_equal(self.frames[t], self.frames[t + 1]) for a, b in zip(bounds[:-1], bounds[1:]) for t in range(a, b - 1)
+        )
+
+
+def _pixel_answer(row: dict, facts: PixelFacts) -> str:
+    """Recompute the row's answer from the pixels alone."""
+    q, kind = row["question"], row["kind"]
+    objs = facts.objects
+    if kind == "color":
+        shape = re.match(r"What colour is the (\w+)\?", q)[1]
+        (color,) = {c for (s, c), o in objs.items() if o["shape"] == shape}
+        return color
+    if kind == "shape":
+        color = re.match(r"What shape is the (\w+) object\?", q)[1]
+        (shape,) = {o["shape"] for (s, c), o in objs.items() if c == color}
+        return shape
+    if kind == "count":
+        return str(len(objs))
+    if kind == "motion":
+        return facts.find(re.match(r"Which way does the (\w+ \w+) move", q)[1])["motion"]
+    if kind == "entry":
+        return facts.find(re.match(r"Does the (\w+ \w+) enter", q)[1])["entry"]
+    if kind == "cuts":
+        return str(len(facts.starts) - 1)
+    if kind == "pause":
+        return "yes" if facts.has_pause() else "no"
+    if kind == "order":
+        a, b = (facts.find(o.removeprefix("the "))["first"] for o in row["options"])
+        return "A" if a < b else "B"
+    if kind == "mover_color":
+        target = "still" if "does not move" in q else q.rstrip("?").split()[-1]
+        (color,) = {c for (s, c), o in objs.items() if o["motion"] == target}
+        return color
+    if kind == "mover_count":
+        direction = q.rstrip("?").split()[-1]
+        return str(sum(o["motion"] == direction for o in objs.values()))
+    raise AssertionError(f"no pixel check for kind {kind}")
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, CONFIG, progress=False)
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_rendered_objects_sit_where_the_spec_says():
+    checked = 0
+    for i in range(12):
+        clip, _ = make_clip(CONFIG, "train", f"train-{i:05d}")
+        labels = segment(render_clip(clip))
+        for s, shot in enumerate(clip.shots):
+            for obj in shot.objects:
+                c = list(COLORS).index(obj.color)
+                xy = shot.centers_T2(obj, clip.fps)
+                for t in np.flatnonzero(clip.fully_visible_T(s, obj)):
+                    ys, xs = np.nonzero(labels[shot.start + t] == c)
+                    assert abs((xs.min() + xs.max()) / 2 - xy[t, 0]) <= 1.0
+                    assert abs((ys.min() + ys.max()) / 2 - xy[t, 1]) <= 1.0
+                    assert shape_of(labels[shot.start + t] == c) == obj.shape
+                    checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_every_answer_is_true_to_the_pixels(world, split):
+    rows = _rows(world / f"{split}.jsonl")
+    kinds = Counter(r["kind"] for r in rows)
+    facts = {}
+    for row in rows:
+        if row["clip_id"] not in facts:
+            clip, _ = make_clip(CONFIG, split, row["clip_id"])
+            facts[row["clip_id"]] = PixelFacts(render_clip(clip), clip.grid_step)
+        assert _pixel_answer(row, facts[row["clip_id"]]) == row["answer"], row
+    assert len(kinds) >= 5
+
+
+def test_all_kinds_are_emitted_and_checked(tmp_path):
+    config = WorldConfig(seed=3, scene=SCENE, clips={"train": 30, "val": 0, "test": 0}, questions_per_clip=6, zoom_per_clip=0)
+    generate_world(tmp_path, config, progress=False)
+    rows = _rows(tmp_path / "train.jsonl")
+    assert {r["kind"] for r in rows} == set(config.kinds)
+    facts = {}
+    for row in rows:
+        if row["clip_id"] not in facts:
+            clip, _ = make_clip(config, "train", row["clip_id"])
+            facts[row["clip_id"]] = PixelFacts(render_clip(clip), clip.grid_step)
+        assert _pixel_answer(row, facts[row["clip_id"]]) == row["answer"], row
+
+
+def test_decoded_mp4_keeps_colours_and_cuts(world):
+    row = next(r for r in _rows(world / "train.jsonl"))
+    clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+    with av.open(str(world / row["videos"][0])) as container:
+        decoded_THWC = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert decoded_THWC.shape == (clip.num_frames, clip.height, clip.width, 3)
+    labels = segment(decoded_THWC)
+    assert shot_starts(labels) == [shot.start for shot in clip.shots]
+    for s, shot in enumerate(clip.shots):
+        for obj in shot.objects:
+            xy = shot.centers_T2(obj, clip.fps)
+            for t in np.flatnonzero(clip.fully_visible_T(s, obj)):
+                x, y = (int(round(v)) for v in xy[t])
+                assert _NAMES[labels[shot.start + t, y, x]] == obj.color
+
+
+def test_zoom_crops_show_the_answer(world):
+    rows = _rows(world / "train_zoom.jsonl")
+    assert rows
+    for row in rows:
+        crop_labels = segment(np.asarray(Image.open(world / row["images"][0]).convert("RGB"))[None])[0]
+        present = [c for c in range(_N_OBJ) if (crop_labels == c).sum() > 10]
+        assert len(present) == 1, row["id"]
+        assert shape_of(crop_labels == present[0]) == row["answer"]
+        # the crop really is the named quadrant of the frame at the named time
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        frame = render_clip(clip)[int(round(row["crop"]["time"] * clip.fps))]
+        x0, y0, x1, y1 = row["crop"]["box"]
+        quadrant = re.search(r"in the (\w+-\w+) of the frame", row["question"])[1]
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        assert quadrant == f"{'top' if cy < clip.height / 2 else 'bottom'}-{'left' if cx < clip.width / 2 else 'right'}"
+        assert (segment(frame[None])[0][y0:y1, x0:x1] == present[0]).any()
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+        assert row["messages"][-1]["content"].endswith(row["answer"])
+
+
+def test_rows_are_complete_and_answers_in_their_space(world):
+    info = json.loads((world / "world.json").read_text())
+    for split in ("train", "val", "test"):
+        for row in _rows(world / f"{split}.jsonl") + _rows(world / f"{split}_zoom.jsonl"):
+            assert row["answer"] in info["answer_spaces"][row["kind"]]
+            assert len(row["hints"]) == len(info["hint_levels"]) == 5
+            assert row["hints"][-1].endswith(f"The answer is {row['answer']}.")
+            assert row["reasoning"] == (row["kind"] in info["reasoning_kinds"])
+            if row["reasoning"]:
+                assert row["cot"]
+            text = "".join(m["content"] for m in row["messages"])
+            assert text.count("<video>") == len(row["videos"]) and text.count("<image>") == len(row.get("images", []))
+            assert all((world / p).exists() for p in row["videos"] + row.get("images", []))
+            if row["options"]:
+                assert row["answer"] in "AB"[: len(row["options"])]
+    assert info["counts"]["train"]["clips"] == 8
+
+
+def test_splits_never_share_a_clip(world):
+    clips = {split: {r["clip_id"] for r in _rows(world / f"{split}.jsonl") + _rows(world / f"{split}_zoom.jsonl")} for split in ("train", "val", "test")}
+    assert not (clips["train"] & clips["val"]) and not (clips["train"] & clips["test"]) and not (clips["val"] & clips["test"])
+    specs = [json.dumps(c["shots"], sort_keys=True) for c in _rows(world / "clips.jsonl")]
+    assert len(set(specs)) == len(specs) == 14
+    # captions.jsonl (alignment data) holds train clips only
+    assert {r["split"] for r in _rows(world / "captions.jsonl")} == {"train"}
+    assert {r["split"] for r in _rows(world / "captions_test.jsonl")} == {"test"}
+
+
+def test_same_seed_same_bytes_and_resume(tmp_path, world):
+    generate_world(tmp_path, CONFIG, progress=False, num_workers=2)  # parallel == serial, byte for byte
+    names = ["train.jsonl", "val.jsonl", "test.jsonl", "train_zoom.jsonl", "captions.jsonl", "clips.jsonl", "world.json"]
+    for name in names:
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
+    # resume: a missing clip is rewritten, existing media untouched, jsonl unchanged
+    victim, kept = tmp_path / "videos/train-00001.mp4", tmp_path / "videos/train-00002.mp4"
+    victim.unlink()
+    kept_mtime = kept.stat().st_mtime_ns
+    info = generate_world(tmp_path, CONFIG, progress=False)
+    assert info["videos_written"] == 1 and victim.exists() and kept.stat().st_mtime_ns == kept_mtime
+    assert (tmp_path / "train.jsonl").read_bytes() == (world / "train.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="different config"):
+        generate_world(tmp_path, WorldConfig(seed=8, scene=SCENE, clips=CONFIG.clips), progress=False)
+
+
+def test_another_seed_gives_another_world():
+    a, _ = make_clip(CONFIG, "train", "train-00000")
+    b, _ = make_clip(WorldConfig(seed=8, scene=SCENE), "train", "train-00000")
+    assert a.to_json() != b.to_json()
+    again, _ = make_clip(CONFIG, "train", "train-00000")
+    assert again.to_json() == a.to_json()
+
+
+def test_config_is_strict_and_round_trips():
+    back = WorldConfig.from_dict(json.loads(json.dumps(CONFIG.to_dict(), sort_keys=True)))
+    assert back == CONFIG
+    # dict order must not matter: world.json is written with sorted keys and read back by tools
+    for i in range(20):
+        clip_id = f"train-{i:05d}"
+        (a, qa), (b, qb) = make_clip(CONFIG, "train", clip_id), make_clip(back, "train", clip_id)
+        assert a.to_json() == b.to_json()
+    with pytest.raises(ConfigError, match="unknown keys"):
+        WorldConfig.from_dict({"sead": 1})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        WorldConfig.from_dict({"scene": {"hieght": 64}})
+    with pytest.raises(ConfigError, match="unknown"):
+        WorldConfig(kinds={"colour": 1.0})
+    with pytest.raises(ConfigError, match="even"):
+        WorldConfig(scene=SceneConfig(height=63))
+
+
+def test_baselines_match_answer_spaces(world):
+    info = json.loads((world / "world.json").read_text())
+    rows = _rows(world / "train.jsonl")
+    baselines = guess_baselines(rows, info["answer_spaces"])
+    for kind, b in baselines.items():
+        assert b["random"] == pytest.approx(1 / len(QUESTION_KINDS[kind].answer_space(SCENE)))
+        n_major = Counter(r["answer"] for r in rows if r["kind"] == kind).most_common(1)[0][1]
+        assert b["majority"] == pytest.approx(n_major / b["n"])
+
+
+def test_cli_main_generates_and_reports(tmp_path, capsys):
+    from keye.data.world.cli import main
+
+    cfg = tmp_path / "world.json5"
+    cfg.write_text(json.dumps({"seed": 2, "scene": {"durations": [4.0]}, "questions_per_clip": 3}))
+    assert main(["--out", str(tmp_path / "w"), "--config", str(cfg), "--train", "2", "--val", "1", "--test", "2", "--size", "32", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"]["test"]["clips"] == 2 and summary["counts"]["train"]["qa"] == 6
+    assert len(_rows(tmp_path / "w/test.jsonl")) == 6
+    assert all(b["majority"] >= b["random"] > 0 for b in summary["test_baselines"].values())
+    cfg.write_text(json.dumps({"seed": 2, "colours": 3}))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        main(["--out", str(tmp_path / "w2"), "--config", str(cfg)])
