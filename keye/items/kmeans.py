@@ -1,0 +1,230 @@
+"""Seeded, deterministic k-means in torch with chunked distances, and a balanced (capacity-bounded) variant.
+
+Written for the semantic-ID tokenizer: 8192 codes x 100k items x 4096 dims must fit on a CPU box, so the
+(N, K) distance matrix is never materialised; it is produced ``chunk_rows`` rows at a time.
+
+Algorithm (Lloyd, as in faiss / scikit-learn):
+- init: greedy k-means++ (Arthur & Vassilvitskii 2007; 2 + ln K candidates per step, as scikit-learn) or
+  uniform random points;
+- iterate: assign each point to its nearest centroid, move each centroid to the mean of its points;
+- empty clusters are relocated to the points currently farthest from their centroid (scikit-learn's rule),
+  so every code stays in use;
+- stop after ``iters`` iterations or when the relative drop of the inertia falls under ``tol``.
+
+Balanced k-means (``balanced=True``): every cluster holds at most ``ceil(capacity * N / K)`` points. Each
+Lloyd iteration assigns by ``distance + price[k]`` and raises the price of over-full clusters (dual ascent on
+the capacity constraint, the zero-temperature limit of the Sinkhorn balancing LC-Rec uses); after the last
+iteration a repair pass moves the points that still overflow, worst-fitting last, to their nearest cluster with
+room, so the bound holds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from keye.errors import ConfigError
+
+# Rows per distance block: chunk_rows x K floats, 2^20 floats = 4 MiB per block.
+_BLOCK_FLOATS = 1 << 20
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    centroids_KD: torch.Tensor
+    assign_N: torch.Tensor  # int64 code of every point under the final centroids
+    inertia: float  # sum of squared distances to the assigned centroid
+    iterations: int
+
+
+def _chunk_rows(k: int, chunk_rows: int | None) -> int:
+    return chunk_rows or max(1, _BLOCK_FLOATS // max(k, 1))
+
+
+def distance_blocks(
+    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(rows, d2_BK)``: squared distances of a block of points to every centroid, clamped at 0."""
+    step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
+    c_sq_K = centroids_KD.pow(2).sum(1)
+    for start in range(0, x_ND.shape[0], step):
+        rows = slice(start, min(start + step, x_ND.shape[0]))
+        x_BD = x_ND[rows]
+        # ||x||^2 + ||c||^2 - 2 x.c in one addmm; float32 cancellation can dip below 0, hence the clamp.
+        d2_BK = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
+        d2_BK.add_(x_BD.pow(2).sum(1, keepdim=True)).clamp_(min=0)
+        yield rows, d2_BK
+
+
+def nearest(
+    x_ND: torch.Tensor,
+    centroids_KD: torch.Tensor,
+    bias_K: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of every point (by ``d2 + bias``). Returns ``(assign_N int64, d2_N)`` (d2 without bias)."""
+    assign_N = torch.empty(x_ND.shape[0], dtype=torch.long)
+    d2_N = torch.empty(x_ND.shape[0], dtype=x_ND.dtype)
+    step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
+    # ||x||^2 is the same for every centroid, so the block only needs ||c||^2 (+ bias) - 2 x.c
+    offset_K = centroids_KD.pow(2).sum(1) if bias_K is None else centroids_KD.pow(2).sum(1) + bias_K
+    for start in range(0, x_ND.shape[0], step):
+        rows = slice(start, min(start + step, x_ND.shape[0]))
+        x_BD = x_ND[rows]
+        scores_BK = torch.addmm(offset_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
+        best_B, idx_B = scores_BK.min(1)
+        if bias_K is not None:
+            best_B = best_B - bias_K[idx_B]
+        assign_N[rows] = idx_B
+        d2_N[rows] = (best_B + x_BD.pow(2).sum(1)).clamp_(min=0)
+    return assign_N, d2_N
+
+
+def _init_random(x_ND: torch.Tensor, k: int, gen: torch.Generator, chunk_rows: int | None) -> torch.Tensor:
+    return x_ND[torch.randperm(x_ND.shape[0], generator=gen)[:k]].clone()
+
+
+def _init_kmeanspp(x_ND: torch.Tensor, k: int, gen: torch.Generator, chunk_rows: int | None) -> torch.Tensor:
+    """Greedy k-means++ (as scikit-learn): draw 2 + ln(k) candidates with probability proportional to d2,
+    keep the one that lowers the total d2 most. Costs about (2 + ln k) Lloyd iterations; use ``random`` for
+    very large K x N x D."""
+    n = x_ND.shape[0]
+    trials = 2 + int(math.log(k))
+    x_sq_N = x_ND.pow(2).sum(1)
+
+    def d2_to(idx_T: torch.Tensor) -> torch.Tensor:  # (T,) point indices -> (T, N) squared distances
+        return torch.addmm(x_sq_N.unsqueeze(0), x_ND[idx_T], x_ND.T, alpha=-2.0).add_(x_sq_N[idx_T, None]).clamp_(min=0)
+
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = torch.randint(n, (1,), generator=gen)
+    min_d2_N = d2_to(chosen[:1])[0]
+    for j in range(1, k):
+        total = float(min_d2_N.sum())
+        if total <= 0:  # fewer distinct points than k: any point will do, relocation handles the rest
+            cand_T = torch.randint(n, (trials,), generator=gen)
+        else:
+            cand_T = torch.multinomial(min_d2_N / total, trials, replacement=True, generator=gen)
+        d2_TN = torch.minimum(d2_to(cand_T), min_d2_N)
+        best = int(d2_TN.sum(1).argmin())
+        chosen[j] = cand_T[best]
+        min_d2_N = d2_TN[best]
+    return x_ND[chosen].clone()
+
+
+INITS: dict[str, Callable[[torch.Tensor, int, torch.Generator, int | None], torch.Tensor]] = {
+    "kmeans++": _init_kmeanspp,
+    "random": _init_random,
+}
+
+
+def _update(x_ND: torch.Tensor, assign_N: torch.Tensor, d2_N: torch.Tensor, k: int) -> torch.Tensor:
+    """Centroid = mean of its points; empty clusters take the points farthest from their centroid."""
+    counts_K = torch.bincount(assign_N, minlength=k)
+    sums_KD = torch.zeros(k, x_ND.shape[1], dtype=x_ND.dtype).index_add_(0, assign_N, x_ND)
+    centroids_KD = sums_KD / counts_K.clamp(min=1).unsqueeze(1).to(x_ND.dtype)
+    empty_E = torch.nonzero(counts_K == 0).squeeze(1)
+    if empty_E.numel():
+        far_E = torch.topk(d2_N, empty_E.numel()).indices
+        centroids_KD[empty_E] = x_ND[far_E]
+    return centroids_KD
+
+
+def capacity_of(n: int, k: int, capacity: float) -> int:
+    """Largest cluster size the balanced variant allows: ceil(capacity * N / K)."""
+    return max(1, math.ceil(capacity * n / k))
+
+
+def _update_prices(prices_K: torch.Tensor, assign_N: torch.Tensor, d2_N: torch.Tensor, k: int, cap: int) -> None:
+    """Dual ascent: over-full clusters get dearer in proportion to their overflow (scaled by the mean d2)."""
+    counts_K = torch.bincount(assign_N, minlength=k).to(prices_K.dtype)
+    scale = float(d2_N.mean()) + 1e-12
+    prices_K.add_(0.5 * scale * (counts_K - cap).clamp(min=0) / cap)
+
+
+def repair_capacity(
+    x_ND: torch.Tensor, centroids_KD: torch.Tensor, assign_N: torch.Tensor, cap: int, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Move points out of clusters above ``cap`` so that none is; returns the new assignment.
+
+    Each over-full cluster keeps its ``cap`` closest points; the others go, closest-first, to their nearest
+    cluster that still has room. Requires ``cap * K >= N``.
+    """
+    n, k = x_ND.shape[0], centroids_KD.shape[0]
+    if cap * k < n:
+        raise ConfigError(f"balanced k-means: capacity {cap} x {k} codes cannot hold {n} points")
+    assign_N = assign_N.clone()
+    d2_N = (x_ND - centroids_KD[assign_N]).pow(2).sum(1)
+    # rank points inside their cluster by distance (stable sort => deterministic ties)
+    order = torch.argsort(d2_N, stable=True)
+    order = order[torch.argsort(assign_N[order], stable=True)]
+    counts_K = torch.bincount(assign_N, minlength=k)
+    starts_K = torch.cumsum(counts_K, 0) - counts_K
+    rank_in_cluster = torch.empty(n, dtype=torch.long)
+    rank_in_cluster[order] = torch.arange(n) - starts_K[assign_N[order]]
+    overflow = torch.nonzero(rank_in_cluster >= cap).squeeze(1)
+    load_K = counts_K.clamp(max=cap)
+    while overflow.numel():
+        full_K = load_K >= cap
+        best_d2_O = torch.empty(overflow.numel())
+        best_O = torch.empty(overflow.numel(), dtype=torch.long)
+        for rows, d2_BK in distance_blocks(x_ND[overflow], centroids_KD, chunk_rows):
+            best_d2_O[rows], best_O[rows] = d2_BK.masked_fill_(full_K, float("inf")).min(1)
+        # closest-first inside each target cluster; only as many as it has room for
+        by_dist = torch.argsort(best_d2_O, stable=True)
+        by_target = by_dist[torch.argsort(best_O[by_dist], stable=True)]
+        tgt = best_O[by_target]
+        tcounts_K = torch.bincount(tgt, minlength=k)
+        tstarts_K = torch.cumsum(tcounts_K, 0) - tcounts_K
+        rank = torch.arange(tgt.numel()) - tstarts_K[tgt]
+        accepted = rank < (cap - load_K)[tgt]
+        moved = overflow[by_target[accepted]]
+        assign_N[moved] = tgt[accepted]
+        load_K += torch.bincount(tgt[accepted], minlength=k)
+        overflow = overflow[by_target[~accepted]]
+    return assign_N
+
+
+def kmeans(
+    x_ND: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 25,
+    init: str = "kmeans++",
+    seed: int = 0,
+    tol: float = 1e-4,
+    balanced: bool = False,
+    capacity: float = 1.0,
+    chunk_rows: int | None = None,
+) -> KMeansResult:
+    """Cluster ``x_ND`` (N, D) float32 into ``k`` centroids; same inputs and seed give the same result."""
+    n = x_ND.shape[0]
+    if n < k:
+        raise ConfigError(f"k-means: {k} codes need at least {k} points, got {n} (lower `codes`)")
+    if init not in INITS:
+        raise ConfigError(f"k-means: unknown init {init!r} (known: {', '.join(INITS)})")
+    x_ND = x_ND.float().contiguous()
+    gen = torch.Generator().manual_seed(seed)
+    centroids_KD = INITS[init](x_ND, k, gen, chunk_rows)
+    cap = capacity_of(n, k, capacity)
+    prices_K = torch.zeros(k) if balanced else None
+    prev = math.inf
+    it = 0
+    for it in range(1, iters + 1):
+        assign_N, d2_N = nearest(x_ND, centroids_KD, prices_K, chunk_rows)
+        if prices_K is not None:
+            _update_prices(prices_K, assign_N, d2_N, k, cap)
+        centroids_KD = _update(x_ND, assign_N, d2_N, k)
+        inertia = float(d2_N.sum(dtype=torch.float64))
+        if prev < math.inf and (prev - inertia) <= tol * prev and prices_K is None:
+            break
+        prev = inertia
+    assign_N, d2_N = nearest(x_ND, centroids_KD, prices_K, chunk_rows)
+    if balanced:
+        assign_N = repair_capacity(x_ND, centroids_KD, assign_N, cap, chunk_rows)
+        # the assignment is now fixed by the capacity, so the best centroids for it are its means
+        centroids_KD = _update(x_ND, assign_N, torch.zeros(n), k)
+        d2_N = (x_ND - centroids_KD[assign_N]).pow(2).sum(1)
+    return KMeansResult(centroids_KD, assign_N, float(d2_N.sum(dtype=torch.float64)), it)

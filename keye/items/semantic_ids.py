@@ -1,0 +1,143 @@
+"""Semantic IDs: residual k-means (RQ-KMeans) over item embeddings, as OpenOneRec's itemic tokenizer does.
+
+Level 0 clusters the embeddings, level ``l`` clusters what the levels before it left unexplained
+(``residual_l = x - sum_{j<l} centroid_j[code_j]``); an item's semantic ID is its code at every level and its
+reconstruction is the sum of its centroids (Rajput et al. 2023, TIGER; OpenOneRec ``res_kmeans.py``).
+
+The centroids are saved as a ``centroids.{l}`` state dict (each ``(K, D)`` float32) in safetensors: the same
+keys as OpenOneRec's ``ResKmeans`` module, so its ``load_state_dict`` takes the file as is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from keye.errors import ConfigError, KeyeInputError
+from keye.items.kmeans import distance_blocks, kmeans, nearest
+
+
+@dataclass
+class KMeansConfig:
+    iters: int = 25  # Lloyd iterations per level (faiss's default is 20)
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    tol: float = 1e-4  # stop a level early when the inertia improves by less than this share
+    balanced: bool = False  # capacity-bounded clusters (see keye.items.kmeans)
+    capacity: float = 1.0  # balanced only: at most ceil(capacity * N / K) items per code
+
+    def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise ConfigError(f"kmeans.iters must be >= 1, got {self.iters}")
+        if self.capacity < 1.0:
+            raise ConfigError(f"kmeans.capacity must be >= 1.0 (K codes must hold N items), got {self.capacity}")
+
+
+@dataclass
+class SemanticIdConfig:
+    levels: int = 3
+    codes: int = 8192  # codes per level (OpenOneRec: 3 x 8192)
+    seed: int = 0
+    collision: Literal["none", "suffix", "reassign"] = "none"
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+
+    def __post_init__(self) -> None:
+        if self.levels < 1 or self.levels > 26:
+            raise ConfigError(f"levels must be in 1..26 (one letter per level in the tokens), got {self.levels}")
+        if self.codes < 2:
+            raise ConfigError(f"codes must be >= 2, got {self.codes}")
+
+
+class ResidualKMeans:
+    """L codebooks of K centroids each; ``encode`` is greedy nearest-centroid per level on the residual."""
+
+    def __init__(self, centroids: list[torch.Tensor]):
+        if not centroids:
+            raise KeyeInputError("ResidualKMeans needs at least one level of centroids")
+        self.centroids = [c.float().contiguous() for c in centroids]  # each (K, D)
+
+    @property
+    def levels(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def dim(self) -> int:
+        return self.centroids[0].shape[1]
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [c.shape[0] for c in self.centroids]
+
+    @classmethod
+    def fit(cls, x_ND: torch.Tensor, config: SemanticIdConfig) -> tuple["ResidualKMeans", torch.Tensor]:
+        """Train level by level. Returns the quantizer and the training items' codes ``(N, L)`` int64.
+
+        The codes are the training assignment: the nearest centroids, or the capacity-bounded assignment
+        when ``kmeans.balanced`` (there ``encode`` of the same items may differ, since it ignores capacity).
+        Level ``l`` uses seed ``seed + l`` so levels do not share their random draws.
+        """
+        residual_ND = x_ND.float().clone()
+        centroids, codes = [], []
+        km = config.kmeans
+        for level in range(config.levels):
+            result = kmeans(
+                residual_ND, config.codes, iters=km.iters, init=km.init, seed=config.seed + level, tol=km.tol,
+                balanced=km.balanced, capacity=km.capacity,
+            )
+            centroids.append(result.centroids_KD)
+            codes.append(result.assign_N)
+            residual_ND -= result.centroids_KD[result.assign_N]
+        return cls(centroids), torch.stack(codes, 1)
+
+    def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` embeddings -> ``(N, L)`` int64 codes (greedy per level, chunked distances)."""
+        residual_ND = x_ND.float().clone()
+        codes = []
+        for c_KD in self.centroids:
+            code_N, _ = nearest(residual_ND, c_KD)
+            residual_ND -= c_KD[code_N]
+            codes.append(code_N)
+        return torch.stack(codes, 1)
+
+    def decode(self, codes_NL: torch.Tensor) -> torch.Tensor:
+        """``(N, l <= L)`` codes -> ``(N, D)``: the sum of the chosen centroids of the first ``l`` levels."""
+        if codes_NL.shape[1] > self.levels:
+            raise KeyeInputError(f"decode: codes have {codes_NL.shape[1]} levels, the quantizer {self.levels}")
+        out_ND = torch.zeros(codes_NL.shape[0], self.dim)
+        for level in range(codes_NL.shape[1]):
+            out_ND += self.centroids[level][codes_NL[:, level]]
+        return out_ND
+
+    def residual(self, x_ND: torch.Tensor, codes_NL: torch.Tensor, upto: int) -> torch.Tensor:
+        """What the first ``upto`` levels of ``codes_NL`` leave of ``x_ND``."""
+        return x_ND.float() - self.decode(codes_NL[:, :upto])
+
+    def level_distances(self, residual_ND: torch.Tensor, level: int) -> torch.Tensor:
+        """Squared distances ``(N, K)`` of residuals to every centroid of ``level`` (for small N)."""
+        return torch.cat([d2 for _, d2 in distance_blocks(residual_ND, self.centroids[level])])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"centroids.{level}": c for level, c in enumerate(self.centroids)}
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """Write the ``centroids.{l}`` state dict (OpenOneRec ``ResKmeans`` keys) as safetensors."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"n_layers": str(self.levels), "codebook_size": json.dumps(self.codebook_sizes), "dim": str(self.dim)}
+        meta.update({k: str(v) for k, v in (metadata or {}).items()})
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(self.state_dict(), str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ResidualKMeans":
+        tensors = load_file(str(path))
+        levels = sorted(int(k.split(".")[1]) for k in tensors if k.startswith("centroids."))
+        if levels != list(range(len(levels))) or not levels:
+            raise KeyeInputError(f"{path}: expected keys centroids.0..centroids.L-1, found {sorted(tensors)}")
+        return cls([tensors[f"centroids.{level}"] for level in levels])

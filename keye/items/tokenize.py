@@ -1,0 +1,148 @@
+"""From an embeddings parquet (``pid, embedding``) to semantic IDs and every file the ecosystem reads.
+
+``run_tokenize`` writes into ``out_dir``:
+
+| file | format | read by |
+| --- | --- | --- |
+| ``codes.parquet`` | ``pid, codes`` (list<int32>, fixed length) | OpenOneRec ``infer_res_kmeans.py`` output layout |
+| ``model.safetensors`` | ``centroids.{l}`` state dict, ``(K, D)`` each | OpenOneRec ``ResKmeans.load_state_dict`` |
+| ``index.json`` | ``{pid: ["<a_12>", "<b_5>", "<c_40>"]}`` | TIGER / LC-Rec style ``*.index.json`` |
+| ``sid_to_pids.parquet`` | ``sid, count, pids`` | the OpenOneRec-style sid -> pids map |
+| ``metrics.json`` | metrics before / after the collision policy | people |
+| ``config.yaml`` | the resolved config | reruns |
+
+OpenOneRec saves its state dict with ``torch.save`` as ``model.pt``; this toolkit writes tensors as safetensors
+only, so ``ResKmeans().load_state_dict(safetensors.torch.load_file("model.safetensors"))`` is the way in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from keye.config import save_config
+from keye.errors import KeyeInputError
+from keye.items.collisions import SemanticIds, apply_collision_policy, sid_groups
+from keye.items.metrics import semantic_id_metrics
+from keye.items.semantic_ids import ResidualKMeans, SemanticIdConfig
+
+
+@dataclass(frozen=True)
+class TokenizeResult:
+    quantizer: ResidualKMeans
+    codes_NL: torch.Tensor  # the quantizer's codes, before the collision policy
+    ids: SemanticIds  # after it
+    metrics: dict  # {"codes": ..., "ids": ...}
+
+
+def embedding_files(path: str | Path) -> list[Path]:
+    """One parquet file, or every ``*.parquet`` in a folder (an export's shards), sorted by name."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise KeyeInputError(f"embeddings {path}: folder holds no .parquet files")
+        return files
+    if not path.is_file():
+        raise KeyeInputError(f"embeddings {path}: no such file or folder")
+    return [path]
+
+
+def read_embeddings(path: str | Path) -> tuple[list, torch.Tensor]:
+    """Read ``pid, embedding`` rows -> ``(pids, x_ND float32)``; duplicate pids are an error."""
+    pids: list = []
+    chunks: list[np.ndarray] = []
+    for file in embedding_files(path):
+        table = pq.read_table(file, columns=["pid", "embedding"])
+        pids.extend(table.column("pid").to_pylist())
+        emb = table.column("embedding").combine_chunks()
+        if pa.types.is_fixed_size_list(emb.type):
+            chunks.append(emb.flatten().to_numpy().reshape(len(emb), emb.type.list_size))
+        else:
+            chunks.append(np.stack(emb.to_numpy(zero_copy_only=False)))
+    if not pids:
+        raise KeyeInputError(f"embeddings {path}: no rows")
+    if len(set(pids)) != len(pids):
+        seen, dup = set(), None
+        for p in pids:
+            if p in seen:
+                dup = p
+                break
+            seen.add(p)
+        raise KeyeInputError(f"embeddings {path}: pid {dup!r} appears more than once")
+    return pids, torch.from_numpy(np.concatenate(chunks).astype(np.float32, copy=False))
+
+
+def tokenize(x_ND: torch.Tensor, config: SemanticIdConfig) -> TokenizeResult:
+    """Fit residual k-means on ``x_ND`` (N, D), apply the collision policy, measure both."""
+    quantizer, codes_NL = ResidualKMeans.fit(x_ND, config)
+    ids = apply_collision_policy(config.collision, codes_NL, x_ND, quantizer)
+    levels = quantizer.levels
+    metrics = {
+        "codes": semantic_id_metrics(x_ND, quantizer.decode(codes_NL), codes_NL, quantizer.codebook_sizes),
+        "ids": semantic_id_metrics(
+            x_ND, quantizer.decode(ids.codes_NM[:, :levels]), ids.codes_NM, ids.codebook_sizes
+        ),
+    }
+    metrics["ids"]["policy"] = ids.policy
+    metrics["ids"]["unresolved"] = ids.unresolved
+    return TokenizeResult(quantizer, codes_NL, ids, metrics)
+
+
+def lcrec_tokens(codes: list[int]) -> list[str]:
+    """LC-Rec / TIGER index tokens: ``<a_12>``, ``<b_5>``, ... one letter per level."""
+    return [f"<{chr(ord('a') + level)}_{code}>" for level, code in enumerate(codes)]
+
+
+def _atomic(path: Path):
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = _atomic(path)
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _write_json(obj, path: Path) -> None:
+    tmp = _atomic(path)
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def write_outputs(out_dir: str | Path, pids: list, result: TokenizeResult, config: SemanticIdConfig) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    codes_NM = result.ids.codes_NM.to(torch.int32).numpy()
+    m = codes_NM.shape[1]
+    codes_col = pa.FixedSizeListArray.from_arrays(pa.array(codes_NM.reshape(-1)), m)
+    _write_parquet(pa.table({"pid": pa.array(pids), "codes": codes_col}), out / "codes.parquet")
+    result.quantizer.save(out / "model.safetensors", metadata={"collision": config.collision, "seed": config.seed})
+    codes_list = codes_NM.tolist()
+    _write_json({str(pid): lcrec_tokens(c) for pid, c in zip(pids, codes_list)}, out / "index.json")
+    groups = sid_groups(result.ids.codes_NM, pids)
+    sid_table = pa.table(
+        {
+            "sid": pa.array([g[0] for g in groups], type=pa.list_(pa.int32())),
+            "count": pa.array([len(g[1]) for g in groups], type=pa.int32()),
+            "pids": pa.array([g[1] for g in groups]),
+        }
+    )
+    _write_parquet(sid_table, out / "sid_to_pids.parquet")
+    _write_json({**result.metrics, "codebook_sizes": result.ids.codebook_sizes}, out / "metrics.json")
+    save_config(config, out)
+    return out
+
+
+def run_tokenize(embeddings: str | Path, out_dir: str | Path, config: SemanticIdConfig) -> TokenizeResult:
+    pids, x_ND = read_embeddings(embeddings)
+    result = tokenize(x_ND, config)
+    write_outputs(out_dir, pids, result, config)
+    return result

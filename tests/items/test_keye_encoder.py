@@ -1,0 +1,65 @@
+"""The Keye-checkpoint item encoder on a seeded keye-nano: export, fusion across items, unreadable media."""
+
+import argparse
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keye.items import cli
+from keye.items.export import PROVENANCE_KEY
+from keye.items.tokenize import read_embeddings
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from keye.models import build_model
+    from keye.processing import load_nano_processor
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    build_model("keye-nano").save_pretrained(folder)
+    load_nano_processor().tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_keye_export_through_the_cli(tmp_path, checkpoint):
+    from keye.items.encoders import item_text
+    from keye.models.modeling import KeyeForConditionalGeneration
+    from keye.processing import load_nano_processor
+    from keye.video.synthetic import write_cut_clip
+
+    clip = tmp_path / "clip.mp4"
+    write_cut_clip(clip, num_frames=12, height=64, width=96, cuts=(5,))
+    rows = [
+        {"pid": 1, "video": str(clip)},
+        {"pid": 2, "title": "a red square", "caption": "moving"},
+        {"pid": 3, "video": str(clip), "title": "a red square", "caption": "moving"},
+        {"pid": 4, "video": str(tmp_path / "missing.mp4")},
+    ]
+    catalogue = tmp_path / "cat.jsonl"
+    catalogue.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([
+        "items", "export", str(catalogue), str(tmp_path / "emb"), "--encoder", "keye", "--checkpoint", str(checkpoint),
+        "--media", "fps=2", "--media", "max_frames=4", "--media", "max_pixels=12544", "--quiet", "--batch-size", "4",
+    ])  # fmt: skip
+    assert args.func(args) == 0
+    pids, x = read_embeddings(tmp_path / "emb")
+    assert pids == [1, 2, 3] and x.shape == (3, 128)
+    problems = [json.loads(line) for line in (tmp_path / "emb" / "problems.jsonl").read_text().splitlines()]
+    assert [(p["pid"], p["kind"]) for p in problems] == [(4, "unreadable")] and "not found" in problems[0]["reason"]
+    # mean fusion: the video+text item is the normalised sum of the video-only and text-only items
+    torch.testing.assert_close(x[2], F.normalize(x[0] + x[1], dim=0), atol=1e-5, rtol=1e-5)
+    # text-only embedding is the model's own encode_text on the processor's ids
+    model = KeyeForConditionalGeneration.from_pretrained(checkpoint, use_safetensors=True).eval()
+    from keye.items.catalogue import item_from_record
+
+    ids = load_nano_processor()(text=[item_text(item_from_record(rows[1]))])
+    ref = model.encode_text(ids["input_ids"], ids["attention_mask"], normalize=True)[0]
+    torch.testing.assert_close(x[1], ref, atol=1e-5, rtol=1e-5)
+    meta = json.loads(pq.read_schema(tmp_path / "emb" / "part-00000.parquet").metadata[PROVENANCE_KEY])
+    assert meta["encoder"]["encoder"] == "keye" and meta["inputs_used"] == {"video": 1, "text": 1, "video+text": 1}

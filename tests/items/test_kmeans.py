@@ -1,0 +1,78 @@
+"""k-means: determinism, chunking, empty clusters, balance, and quality against scikit-learn."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from keye.errors import ConfigError
+from keye.items import kmeans as km
+
+
+def blobs(n_per: int, centers: int, dim: int, spread: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c_CD = torch.randn(centers, dim, generator=g) * 10
+    labels_N = torch.arange(centers).repeat_interleave(n_per)
+    return c_CD[labels_N] + spread * torch.randn(len(labels_N), dim, generator=g), labels_N
+
+
+def test_same_seed_same_result_other_seed_differs():
+    x, _ = blobs(40, 12, 8, 3.0)
+    a = km.kmeans(x, 10, seed=3, iters=10)
+    b = km.kmeans(x, 10, seed=3, iters=10)
+    c = km.kmeans(x, 10, seed=4, iters=10)
+    assert torch.equal(a.centroids_KD, b.centroids_KD) and torch.equal(a.assign_N, b.assign_N)
+    assert not torch.equal(a.centroids_KD, c.centroids_KD)
+
+
+def test_chunked_nearest_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(301, 7, generator=g), torch.randn(13, 7, generator=g)
+    assign, d2 = km.nearest(x, c, chunk_rows=17)
+    ref = torch.cdist(x.double(), c.double()).pow(2)
+    assert torch.equal(assign, ref.argmin(1))
+    torch.testing.assert_close(d2.double(), ref.min(1).values, rtol=1e-4, atol=1e-4)
+
+
+def test_recovers_separated_clusters():
+    x, labels = blobs(30, 6, 5, 0.5)
+    result = km.kmeans(x, 6, seed=0)
+    # a perfect clustering is a bijection between found codes and true labels
+    pairs = set(zip(result.assign_N.tolist(), labels.tolist()))
+    assert len(pairs) == 6
+
+
+def test_empty_cluster_moves_to_farthest_point():
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [9.0, 9.0]])
+    assign = torch.tensor([0, 0, 1, 1])
+    d2 = torch.tensor([0.0, 0.01, 8.0, 8.0 + 1.0])
+    centroids = km._update(x, assign, d2, 3)
+    torch.testing.assert_close(centroids[0], torch.tensor([0.05, 0.0]))
+    torch.testing.assert_close(centroids[2], x[3])  # code 2 had no points: it takes the farthest one
+
+
+def test_inertia_close_to_sklearn():
+    from sklearn.cluster import KMeans
+
+    x, _ = blobs(40, 30, 16, 4.0, seed=1)
+    ours = km.kmeans(x, 16, seed=0, iters=50, tol=0.0)
+    ref = KMeans(16, n_init=1, max_iter=50, random_state=0).fit(x.numpy())
+    assert ours.inertia <= 1.02 * ref.inertia_
+
+
+def test_balanced_respects_capacity_where_plain_does_not():
+    g = torch.Generator().manual_seed(0)
+    # one dense blob with most of the points, a few scattered ones
+    x = torch.cat([torch.randn(300, 4, generator=g) * 0.1, torch.randn(60, 4, generator=g) * 5])
+    k = 12
+    cap = km.capacity_of(len(x), k, 1.0)
+    plain = km.kmeans(x, k, seed=0)
+    balanced = km.kmeans(x, k, seed=0, balanced=True)
+    assert torch.bincount(plain.assign_N, minlength=k).max() > cap
+    assert torch.bincount(balanced.assign_N, minlength=k).max() <= cap == math.ceil(360 / 12)
+
+
+def test_more_codes_than_points_is_a_config_error():
+    with pytest.raises(ConfigError, match="at least 8 points"):
+        km.kmeans(torch.randn(5, 3), 8)
