@@ -18,6 +18,10 @@ _SUBCOMMANDS = [
     "keye.demo",
     "keye.items.cli",
     "keye.data.world.cli",
+    "keye.train.vq",
+    "keye.train.cli",
+    "keye.api",
+    "keye.eval.cli",
 ]
 
 
@@ -35,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`keye train DIR --skip X run.steps=5`): argparse only
+    # collects trailing positionals once, so gather the stragglers for commands that take overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.parse_args(argv)  # exits with argparse's own message
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

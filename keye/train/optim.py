@@ -20,6 +20,8 @@ GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
     "projector": ("mlp_AR.",),
     "vq": ("visual_tokenizer.",),
     "lm": ("model.", "lm_head."),
+    # stage-local heads (e.g. the SigLIP towers of ViT pretraining), discarded when the stage ends
+    "heads": ("siglip_head.",),
 }
 # peft wraps the model; strip its prefixes before matching (``base_model.model.visual...``).
 _WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")

@@ -37,6 +37,7 @@ from PIL import Image
 from keye.data.world.questions import HINT_LEVELS, QA, QUESTION_KINDS, choose_question
 from keye.data.world.render import render_clip, zoom_crop
 from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip
+from keye.config import from_dict
 from keye.errors import ConfigError
 from keye.video.writer import write_video
 
@@ -82,19 +83,8 @@ class WorldConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldConfig:
-        """Strict: unknown keys raise ConfigError; lists become tuples where the default is a tuple."""
-        data = dict(data)
-        scene = _strict(SceneConfig, data.pop("scene", {}), "world.scene")
-        return _strict(cls, {**data, "scene": scene}, "world")
-
-
-def _strict(cls, data: dict, where: str):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    defaults = cls()
-    return cls(**{k: tuple(v) if isinstance(getattr(defaults, k), tuple) else v for k, v in data.items()})
+        """Strict (keye.config): unknown keys and mistyped values raise ConfigError naming the key."""
+        return from_dict(cls, data, source="world")
 
 
 def clip_ids(config: WorldConfig) -> list[tuple[str, str]]:

@@ -1,0 +1,162 @@
+"""Pretraining, stages 0-3 of Keye-VL-1.5 (report sec. 3): one loop per stage family, sharing the runner.
+
+* ``vit``: ViT continued pretraining with SigLIP's sigmoid loss on clip/caption pairs. The text side
+  is a stage-local bag-of-words tower (``siglip_head``), discarded afterwards: the point of the stage
+  is a vision encoder adapted to the domain, not the text tower.
+* ``align``: projector alignment: ViT and LM frozen, ``mlp_AR`` learns to map visual features into the
+  LM's input space, on captions.
+* ``multitask``: everything trains on captions and question answering.
+* ``anneal``: a short, low-LR pass over higher-quality data with a larger RoPE base (context
+  extension), run once per seed in ``merge_seeds`` and averaged into one model (model soup; the
+  report merges models trained on different data mixtures).
+
+Run a stage with ``python -m keye.train.pretrain STAGE.yaml [--run-root DIR] [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from keye.processing import patchify
+from keye.train.common import (
+    LMDataset, StageConfig, count_label_tokens, lm_collate, lm_loss_fn, prepare, read_rows, save_model,
+    stage_main,
+)
+from keye.data.collate import SampleBuilder
+from keye.train.losses import siglip_sigmoid_loss
+from keye.train.optim import apply_freeze_plan
+from keye.train.runner import StepLoss, train
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- stage 0: ViT + SigLIP
+
+
+class SiglipHead(nn.Module):
+    """Projections into a shared space, a bag-of-words text tower and SigLIP's temperature and bias
+    (initialised to log 10 and -10 as in the paper, sec. 3.1)."""
+
+    def __init__(self, vision_dim: int, vocab_size: int, dim: int = 64):
+        super().__init__()
+        self.image_proj = nn.Linear(vision_dim, dim)
+        self.text_embed = nn.EmbeddingBag(vocab_size, dim, mode="mean")
+        self.text_proj = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(2.302585))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+
+class SiglipPair(nn.Module):
+    """The Keye vision tower beside the stage's head; parameter names keep the ``visual.`` prefix."""
+
+    def __init__(self, visual: nn.Module, head: SiglipHead):
+        super().__init__()
+        self.visual, self.siglip_head = visual, head
+
+
+class ClipCaptionDataset:
+    """(frames of a clip, caption ids): ``frames`` evenly spaced frames of each captioned clip."""
+
+    def __init__(self, rows: list[dict], builder: SampleBuilder, frames: int):
+        self.rows, self.builder, self.frames = rows, builder, frames
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        messages, _ = self.builder.messages(row)
+        clip = self.builder.vision(messages).videos[0]
+        picks = torch.linspace(0, len(clip) - 1, min(self.frames, len(clip))).round().long().tolist()
+        patches, grids = zip(*(patchify(clip.frames[i]) for i in picks))
+        ids = self.builder.processor.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
+        return torch.cat(patches), torch.tensor(grids), torch.tensor(ids)
+
+
+def siglip_collate(samples):
+    patches, grids, ids = zip(*samples)
+    return {
+        "pixel_values": torch.cat(patches),
+        "grid_thw": torch.cat(grids),
+        "frames_per_clip": [len(g) for g in grids],
+        "text_ids": torch.cat(ids),
+        "text_offsets": torch.tensor([0, *torch.tensor([len(i) for i in ids]).cumsum(0)[:-1].tolist()]),
+    }
+
+
+def siglip_loss_fn(pair: SiglipPair, batch) -> StepLoss:
+    feats_ND = pair.visual(batch["pixel_values"], batch["grid_thw"])
+    per_frame = (batch["grid_thw"].prod(-1)).tolist()
+    frame_means = torch.stack([f.mean(0) for f in feats_ND.split(per_frame)])
+    clip_means = torch.stack([f.mean(0) for f in frame_means.split(batch["frames_per_clip"])])
+    head = pair.siglip_head
+    image_BD = head.image_proj(clip_means)
+    text_BD = head.text_proj(head.text_embed(batch["text_ids"], batch["text_offsets"]))
+    loss = siglip_sigmoid_loss(image_BD, text_BD, head.logit_scale, head.logit_bias)
+    return StepLoss(loss_sum=loss * len(image_BD), metrics={"logit_scale": float(head.logit_scale.detach().exp())})
+
+
+def run_vit(cfg: StageConfig, run_root: Path) -> Path:
+    model, processor, out_dir = prepare(cfg, run_root)
+    rows, base = read_rows(cfg.data.train, run_root)
+    builder = SampleBuilder(processor, cfg.video, base_dir=base)
+    head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
+    pair = SiglipPair(model.visual, head)
+    apply_freeze_plan(pair, cfg.train)
+    train(pair, ClipCaptionDataset(rows, builder, cfg.siglip_frames), siglip_collate, siglip_loss_fn,
+          lambda batch: len(batch["frames_per_clip"]), cfg.run, out_dir, desc=cfg.out)
+    return save_model(model, processor, out_dir)
+
+
+# ----------------------------------------------------------------------------- stages 1-3 (and SFT)
+
+
+def train_lm(cfg: StageConfig, run_root: Path, out_dir: Path | None = None, rows: list[dict] | None = None):
+    """Next-token training on assistant turns; returns (model, processor). ``rows`` lets SFT hand in rows
+    rendered per mode; ``out_dir`` (default: the stage folder) receives checkpoints and metrics."""
+    model, processor, stage_dir = prepare(cfg, run_root)
+    loaded, base = read_rows(cfg.data.train, run_root)
+    rows = loaded if rows is None else rows
+    if cfg.data.max_samples:
+        rows = rows[: cfg.data.max_samples]
+    dataset = LMDataset(rows, SampleBuilder(processor, cfg.video, base_dir=base), cfg.max_length)
+    model = train(model, dataset, lm_collate(processor), lm_loss_fn, count_label_tokens, cfg.run,
+                  out_dir or stage_dir, desc=cfg.out)
+    if dataset.safe.skipped:
+        log.warning("%s: skipped samples %s; first: %s", cfg.out, dict(dataset.safe.skipped), dataset.safe.errors[:1])
+    return model, processor
+
+
+def run_lm(cfg: StageConfig, run_root: Path) -> Path:
+    model, processor = train_lm(cfg, run_root)
+    return save_model(model, processor, run_root / cfg.out)
+
+
+def run_anneal(cfg: StageConfig, run_root: Path) -> Path:
+    """Train once per seed from the same start, then average the weights (uniform model soup)."""
+    seeds = cfg.merge_seeds or [cfg.run.seed]
+    merged: dict[str, torch.Tensor] = {}
+    for seed in seeds:
+        seed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
+        model, processor = train_lm(seed_cfg, run_root, out_dir=run_root / cfg.out / f"seed_{seed}")
+        for key, value in model.state_dict().items():
+            merged[key] = merged.get(key, 0) + value.detach().float() / len(seeds)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in merged.items()})
+    return save_model(model, processor, run_root / cfg.out)
+
+
+PRETRAIN_STAGES = {"vit": run_vit, "align": run_lm, "multitask": run_lm, "anneal": run_anneal}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, prog="python -m keye.train.pretrain", description=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The RL stage of Keye-VL-1.5 (report sec. 4.3): GSPO on video prompts with progressive hint sampling.
+
+One step of the loop, top to bottom:
+
+1. **Rollouts.** ``rollout.prompts_per_step`` prompts (video questions, Slow-Fast frames included) are
+   drawn in a seeded order; each is sampled ``rollout.group_size`` (G) times with the model's own
+   ``generate()``, all prompts and samples in one batch.
+2. **Rewards.** Registered plain functions ``f(prompts, completions, **row)`` (``keye.train.rewards``),
+   weighted by ``rewards``: answer correctness, output format for the row's think mode, repetition.
+3. **Progressive hints** (Keye-VL-1.5): a prompt whose G answers are all wrong is sampled again with
+   hint levels 1, 2, ... appended (observation, strategy, tool/formula, first step, full solution;
+   the rows carry them, ``keye.data.modes.with_hint``). The lowest level at which some answer is
+   correct replaces the group, hinted prompt included, so the update learns from a solvable prompt.
+4. **Zero-variance groups** (all rewards equal, hence all advantages 0) carry no signal: filtered, or
+   replaced by freshly drawn prompts (``zero_variance: resample``, DAPO's dynamic sampling).
+5. **Update.** Group-normalised advantages; the completions' log-probs under the rollout policy are
+   kept as pi_old; the rollout batch is split into minibatches of ``minibatch_size`` sequences, one
+   optimizer step each, ``epochs`` passes. The policy loss is a registered function
+   (``keye.train.rl_losses``: ``gspo`` by default, ``gspo_token``, ``grpo``), sequence-mean
+   aggregated; KL to the starting policy only when ``loss.beta > 0``; the MoE router loss rides along.
+
+A step's checkpoint (``keye.train.checkpoint``) holds weights, optimizer, schedule, RNG and the data
+position, so a resumed run samples exactly the rollouts the uninterrupted run would have. At the end the
+policy is saved to ``<run_root>/<out>/model`` like every other stage, and, when ``data.eval`` lists
+held-out rows, greedy accuracy and format pass rate go to ``eval.json`` (``run.steps=0`` measures the
+starting checkpoint the same way).
+
+Run: ``python -m keye.train.rl --config pipelines/nano/rl.yaml [--run-root runs/nano] [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from keye.config import load_config, save_config
+from keye.data.collate import SampleBuilder, VideoOptions
+from keye.data.modes import assign_modes, with_hint
+from keye.errors import ConfigError
+from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
+from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
+from keye.train.distributed import build_strategy
+from keye.train.metrics import MetricsLog, plot_curves
+from keye.train.optim import apply_freeze_plan, build_optimizer, build_scheduler
+from keye.train.rewards import combine_rewards, format_ok, is_correct
+from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
+from keye.train.runner import BatchPlan, RunConfig, _plain_optimizer, _save
+
+log = logging.getLogger(__name__)
+
+# row fields that are not reward columns
+_NOT_COLUMNS = ("messages", "conversations", "videos", "images")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class RLDataConfig:
+    train: list[str] = field(default_factory=list)  # jsonl files, relative to the run folder
+    eval: list[str] = field(default_factory=list)  # held-out jsonl files scored greedily at the end
+    modes: dict[str, float] = field(default_factory=lambda: {"thinking": 1.0})  # keye.data.modes mixture
+    kinds: list[str] = field(default_factory=list)  # keep only these question kinds; empty: all
+    reasoning_only: bool = True  # keep only rows flagged ``reasoning`` (the multi-step questions)
+    max_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4
+    group_size: int = 8  # G completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+
+
+@dataclass
+class HintConfig:
+    enabled: bool = True
+    max_level: int = 5  # 1 observation, 2 strategy, 3 tool/formula, 4 first step, 5 full solution
+
+
+@dataclass
+class RLConfig:
+    stage: str = "rl"
+    out: str = ""  # folder under the run folder; default: the config file's stem
+    model: str = "keye-nano"  # registered variant, used when init_from is empty
+    init_from: str | None = None  # a previous stage's folder (holding model/), relative to the run folder
+    train: list[str] = field(default_factory=lambda: ["lm"])  # parameter groups that train
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    video: VideoOptions = field(default_factory=VideoOptions)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    hints: HintConfig = field(default_factory=HintConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    rewards: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "repetition": 0.5})
+    zero_variance: Literal["filter", "resample", "keep"] = "resample"
+    max_resample: int = 4  # extra prompt draws per step when resampling
+    minibatch_size: int = 16  # sequences per optimizer step (run.micro_batch sequences per forward)
+    epochs: int = 1  # passes over each rollout batch
+    router_aux: bool = True  # add the MoE load-balancing (and z) loss to the policy loss
+    # run.steps counts rollout steps; the schedule steps once per rollout step. run.accum_steps is unused.
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=50, micro_batch=8))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
+    cfg = load_config(RLConfig, path, overrides)
+    cfg.out = cfg.out or (Path(path).stem if path else "rl")
+    if cfg.rollout.group_size < 2:
+        raise ConfigError("rollout.group_size must be >= 2: advantages are normalised within a group")
+    if cfg.minibatch_size < 1 or cfg.run.micro_batch < 1 or cfg.epochs < 1:
+        raise ConfigError("minibatch_size, run.micro_batch and epochs must be >= 1")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- prompts and batches
+
+
+@dataclass
+class Prompt:
+    """One prompt, tokenised, with its pixels: what generation and the log-prob pass both consume."""
+
+    row: dict  # the (hinted) row: its fields are the reward columns
+    text: str  # the chat-templated prompt
+    input_ids_L: torch.Tensor
+    vision: dict[str, torch.Tensor]  # pixel_values[_videos], *_grid_thw for this prompt
+
+
+class PromptBuilder:
+    """Rows -> ``Prompt``s through the SFT ``SampleBuilder`` (same messages, video defaults, clip cache)."""
+
+    def __init__(self, processor, video: VideoOptions, base_dir: Path):
+        self.processor = processor
+        self.samples = SampleBuilder(processor, video, base_dir=base_dir)
+
+    def __call__(self, row: dict) -> Prompt:
+        messages, meta = self.samples.messages(row)
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = messages[: last_user + 1]  # the reference answer is the reward's, not the prompt's
+        text = self.processor.apply_chat_template(messages, think_mode=meta.get("think_mode"), add_generation_prompt=True)
+        enc = self.processor(text=[text], vision=self.samples.vision(messages))
+        vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        return Prompt(row, text, enc["input_ids"][0], vision)
+
+
+def collate_prompts(prompts: list[Prompt], pad_id: int, completions: list[torch.Tensor] | None = None) -> dict:
+    """Left-padded prompts (B, Lp), then right-padded completions (B, T) when given.
+
+    The left padding puts every prompt's last token at the same column, so ``generate`` continues all
+    rows together and the completion logits are the last T+1 positions. Returns model kwargs plus, with
+    completions, ``completion_ids`` / ``completion_mask`` (B, T).
+    """
+    B, Lp = len(prompts), max(len(p.input_ids_L) for p in prompts)
+    T = max((len(c) for c in completions), default=0) if completions is not None else 0
+    ids = torch.full((B, Lp + T), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, Lp + T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        n = len(p.input_ids_L)
+        ids[b, Lp - n : Lp], mask[b, Lp - n : Lp] = p.input_ids_L, 1
+        if completions is not None:
+            c = completions[b]
+            ids[b, Lp : Lp + len(c)], mask[b, Lp : Lp + len(c)] = c, 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [p.vision[key] for p in prompts if key in p.vision]
+        if parts:
+            batch[key] = torch.cat(parts)
+    if completions is not None:
+        batch["completion_ids"], batch["completion_mask"] = ids[:, Lp:], mask[:, Lp:]
+    return batch
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@dataclass
+class Group:
+    """G completions of one prompt and their scores."""
+
+    prompt: Prompt
+    hint_level: int
+    completions: list[torch.Tensor]  # token ids, each cut after its first end-of-turn token
+    texts: list[str]
+    rewards_G: torch.Tensor
+    terms: dict[str, list[float]]  # each reward's own values
+    correct: list[bool]  # the final answer matches the reference (drives hint escalation)
+    formatted: list[bool]  # the output has its think mode's shape
+
+    @property
+    def solved(self) -> bool:
+        return any(self.correct)
+
+    @property
+    def zero_variance(self) -> bool:
+        return float(self.rewards_G.max() - self.rewards_G.min()) < 1e-6
+
+
+Sampler = Callable[[list[dict], int], list[Group]]  # (rows, hint level) -> one group per row
+
+
+def cut_at_eos(generated_BT: torch.Tensor, eos_id: int) -> list[torch.Tensor]:
+    """Each row up to and including its first ``eos_id`` (the whole row when it never ends)."""
+    out = []
+    for row in generated_BT:
+        hits = (row == eos_id).nonzero()
+        out.append(row[: int(hits[0]) + 1] if len(hits) else row)
+    return out
+
+
+def score_groups(prompts: list[Prompt], completions: list[torch.Tensor], processor, rewards: dict[str, float],
+                 hint_level: int, group_size: int) -> list[Group]:
+    """Decode, reward and judge ``len(prompts) * group_size`` completions (prompt-major order)."""
+    texts = processor.batch_decode(completions, skip_special_tokens=True)
+    rows = [p.row for p in prompts for _ in range(group_size)]
+    columns = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r} - set(_NOT_COLUMNS)}
+    total, terms = combine_rewards(rewards, [p.text for p in prompts for _ in range(group_size)], texts, columns)
+    groups = []
+    for i, prompt in enumerate(prompts):
+        sl = slice(i * group_size, (i + 1) * group_size)
+        correct = [is_correct(t, prompt.row["answer"], prompt.row.get("options")) for t in texts[sl]]
+        formatted = [format_ok(t, prompt.row.get("think_mode")) for t in texts[sl]]
+        groups.append(Group(prompt, hint_level, completions[sl], texts[sl], torch.tensor(total[sl]),
+                            {k: v[sl] for k, v in terms.items()}, correct, formatted))
+    return groups
+
+
+def progressive_hints(rows: list[dict], groups: list[Group], sample: Sampler, max_level: int) -> list[Group]:
+    """Replace each unsolved group by the group of the lowest hint level at which an answer is correct.
+
+    Levels are tried in order, all still-unsolved prompts of a level in one batch; a prompt stops at its
+    first solved level or when it runs out of hints, and then keeps its unhinted group (which the
+    zero-variance filter usually drops).
+    """
+    out = list(groups)
+    pending = [i for i, g in enumerate(groups) if not g.solved]
+    for level in range(1, max_level + 1):
+        todo = [i for i in pending if len(rows[i].get("hints") or []) >= level]
+        if not todo:
+            break
+        hinted = sample([with_hint(rows[i], level) for i in todo], level)
+        pending = [i for i in pending if i not in todo]
+        for i, group in zip(todo, hinted):
+            if group.solved:
+                out[i] = group
+            else:
+                pending.append(i)
+    return out
+
+
+def group_advantages(rewards_G: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean) / (std + eps) within a group (GRPO / GSPO; std unbiased, as TRL's default)."""
+    return (rewards_G - rewards_G.mean()) / (rewards_G.std() + eps)
+
+
+def collect_rollouts(draw: Callable[[], list[dict]], sample: Sampler, cfg: RLConfig) -> tuple[list[Group], dict[str, float]]:
+    """Draw prompts and sample groups until ``prompts_per_step`` groups with signal are kept.
+
+    ``draw()`` returns the next prompts (rows) of the data order; ``sample(rows, level)`` one group per
+    row. Unsolved groups go through ``progressive_hints``; zero-variance groups are dropped unless
+    ``zero_variance: keep``, and with ``resample`` up to ``max_resample`` further draws refill the batch.
+    """
+    kept: list[Group] = []
+    first: list[Group] = []  # the policy's own (unhinted) groups, for its accuracy and format rate
+    draws, dropped = 0, 0
+    max_draws = 1 + (cfg.max_resample if cfg.zero_variance == "resample" else 0)
+    while len(kept) < cfg.rollout.prompts_per_step and draws < max_draws:
+        rows = draw()
+        draws += 1
+        groups = sample(rows, 0)
+        first += groups
+        if cfg.hints.enabled:
+            groups = progressive_hints(rows, groups, sample, cfg.hints.max_level)
+        if cfg.zero_variance != "keep":
+            dropped += sum(g.zero_variance for g in groups)
+            groups = [g for g in groups if not g.zero_variance]
+        kept += groups
+    if cfg.zero_variance == "resample":
+        kept = kept[: cfg.rollout.prompts_per_step]
+    return kept, _rollout_stats(first, kept) | {"prompt_draws": draws, "zero_variance_dropped": dropped}
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def completion_logps(model: nn.Module, batch: dict, temperature: float, router: bool = False):
+    """Per-token log-probs of the completions under ``model``, their entropies, and the router loss.
+
+    The logits are divided by the sampling temperature so the log-probs are those of the distribution
+    the completions were drawn from (TRL does the same). Returns logps_BT, entropy_BT (no grad) and
+    the MoE router loss term (0 for a dense model or when ``router`` is off).
+    """
+    ids_BT, mask_BT = batch["completion_ids"], batch["completion_mask"]
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
+    T = ids_BT.shape[1]
+    out = model(**inputs, logits_to_keep=T + 1, use_cache=False, output_router_logits=router or None)
+    logits_BTV = out.logits[:, :-1].float() / temperature  # position t predicts token t+1
+    logp_BTV = logits_BTV.log_softmax(-1)
+    logps_BT = logp_BTV.gather(-1, ids_BT[..., None]).squeeze(-1)
+    with torch.no_grad():
+        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+    aux = torch.zeros(())
+    if router and out.aux_loss is not None:
+        config = _config_of(model)
+        aux = config.text_config.router_aux_loss_coef * out.aux_loss
+        if getattr(config, "router_z_loss_coef", 0.0) and out.z_loss is not None:
+            aux = aux + config.router_z_loss_coef * out.z_loss
+    return logps_BT * mask_BT, entropy_BT, aux
+
+
+def _config_of(model: nn.Module):
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.config
+
+
+@dataclass
+class Sequence_:
+    """One completion as a training example."""
+
+    prompt: Prompt
+    completion: torch.Tensor
+    advantage: float
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def _micro_batches(seqs: list[Sequence_], size: int, pad_id: int):
+    for start in range(0, len(seqs), size):
+        chunk = seqs[start : start + size]
+        yield chunk, collate_prompts([s.prompt for s in chunk], pad_id, [s.completion for s in chunk])
+
+
+@torch.no_grad()
+def _fill_logps(model, seqs, attr, size, pad_id, temperature) -> None:
+    for chunk, batch in _micro_batches(seqs, size, pad_id):
+        logps_BT, _, _ = completion_logps(model, batch, temperature)
+        for s, row in zip(chunk, logps_BT):
+            setattr(s, attr, row[: len(s.completion)].clone())
+
+
+def _pad_stack(rows: list[torch.Tensor], T: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), T)
+    for b, r in enumerate(rows):
+        out[b, : len(r)] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class RLStage:
+    """Holds what a step needs (policy, processor, strategy, optimizer) so each phase is a short method."""
+
+    def __init__(self, cfg: RLConfig, run_root: Path, model=None, processor=None, resume: bool = True):
+        self.cfg, self.run_root = cfg, Path(run_root)
+        self.out_dir = self.run_root / cfg.out
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out_dir)
+        torch.manual_seed(cfg.run.seed)
+        if model is None:
+            start = StageConfig(model=cfg.model, init_from=cfg.init_from, run=cfg.run)
+            model, processor = load_start(start, self.run_root)
+        self.processor = processor
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # the KL reference is the starting policy, frozen (TRL's default without PEFT); only kept when used
+        self.reference = _frozen_copy(model) if cfg.loss.beta else None
+        apply_freeze_plan(model, cfg.train)
+        if cfg.lora.enabled:  # only the adapters train
+            model = apply_lora(model, cfg.lora)
+            apply_freeze_plan(model, [])
+        self.model = model  # generation runs on this plain module; peft injects adapters in place
+
+        self.rows, base = read_rows(cfg.data.train, self.run_root)
+        self.rows = _select_rows(self.rows, cfg.data, cfg.data.max_samples)
+        if not self.rows:
+            raise ConfigError(f"{cfg.out}: no training rows left after data.kinds / data.reasoning_only")
+        self.prompts = PromptBuilder(processor, cfg.video, base)
+
+        self.strategy = build_strategy(cfg.run.dist, 1, cfg.run.optim.grad_clip, cfg.run.micro_batch)
+        self.state, checkpoint = TrainState(), latest_checkpoint(self.out_dir) if resume else None
+        if checkpoint is not None:  # weights + RNG into the plain model, before wrapping
+            self.state = load_checkpoint(checkpoint, model)
+        self.wrapped, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.run.optim))
+        self.scheduler = build_scheduler(self.optimizer, cfg.run.optim, cfg.run.steps)
+        if checkpoint is not None:
+            load_optimizer_state(checkpoint, _plain_optimizer(self.strategy, self.optimizer), self.scheduler)
+        self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.strategy.world_size,
+                              self.strategy.rank, cfg.run.seed)
+        self.log = MetricsLog(self.out_dir, resume_step=self.state.step if checkpoint else None) \
+            if self.strategy.is_main else None
+
+    # ------------------------------------------------------------------ rollouts
+
+    @torch.no_grad()
+    def sample(self, rows: list[dict], hint_level: int = 0) -> list[Group]:
+        """G sampled completions for each row, one batched ``generate`` call."""
+        r = self.cfg.rollout
+        prompts = [self.prompts(row) for row in rows]
+        batch = collate_prompts([p for p in prompts for _ in range(r.group_size)], self.pad_id)
+        self.model.eval()
+        generated = self.model.generate(
+            **batch, do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or None,
+            max_new_tokens=r.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+        )
+        completions = cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id)
+        return score_groups(prompts, completions, self.processor, self.cfg.rewards, hint_level, r.group_size)
+
+    def rollout(self, position: int) -> tuple[list[Group], int, dict[str, float]]:
+        """One rollout batch from the data position on; returns it, the next position and its stats."""
+
+        def draw() -> list[dict]:
+            nonlocal position
+            position += 1
+            return [self.rows[i] for i in self.plan.indices(position - 1)]
+
+        kept, stats = collect_rollouts(draw, self.sample, self.cfg)
+        return kept, position, stats
+
+    # ------------------------------------------------------------------ update
+
+    def update(self, groups: list[Group], step: int) -> dict[str, float]:
+        """Minibatched policy-gradient steps over one rollout batch; returns averaged stats."""
+        cfg = self.cfg
+        seqs = [Sequence_(g.prompt, c, float(a)) for g in groups for c, a in zip(g.completions, group_advantages(g.rewards_G))]
+        if not seqs:
+            return {}
+        temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
+        self.wrapped.train()
+        # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
+        # several, later minibatches see a moved policy and the ratio does its job.
+        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature)
+        if self.reference is not None:
+            _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature)
+        totals: dict[str, float] = {}
+        updates = 0
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + epoch))
+            shuffled = [seqs[i] for i in order.tolist()]
+            for start in range(0, len(shuffled), cfg.minibatch_size):
+                stats = self._minibatch(shuffled[start : start + cfg.minibatch_size])
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                updates += 1
+        return {k: v / updates for k, v in totals.items()} | {"updates": updates}
+
+    def _minibatch(self, seqs: list[Sequence_]) -> dict[str, float]:
+        """One optimizer step: sum of per-sequence losses / sequences, over micro-batches."""
+        cfg, n = self.cfg, len(seqs)
+        micro = list(_micro_batches(seqs, cfg.run.micro_batch, self.pad_id))
+        sums: dict[str, float] = {}
+        router = cfg.router_aux and _config_of(self.wrapped).is_moe
+        for k, (chunk, batch) in enumerate(micro):
+            with self.strategy.accumulating(self.wrapped, boundary=k == len(micro) - 1):
+                logps_BT, entropy_BT, aux = completion_logps(self.wrapped, batch, cfg.rollout.temperature, router)
+                mask_BT = batch["completion_mask"]
+                T = mask_BT.shape[1]
+                old_BT = _pad_stack([s.old_logps for s in chunk], T)
+                ref_BT = _pad_stack([s.ref_logps for s in chunk], T) if self.reference is not None else None
+                adv_B = torch.tensor([s.advantage for s in chunk])
+                loss_B, stats = sequence_loss(logps_BT, old_BT, adv_B, mask_BT, cfg.loss, ref_BT)
+                share = len(chunk) / n
+                self.strategy.backward(loss_B.sum() / n + aux * share)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+            sums["loss"] = sums.get("loss", 0.0) + float(loss_B.detach().sum()) / n
+            sums["entropy"] = sums.get("entropy", 0.0) + float(masked_mean_B(entropy_BT, mask_BT).sum()) / n
+            if router:
+                sums["router_aux"] = sums.get("router_aux", 0.0) + float(aux) * share
+        sums["grad_norm"] = self.strategy.step(self.wrapped, self.optimizer)
+        return sums
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> nn.Module:
+        cfg, state = self.cfg, self.state
+        position = state.data_position.get("position", 0)
+        while state.step < cfg.run.steps:
+            started = time.perf_counter()
+            groups, position, stats = self.rollout(position)
+            stats |= self.update(groups, state.step)
+            stats["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            state.step += 1
+            state.data_position = {"position": position}
+            stats["step_time"] = time.perf_counter() - started
+            if self.log is not None and state.step % cfg.run.log_every == 0:
+                self.log.log(state.step, **stats)
+            if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == cfg.run.steps:
+                _save(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state, cfg.run.keep_checkpoints)
+        if self.strategy.is_main and self.log is not None:
+            plot_curves(self.out_dir, keys=("reward_mean", "accuracy", "format_pass"), name="rewards.png")
+        return self.strategy.unwrap(self.wrapped)
+
+    # ------------------------------------------------------------------ held-out
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[dict], batch_size: int = 16) -> dict[str, float]:
+        """Greedy accuracy and format pass rate on ``rows`` (rendered in the training modes)."""
+        self.model.eval()
+        correct = formatted = 0
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            prompts = [self.prompts(r) for r in chunk]
+            batch = collate_prompts(prompts, self.pad_id)
+            generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+            texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id),
+                                                skip_special_tokens=True)
+            correct += sum(is_correct(t, r["answer"], r.get("options")) for t, r in zip(texts, chunk))
+            formatted += sum(format_ok(t, r.get("think_mode")) for t, r in zip(texts, chunk))
+        n = max(len(rows), 1)
+        return {"accuracy": correct / n, "format_pass": formatted / n, "n": len(rows)}
+
+
+def _select_rows(rows: list[dict], data: RLDataConfig, limit: int | None) -> list[dict]:
+    """Rows the RL stage samples from: reasoning / kind filters, then rendered in the think modes."""
+    kept = [r for r in rows if (not data.reasoning_only or r.get("reasoning"))
+            and (not data.kinds or r.get("kind") in data.kinds) and "answer" in r]
+    kept = assign_modes(kept, data.modes, seed=data.seed) if data.modes else kept
+    return kept[:limit] if limit else kept
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _rollout_stats(first: list[Group], kept: list[Group]) -> dict[str, float]:
+    """Logged per step: the policy's own (unhinted) accuracy and format rate, and the kept batch's
+    reward mean/std, response length and hint levels."""
+    out: dict[str, float] = {}
+    if first:
+        out["accuracy"] = sum(sum(g.correct) for g in first) / sum(len(g.correct) for g in first)
+        out["format_pass"] = sum(sum(g.formatted) for g in first) / sum(len(g.formatted) for g in first)
+    if kept:
+        rewards = torch.cat([g.rewards_G for g in kept])
+        out |= {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "response_length": sum(len(c) for g in kept for c in g.completions) / len(rewards),
+            "hinted_share": sum(g.hint_level > 0 for g in kept) / len(kept),
+            "hint_level_mean": sum(g.hint_level for g in kept) / len(kept),
+            "groups_kept": len(kept),
+        }
+        for name in kept[0].terms:
+            out[f"reward/{name}"] = sum(sum(g.terms[name]) for g in kept) / len(rewards)
+    return out
+
+
+def run_rl(cfg: RLConfig, run_root: str | Path, model=None, processor=None, resume: bool = True) -> Path:
+    """Train, save the policy to ``<run_root>/<out>/model``, score ``data.eval``; returns the stage folder."""
+    stage = RLStage(cfg, Path(run_root), model, processor, resume)
+    policy = stage.run()
+    if cfg.data.eval:
+        eval_rows, _ = read_rows(cfg.data.eval, stage.run_root)
+        eval_rows = _select_rows(eval_rows, cfg.data, cfg.data.max_eval_samples)
+        result = stage.evaluate(eval_rows)
+        (stage.out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        log.info("%s: held-out %s", cfg.out, result)
+    if stage.strategy.is_main:
+        save_model(policy, stage.processor, stage.out_dir)
+    return stage.out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keye.train.rl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="an RL stage YAML file, e.g. pipelines/nano/rl.yaml")
+    parser.add_argument("--run-root", default="runs/nano", help="folder the stage's relative paths are read from")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. init_from=sft run.steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_rl(load_rl_config(args.config, args.overrides), args.run_root)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

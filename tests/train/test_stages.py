@@ -1,0 +1,167 @@
+"""Tiny runs of every stage of the nano recipe: the loss fell, the trainable groups changed, the frozen
+ones did not; recipe chaining, skipping and resuming; the big recipes' dry runs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from keye.data.world import WorldConfig, generate_world
+from keye.train.common import load_stage_config, load_start
+from keye.train.metrics import read_metrics
+from keye.train.optim import group_of
+from keye.train.recipe import dry_run, run_recipe, run_stage, stage_configs, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+NANO = ROOT / "pipelines" / "nano"
+def tiny_overrides(**extra):
+    """56 x 56 frames (4 LM tokens each), 8 samples, 6 constant-LR steps per stage."""
+    base = ["video.min_pixels=3136", "video.max_pixels=3136", "run.micro_batch=4", "run.steps=6",
+            "run.optim.warmup_steps=0", "run.optim.schedule=constant", "data.max_samples=8"]
+    return base + [f"{k}={v}" for k, v in extra.items()]
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nano")
+    world = WorldConfig.from_dict({"seed": 3, "clips": {"train": 8, "val": 0, "test": 2},
+                                   "scene": {"height": 56, "width": 56}, "crop_size": 56})
+    generate_world(root / "world", world, progress=False)
+    return root
+
+
+def state_of(run_root: Path, stage: str) -> dict[str, torch.Tensor]:
+    """The saved model's state dict in our (fused-expert) layout, as the next stage loads it."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(run_root / stage / "model")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_groups(before: dict, after: dict) -> set[str]:
+    return {group_of(k) for k in before if not torch.equal(before[k], after[k])}
+
+
+def all_groups(state: dict) -> set[str]:
+    return {group_of(k) for k in state}
+
+
+def losses(run_root: Path, stage: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_root / stage / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def chain(run_root):
+    """Stages 0, 1, 2 run in order (each test below checks one)."""
+    recipe, folder = load_recipe(NANO)
+    configs = {c.out: c for c in stage_configs(recipe, folder, tiny_overrides())}
+    configs["stage0_vit"].run.optim.lr = 5e-3
+    configs["stage1_align"].data.max_samples = 8
+    for name in ("stage0_vit", "stage1_align", "stage2_multitask"):
+        run_stage(configs[name], run_root)
+    return configs
+
+
+def start_state(cfg, run_root):
+    model, _ = load_start(cfg, run_root)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_stage0_vit_trains_only_the_vision_tower(run_root, chain):
+    start = start_state(chain["stage0_vit"], run_root)
+    after = state_of(run_root, "stage0_vit")
+    assert changed_groups(start, after) == {"vision"}
+    assert not any(k.startswith("siglip_head") for k in after)  # the stage-local head is not saved
+    curve = losses(run_root, "stage0_vit")
+    assert curve[-1] < curve[0]
+
+
+def test_stage1_align_trains_only_the_projector(run_root, chain):
+    before = state_of(run_root, "stage0_vit")
+    after = state_of(run_root, "stage1_align")
+    assert changed_groups(before, after) == {"projector"}
+    curve = losses(run_root, "stage1_align")
+    assert curve[-1] < curve[0]
+
+
+def test_stage2_multitask_trains_everything(run_root, chain):
+    before = state_of(run_root, "stage1_align")
+    after = state_of(run_root, "stage2_multitask")
+    assert changed_groups(before, after) == all_groups(before) == {"vision", "projector", "lm"}
+    curve = losses(run_root, "stage2_multitask")
+    assert curve[-1] < curve[0]
+    assert (run_root / "stage2_multitask" / "loss.png").stat().st_size > 0
+    saved = yaml.safe_load((run_root / "stage2_multitask" / "config.yaml").read_text())
+    assert saved["init_from"] == "stage1_align" and saved["run"]["steps"] == 6
+
+
+def test_stage3_anneal_averages_its_seed_runs_and_extends_rope(run_root, chain):
+    cfg = load_stage_config(NANO / "stage3_anneal.yaml", tiny_overrides(**{"run.steps": 2}))
+    cfg.init_from = "stage2_multitask"
+    run_stage(cfg, run_root)
+    seeds = [load_file(next((run_root / "stage3_anneal" / f"seed_{s}" / "checkpoints").glob("step_*")) / "model.safetensors")
+             for s in cfg.merge_seeds]
+    merged = state_of(run_root, "stage3_anneal")
+    assert len(seeds) == 2 and not torch.equal(seeds[0]["lm_head.weight"], seeds[1]["lm_head.weight"])
+    for key in merged:
+        torch.testing.assert_close(merged[key], (seeds[0][key] + seeds[1][key]) / 2)
+    config = json.loads((run_root / "stage3_anneal" / "model" / "config.json").read_text())
+    assert config["text_config"]["rope_parameters"]["rope_theta"] == cfg.rope_theta
+
+
+def test_sft_renders_modes_and_learns(run_root, chain):
+    cfg = load_stage_config(NANO / "sft.yaml", tiny_overrides(**{"data.max_samples": 12}))
+    cfg.init_from = "stage2_multitask"
+    run_stage(cfg, run_root)
+    curve = losses(run_root, "sft")
+    assert curve[-1] < curve[0]
+    before, after = state_of(run_root, "stage2_multitask"), state_of(run_root, "sft")
+    assert changed_groups(before, after) == {"vision", "projector", "lm"}
+
+
+def test_lora_trains_adapters_on_fused_experts_and_merges(run_root, chain):
+    cfg = load_stage_config(NANO / "sft.yaml", tiny_overrides(**{"lora.enabled": "true", "lora.r": 4, "run.optim.lr": 5e-3}))
+    cfg.init_from, cfg.out = "stage2_multitask", "sft_lora"
+    run_stage(cfg, run_root)
+    before, after = state_of(run_root, "stage2_multitask"), state_of(run_root, "sft_lora")
+    assert set(after) == set(before)  # merged back into the plain layout
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("experts.gate_up_proj" in k for k in changed) and any("self_attn.q_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)  # LoRA touches only its targets
+
+
+def test_recipe_skips_done_stages_and_chains_around_skipped_ones(run_root, chain, tmp_path):
+    recipe_dir = tmp_path / "recipe"
+    recipe_dir.mkdir()
+    for name in ("stage0_vit.yaml", "stage1_align.yaml", "stage2_multitask.yaml"):
+        shutil.copy(NANO / name, recipe_dir / name)
+    (recipe_dir / "recipe.yaml").write_text(yaml.safe_dump({"stages": ["stage0_vit.yaml", "stage1_align.yaml", "stage2_multitask.yaml"]}))
+    root = tmp_path / "run"
+    shutil.copytree(run_root / "world", root / "world")
+    shutil.copytree(run_root / "stage0_vit", root / "stage0_vit")  # finished earlier: must not run again
+    marker = (root / "stage0_vit" / "done.json").stat().st_mtime_ns
+    run_recipe(recipe_dir, str(root), tiny_overrides(**{"run.steps": 2}), skip=["stage1_align"])
+    assert (root / "stage0_vit" / "done.json").stat().st_mtime_ns == marker
+    assert not (root / "stage1_align").exists()
+    saved = yaml.safe_load((root / "stage2_multitask" / "config.yaml").read_text())
+    assert saved["init_from"] == "stage0_vit"
+
+
+@pytest.mark.parametrize("size, params", [("8b", "keye-vl-1.5-8b"), ("30b-a3b", "keye-vl-2.0-30b-a3b")])
+def test_big_recipes_dry_run(size, params, capsys):
+    from keye.models import build_model
+
+    rows = dry_run(ROOT / "pipelines" / size)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(params).parameters())
+    assert rows and all(r["params"] == n for r in rows)
+    for r in rows:
+        assert 0 < r["trainable"] <= r["params"]
+        if r["zero"] == 3:  # everything sharded: (2 + 2 + 12) bytes per trainable param + 2 per frozen, / GPUs
+            expected = (2 * r["params"] + 14 * r["trainable"]) / r["gpus"] / 2**30
+            assert r["gib_per_gpu"] == pytest.approx(expected)
+    assert "GiB/GPU" in capsys.readouterr().out
