@@ -1,0 +1,214 @@
+"""Benchmark definitions (``eval/*.yaml``) and the annotation formats they read.
+
+A definition names a format, where its annotations and videos are, the prompt template and the
+generation settings. Each format is one registered function turning the annotations into
+``EvalItem`` rows; the runner never looks at the original field names.
+
+* ``videomme``: Video-MME rows (the ``videomme/test-*.parquet`` of its release, or json / jsonl with
+  the same fields): ``videoID``, ``question_id``, ``duration``, ``domain``, ``sub_category``,
+  ``task_type``, ``question``, ``options`` ("A. ..." strings) and ``answer`` (a letter). Videos are
+  ``{video_dir}/{videoID}.mp4``.
+* ``mvbench``: MVBench's per-task json files (``video``, ``question``, ``candidates``, ``answer`` as
+  the candidate's text, and ``start`` / ``end`` seconds for the tasks that trim); the definition's
+  ``tasks`` maps each task name to its json and its video folder, as MVBench's own ``data_list`` does.
+* ``world``: a split of the synthetic world (``keye.data.world``): open-ended, exact match after
+  normalisation, scored per question ``kind``; rows with ``options`` are scored as multiple choice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keye.config import load_config
+from keye.errors import ConfigError, KeyeInputError
+from keye.eval.answers import LETTERS, option_text
+
+# the repository's eval/ folder (benchmark definitions are data, next to the package)
+DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "eval"
+
+
+@dataclass
+class TaskSpec:
+    """One MVBench task: its annotation json (relative to ``annotations``) and video folder
+    (relative to ``video_dir``); ``bound``: the rows carry start / end seconds to trim to."""
+
+    file: str
+    video_dir: str = ""
+    bound: bool = False
+
+
+@dataclass
+class EvalDefinition:
+    """A benchmark run. Relative paths resolve against the definition file's folder.
+
+    prompt: template with ``{question}`` and ``{options}`` (the options as "A. text" lines).
+    video: message options for every video (fps, max_frames, max_pixels, total_pixels, ...).
+    breakdown: item fields to report accuracy by, besides the overall number.
+    """
+
+    name: str
+    format: str
+    annotations: str
+    video_dir: str = ""
+    prompt: str = "{question}\n{options}"
+    mode: str = "no_think"
+    max_new_tokens: int = 32
+    video: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    breakdown: list[str] = field(default_factory=list)
+    base_dir: str = ""  # set by load_definition: the folder relative paths start from
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir or ".") / p
+
+
+@dataclass
+class EvalItem:
+    """One question. ``answer`` is a letter when ``options`` is set, else the reference text;
+    ``media`` are message parts (paths plus per-item options such as video_start / video_end)."""
+
+    id: str
+    question: str
+    answer: str
+    options: list[str] | None
+    media: list[dict]
+    categories: dict[str, str] = field(default_factory=dict)
+
+
+FormatReader = Callable[[EvalDefinition], list[EvalItem]]
+FORMATS: dict[str, FormatReader] = {}
+
+
+def register_format(name: str) -> Callable[[FormatReader], FormatReader]:
+    def wrap(fn: FormatReader) -> FormatReader:
+        FORMATS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_definition(name_or_path: str, overrides: list[str] | None = None) -> EvalDefinition:
+    """A definition from a yaml path, or a name of a file in the repository's ``eval/`` folder."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidate = DEFINITIONS_DIR / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            known = sorted(p.stem for p in DEFINITIONS_DIR.glob("*.yaml")) if DEFINITIONS_DIR.is_dir() else []
+            raise ConfigError(f"{name_or_path}: no such definition file or name (known: {', '.join(known)}; "
+                              f"formats: {', '.join(sorted(FORMATS))})")
+        path = candidate
+    definition = load_config(EvalDefinition, path, overrides)
+    definition.base_dir = definition.base_dir or str(path.resolve().parent)
+    return check_definition(definition)
+
+
+def check_definition(definition: EvalDefinition) -> EvalDefinition:
+    if definition.format not in FORMATS:
+        raise ConfigError(f"definition {definition.name}: unknown format {definition.format!r}; "
+                          f"known: {', '.join(sorted(FORMATS))}")
+    if definition.mode not in ("auto", "think", "no_think"):
+        raise ConfigError(f"definition {definition.name}: mode must be auto, think or no_think, got {definition.mode!r}")
+    return definition
+
+
+def read_items(definition: EvalDefinition) -> list[EvalItem]:
+    items = FORMATS[definition.format](definition)
+    seen: set[str] = set()
+    for item in items:
+        if item.id in seen:
+            raise KeyeInputError(f"{definition.name}: duplicate item id {item.id!r}")
+        seen.add(item.id)
+    return items
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .parquet, .jsonl or .json (a list, or a dict of lists as some exports write)."""
+    if not path.is_file():
+        raise KeyeInputError(f"{path}: annotation file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise KeyeInputError(f"{path}: not valid jsonl ({err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise KeyeInputError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(data, dict):
+        data = [row for rows in data.values() for row in rows]
+    if not isinstance(data, list):
+        raise KeyeInputError(f"{path}: expected a list of rows")
+    return data
+
+
+def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise KeyeInputError(f"{where}: missing field(s) {', '.join(missing)}")
+
+
+@register_format("videomme")
+def _videomme(definition: EvalDefinition) -> list[EvalItem]:
+    path = definition.path(definition.annotations)
+    video_dir = definition.path(definition.video_dir) if definition.video_dir else path.parent
+    items = []
+    for i, row in enumerate(read_rows(path)):
+        where = f"{path} row {i}"
+        _need(row, ("videoID", "question_id", "question", "options", "answer"), where)
+        options = [option_text(o) for o in row["options"]]
+        answer = str(row["answer"]).strip().upper()
+        if answer not in LETTERS[: len(options)]:
+            raise KeyeInputError(f"{where}: answer {row['answer']!r} is not one of the option letters")
+        categories = {k: str(row[k]) for k in ("duration", "domain", "sub_category", "task_type") if k in row}
+        items.append(EvalItem(str(row["question_id"]), row["question"], answer, options,
+                              [{"type": "video", "video": str(video_dir / f"{row['videoID']}.mp4")}], categories))
+    return items
+
+
+@register_format("mvbench")
+def _mvbench(definition: EvalDefinition) -> list[EvalItem]:
+    if not definition.tasks:
+        raise ConfigError(f"definition {definition.name}: the mvbench format needs 'tasks' (name -> file, video_dir)")
+    root = definition.path(definition.annotations)
+    video_root = definition.path(definition.video_dir) if definition.video_dir else root
+    items = []
+    for task, spec in definition.tasks.items():
+        path = root / spec.file
+        for i, row in enumerate(read_rows(path)):
+            where = f"{path} row {i}"
+            _need(row, ("video", "question", "candidates", "answer"), where)
+            candidates = [str(c) for c in row["candidates"]]
+            if row["answer"] not in candidates:
+                raise KeyeInputError(f"{where}: answer {row['answer']!r} is not among the candidates")
+            part = {"type": "video", "video": str(video_root / spec.video_dir / row["video"])}
+            if spec.bound and "start" in row and "end" in row:
+                part.update(video_start=float(row["start"]), video_end=float(row["end"]))
+            items.append(EvalItem(f"{task}/{i}", row["question"], LETTERS[candidates.index(row["answer"])],
+                                  candidates, [part], {"task": task}))
+    return items
+
+
+@register_format("world")
+def _world(definition: EvalDefinition) -> list[EvalItem]:
+    path = definition.path(definition.annotations)
+    base = definition.path(definition.video_dir) if definition.video_dir else path.parent
+    items = []
+    for i, row in enumerate(read_rows(path)):
+        where = f"{path} row {i}"
+        _need(row, ("id", "question", "answer", "kind", "videos"), where)
+        # the row's question already lists its options ("A. ..."), as in training; score them as a choice
+        options = row.get("options") or None
+        media = [{"type": "video", "video": str(base / v)} for v in row["videos"]]
+        categories = {"kind": row["kind"], "reasoning": str(bool(row.get("reasoning", False))).lower()}
+        items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories))
+    return items

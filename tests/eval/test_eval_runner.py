@@ -1,0 +1,220 @@
+"""The evaluation harness on the eval/fixtures definitions: formats, accuracy from a deterministic
+predictor against hand-computed values, resume (count the model calls), evaluate_world, `keye eval`."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from keye.api import KeyePipeline
+from keye.cli import main
+from keye.data.world import WorldConfig, generate_world
+from keye.errors import KeyeInputError
+from keye.eval.formats import load_definition, read_items, read_rows
+from keye.eval.runner import evaluate_world, item_messages, run_eval
+from keye.models import build_model
+from keye.processing import load_nano_processor
+from keye.video.synthetic import write_cut_clip
+
+FIXTURES = Path(__file__).resolve().parents[2] / "eval" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_videos")
+    write_cut_clip(root / "clip_a.mp4", num_frames=8, height=56, width=56, cuts=(4,), fps=2.0, seed=1)
+    write_cut_clip(root / "clip_b.mp4", num_frames=6, height=56, width=56, cuts=(3,), fps=2.0, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def nano(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model beside other test workers on two cores: avoid oversubscription
+    torch.manual_seed(0)
+    ckpt = tmp_path_factory.mktemp("eval_ckpt")
+    model, processor = build_model("keye-nano"), load_nano_processor()
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    yield ckpt, model, processor
+    torch.set_num_threads(threads)
+
+
+def definition(name, videos, *overrides):
+    return load_definition(str(FIXTURES / f"{name}.yaml"), [f"video_dir={videos}", *overrides])
+
+
+def question_of(conversation):
+    return next(p["text"] for p in conversation[0]["content"] if p["type"] == "text")
+
+
+def test_videomme_rows_from_jsonl_and_parquet_agree(videos, tmp_path):
+    items = read_items(definition("videomme", videos))
+    assert [i.answer for i in items] == ["B", "B", "A", "A"]
+    assert items[1].options == ["A red ball.", "A white square.", "A blue car.", "Nothing moves."]
+    assert items[0].media[0]["video"] == str(videos / "clip_a.mp4")
+    assert items[2].categories == {"duration": "medium", "domain": "Sports", "sub_category": "Football",
+                                   "task_type": "Counting Problem"}
+    rows = read_rows(FIXTURES / "videomme.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test-00000-of-00001.parquet")
+    from_parquet = read_items(definition("videomme", videos, f"annotations={tmp_path / 'test-00000-of-00001.parquet'}"))
+    assert from_parquet == items
+
+
+def test_mvbench_rows_map_answers_to_letters_and_trim(videos):
+    d = definition("mvbench", videos)
+    items = read_items(d)
+    assert [(i.id, i.answer) for i in items] == [("Action Sequence/0", "A"), ("Action Sequence/1", "B"),
+                                                 ("Scene Transition/0", "A")]
+    messages = item_messages(items[0], d.prompt, d.video)
+    video = messages[0]["content"][0]
+    assert (video["video_start"], video["video_end"], video["fps"]) == (1.0, 3.5, 1.0)
+    assert "video_start" not in item_messages(items[2], d.prompt, d.video)[0]["content"][0]
+    assert "A. A new scene started.\nB. The video ended.\nC. A person waved." in question_of(messages)
+
+
+def test_accuracy_from_a_deterministic_predictor(videos, tmp_path):
+    # hand-written outputs per question, in the shapes models produce
+    outputs = {
+        "How many scenes does the video show?": "B",  # correct (Counting, short)
+        "What moves across the frame?": "<think>the ball</think><answer>A</answer>",  # wrong (Object Recognition, short)
+        "How many cuts are there?": "\\boxed{A}",  # correct (Counting, medium)
+        "Is the first frame the same as the last?": "I cannot tell.",  # unanswered (Temporal, medium)
+    }
+
+    def predict(conversations):
+        return [next(v for k, v in outputs.items() if k in question_of(c)) for c in conversations]
+
+    results = run_eval(definition("videomme", videos), predict, tmp_path / "out", model_name="stub", progress=False)
+    assert results["overall"] == {"n": 4, "correct": 2, "accuracy": 0.5, "unanswered": 1, "errors": 0}
+    task = results["by"]["task_type"]
+    assert {k: v["accuracy"] for k, v in task.items()} == {"Counting Problem": 1.0, "Object Recognition": 0.0,
+                                                           "Temporal Reasoning": 0.0}
+    assert {k: (v["correct"], v["n"]) for k, v in results["by"]["duration"].items()} == {"medium": (1, 2), "short": (1, 2)}
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| overall | 4 | 50.0 |" in md and "| Counting Problem | 2 | 100.0 |" in md
+
+
+def test_rerun_skips_finished_items_and_drops_a_torn_line(videos, tmp_path):
+    d = definition("mvbench", videos)
+    asked = []
+
+    def predict(conversations):
+        if len(asked) == 2:
+            raise KeyboardInterrupt  # the run is killed while asking the third question
+        asked.extend(question_of(c) for c in conversations)
+        return ["A"] * len(conversations)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(d, predict, tmp_path, progress=False)
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    with open(tmp_path / "predictions.jsonl", "a") as f:
+        f.write('{"id": "Scene Transition/0", "pr')  # killed mid-write
+
+    calls = []
+    results = run_eval(d, lambda cs: calls.extend(cs) or ["A"] * len(cs), tmp_path, progress=False)
+    assert len(calls) == 1 and "how the scenes in the video change?" in question_of(calls[0])
+    assert results["overall"]["n"] == 3 and results["overall"]["correct"] == 2  # A, A (wrong: B), A
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 3
+    calls.clear()
+    run_eval(d, lambda cs: calls.extend(cs) or ["A"] * len(cs), tmp_path, progress=False)
+    assert calls == []
+    with pytest.raises(KeyeInputError, match="model="):
+        run_eval(d, lambda cs: ["A"] * len(cs), tmp_path, model_name="another", progress=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_world")
+    generate_world(out, WorldConfig(seed=0, clips={"train": 0, "val": 0, "test": 3}), progress=False)
+    return out / "test.jsonl"
+
+
+class CountOracle(KeyePipeline):
+    """Answers 'count' questions right (in <answer> tags, after thinking) and everything else wrong."""
+
+    def __init__(self, model, processor, rows):
+        super().__init__(model, processor)
+        self.truth = {(Path(r["videos"][0]).name, r["question"]): r for r in read_rows(rows)}
+        self.calls = 0
+
+    def generate(self, conversations, mode="auto", max_new_tokens=None, **kwargs):
+        self.calls += len(conversations)
+        out = []
+        for c in conversations:
+            row = self.truth[(Path(c[0]["content"][0]["video"]).name, question_of(c))]
+            out.append(f"<think>counting</think><answer>{row['answer']}</answer>" if row["kind"] == "count" else "wrong")
+        return out
+
+
+def test_evaluate_world_per_kind_accuracy(world, nano, tmp_path):
+    _, model, processor = nano
+    rows = read_rows(world)
+    oracle = CountOracle(model, processor, world)
+    results = evaluate_world(oracle, world, out_dir=tmp_path)
+    kinds = {r["kind"] for r in rows}
+    assert set(results["per_kind"]) == kinds and "count" in kinds
+    assert results["per_kind"] == {k: 1.0 if k == "count" else 0.0 for k in kinds}
+    n_count = sum(r["kind"] == "count" for r in rows)
+    assert results["overall"]["correct"] == n_count and oracle.calls == len(rows)
+
+    model.train()
+    real = evaluate_world(model, world, processor=processor, limit=2, max_new_tokens=3,
+                          video_options={"max_pixels": 56 * 56, "nframes": 4})
+    assert real["overall"]["n"] == 2 and model.training  # the training loop gets its model back in train mode
+
+
+def test_keye_eval_command_resumes_and_reports_bad_input(videos, nano, tmp_path, capsys):
+    ckpt = str(nano[0])
+    base = ["eval", str(FIXTURES / "videomme.yaml"), "--model", ckpt, "--out", str(tmp_path), "--device", "cpu",
+            "--video-dir", str(videos), "--max-new-tokens", "3"]
+    assert main([*base, "--limit", "2"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["overall"]["n"] == 2
+    assert main(base) == 0
+    ids = [json.loads(line)["id"] for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert ids == ["001-1", "001-2", "002-1", "002-2"]  # the first two were not asked again
+    assert "accuracy" in capsys.readouterr().out
+
+    assert main(["eval", "no-such-benchmark", "--model", ckpt, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("keye eval: error:") and "no-such-benchmark" in err and "\n" not in err
+
+
+def test_keye_eval_world_by_name_with_data(world, nano, tmp_path):
+    args = ["eval", "world", "--data", str(world), "--model", str(nano[0]), "--out", str(tmp_path), "--device", "cpu",
+            "--limit", "2", "--max-new-tokens", "2", "--nframes", "4", "--max-pixels", str(56 * 56)]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    first_two = read_rows(world)[:2]
+    assert results["overall"]["n"] == 2 and results["mode"] == "no_think"
+    assert sorted(results["by"]["kind"]) == sorted({r["kind"] for r in first_two})
+    assert set(results["by"]) == {"kind", "reasoning"}
+
+
+def test_bad_video_is_recorded_and_retried_on_rerun(videos, tmp_path):
+    from keye.errors import VideoError
+
+    d = definition("videomme", videos)
+    broken = {"clip_b.mp4"}
+    asked = []
+
+    def predict(conversations):
+        names = [Path(c[0]["content"][0]["video"]).name for c in conversations]
+        if broken & set(names):
+            raise VideoError("clip_b.mp4: cannot decode")
+        asked.extend(names)
+        return ["B"] * len(conversations)
+
+    results = run_eval(d, predict, tmp_path, batch_size=4, progress=False)
+    # the batch of 4 failed, was retried one by one: the two clip_a questions answered, the clip_b ones errored
+    assert results["overall"] == {"n": 4, "correct": 2, "accuracy": 0.5, "unanswered": 2, "errors": 2}
+    assert "2 questions failed" in (tmp_path / "results.md").read_text()
+    broken.clear()
+    asked.clear()
+    results = run_eval(d, predict, tmp_path, progress=False)
+    assert asked == ["clip_b.mp4", "clip_b.mp4"] and results["overall"]["errors"] == 0
