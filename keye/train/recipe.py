@@ -29,12 +29,21 @@ DONE = "done.json"
 
 
 @dataclass
+class EvalSpec:
+    split: str = "world/test.jsonl"  # relative to the run folder
+    mode: str = "no_think"  # "think", "no_think" or "auto"
+    max_new_tokens: int = 48
+    limit: int | None = None
+
+
+@dataclass
 class RecipeConfig:
     stages: list[str] = field(default_factory=list)  # stage files in this folder, in order
     run_root: str = "runs/nano"
     world: dict[str, Any] | None = None  # keye.data.world.WorldConfig fields; generated into <run_root>/world
     gpus_per_node: int = 1  # the hardware the recipe is sized for (dry-run memory estimates)
     nodes: int = 1
+    eval: list[EvalSpec] = field(default_factory=list)  # run on the last stage's model when the recipe ends
 
 
 def _stage_runners() -> dict[str, Callable[[StageConfig, Path], Path]]:
@@ -94,9 +103,34 @@ def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides
         from keye.data.world import WorldConfig, generate_world
 
         generate_world(root / "world", WorldConfig.from_dict(recipe.world), progress=True)
-    for cfg in stage_configs(recipe, folder, list(overrides), list(skip)):
+    configs = stage_configs(recipe, folder, list(overrides), list(skip))
+    for cfg in configs:
         run_stage(cfg, root)
+    if recipe.eval and configs:
+        evaluate_stage(configs[-1], root, recipe.eval)
     return root
+
+
+def evaluate_stage(cfg: StageConfig, run_root: Path, specs: list[EvalSpec]) -> dict[str, Any]:
+    """Held-out accuracy of a finished stage's model, seeing frames the way the stage trained on them.
+    Results (resumable, per item) land in ``<stage>/eval/<split>-<mode>/``; a summary in ``eval.json``."""
+    from keye.api import load
+    from keye.eval.runner import evaluate_world
+
+    pipe = load(run_root / cfg.out / "model", device="cpu", dtype="float32")
+    summary = {}
+    for spec in specs:
+        name = f"{Path(spec.split).stem}-{spec.mode}"
+        results = evaluate_world(
+            pipe, run_root / spec.split, out_dir=run_root / cfg.out / "eval" / name, mode=spec.mode,
+            max_new_tokens=spec.max_new_tokens, video_options=cfg.video.part_defaults(),
+            slow_fast=cfg.video.slow_fast, limit=spec.limit, progress=True,
+        )
+        overall = results["overall"]
+        summary[name] = {"accuracy": overall["accuracy"], "n": overall["n"], "per_kind": results["per_kind"]}
+        log.info("%s %s: accuracy %.3f over %d", cfg.out, name, overall["accuracy"], overall["n"])
+    _write_json(run_root / cfg.out / "eval.json", summary)
+    return summary
 
 
 # ----------------------------------------------------------------------------- dry run
