@@ -47,6 +47,7 @@ from keye.config import load_config, save_config
 from keye.data.collate import SampleBuilder, VideoOptions
 from keye.data.modes import assign_modes, with_hint
 from keye.errors import ConfigError
+from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
 from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
 from keye.train.distributed import build_strategy
@@ -58,6 +59,9 @@ from keye.train.runner import BatchPlan, RunConfig, _plain_optimizer, _save
 
 log = logging.getLogger(__name__)
 
+# tokens a completion may never contain (see RLStage.suppress)
+LAYOUT_TOKENS = [IMAGE_PAD, VIDEO_PAD, FRAME, FAST_START, FAST_END, "<|vision_start|>", "<|vision_end|>",
+                 "<|im_start|>"]
 # row fields that are not reward columns
 _NOT_COLUMNS = ("messages", "conversations", "videos", "images")
 
@@ -150,7 +154,8 @@ class PromptBuilder:
         messages, meta = self.samples.messages(row)
         last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
         messages = messages[: last_user + 1]  # the reference answer is the reward's, not the prompt's
-        text = self.processor.apply_chat_template(messages, think_mode=meta.get("think_mode"), add_generation_prompt=True)
+        text = self.processor.apply_chat_template(messages, think_mode=meta.get("think_mode"),
+                                                  add_generation_prompt=True)
         enc = self.processor(text=[text], vision=self.samples.vision(messages))
         vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         return Prompt(row, text, enc["input_ids"][0], vision)
@@ -265,7 +270,9 @@ def group_advantages(rewards_G: torch.Tensor, eps: float = 1e-4) -> torch.Tensor
     return (rewards_G - rewards_G.mean()) / (rewards_G.std() + eps)
 
 
-def collect_rollouts(draw: Callable[[], list[dict]], sample: Sampler, cfg: RLConfig) -> tuple[list[Group], dict[str, float]]:
+def collect_rollouts(
+    draw: Callable[[], list[dict]], sample: Sampler, cfg: RLConfig
+) -> tuple[list[Group], dict[str, float]]:
     """Draw prompts and sample groups until ``prompts_per_step`` groups with signal are kept.
 
     ``draw()`` returns the next prompts (rows) of the data order; ``sample(rows, level)`` one group per
@@ -295,22 +302,26 @@ def collect_rollouts(draw: Callable[[], list[dict]], sample: Sampler, cfg: RLCon
 # ----------------------------------------------------------------------------- log-probs
 
 
-def completion_logps(model: nn.Module, batch: dict, temperature: float, router: bool = False):
+def completion_logps(model: nn.Module, batch: dict, temperature: float, router: bool = False,
+                     suppress: list[int] | None = None):
     """Per-token log-probs of the completions under ``model``, their entropies, and the router loss.
 
-    The logits are divided by the sampling temperature so the log-probs are those of the distribution
-    the completions were drawn from (TRL does the same). Returns logps_BT, entropy_BT (no grad) and
-    the MoE router loss term (0 for a dense model or when ``router`` is off).
+    The logits are divided by the sampling temperature and the ``suppress``ed ids are masked out, so the
+    log-probs are those of the distribution the completions were drawn from (TRL divides by the
+    temperature too). Returns logps_BT, entropy_BT (no grad) and the MoE router loss term (0 for a
+    dense model or when ``router`` is off).
     """
     ids_BT, mask_BT = batch["completion_ids"], batch["completion_mask"]
     inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
     T = ids_BT.shape[1]
     out = model(**inputs, logits_to_keep=T + 1, use_cache=False, output_router_logits=router or None)
     logits_BTV = out.logits[:, :-1].float() / temperature  # position t predicts token t+1
+    if suppress:
+        logits_BTV = logits_BTV.index_fill(-1, torch.tensor(suppress), float("-inf"))
     logp_BTV = logits_BTV.log_softmax(-1)
     logps_BT = logp_BTV.gather(-1, ids_BT[..., None]).squeeze(-1)
     with torch.no_grad():
-        entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)
+        entropy_BT = -(logp_BTV.exp() * logp_BTV.nan_to_num(neginf=0.0)).sum(-1)
     aux = torch.zeros(())
     if router and out.aux_loss is not None:
         config = _config_of(model)
@@ -327,8 +338,8 @@ def _config_of(model: nn.Module):
 
 
 @dataclass
-class Sequence_:
-    """One completion as a training example."""
+class Completion:
+    """One sampled completion as a training example, with its prompt and log-probs."""
 
     prompt: Prompt
     completion: torch.Tensor
@@ -337,16 +348,16 @@ class Sequence_:
     ref_logps: torch.Tensor | None = None
 
 
-def _micro_batches(seqs: list[Sequence_], size: int, pad_id: int):
+def _micro_batches(seqs: list[Completion], size: int, pad_id: int):
     for start in range(0, len(seqs), size):
         chunk = seqs[start : start + size]
         yield chunk, collate_prompts([s.prompt for s in chunk], pad_id, [s.completion for s in chunk])
 
 
 @torch.no_grad()
-def _fill_logps(model, seqs, attr, size, pad_id, temperature) -> None:
+def _fill_logps(model, seqs, attr, size, pad_id, temperature, suppress) -> None:
     for chunk, batch in _micro_batches(seqs, size, pad_id):
-        logps_BT, _, _ = completion_logps(model, batch, temperature)
+        logps_BT, _, _ = completion_logps(model, batch, temperature, suppress=suppress)
         for s, row in zip(chunk, logps_BT):
             setattr(s, attr, row[: len(s.completion)].clone())
 
@@ -370,25 +381,20 @@ class RLStage:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.out_dir)
         torch.manual_seed(cfg.run.seed)
-        if model is None:
-            start = StageConfig(model=cfg.model, init_from=cfg.init_from, run=cfg.run)
-            model, processor = load_start(start, self.run_root)
-        self.processor = processor
-        self.pad_id = processor.tokenizer.pad_token_id
-        self.eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        # the KL reference is the starting policy, frozen (TRL's default without PEFT); only kept when used
-        self.reference = _frozen_copy(model) if cfg.loss.beta else None
-        apply_freeze_plan(model, cfg.train)
-        if cfg.lora.enabled:  # only the adapters train
-            model = apply_lora(model, cfg.lora)
-            apply_freeze_plan(model, [])
+        model, self.processor, self.reference = build_policy(cfg, self.run_root, model, processor)
         self.model = model  # generation runs on this plain module; peft injects adapters in place
+        self.pad_id = self.processor.tokenizer.pad_token_id
+        self.eos_id = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # A sampled vision placeholder would need pixels the prompt does not have (the forward rejects it),
+        # and a policy has no business opening a turn or a frame: these ids are masked when sampling and
+        # when scoring alike, so pi_old stays the distribution the completions came from.
+        self.suppress = self.processor.tokenizer.convert_tokens_to_ids(LAYOUT_TOKENS)
 
         self.rows, base = read_rows(cfg.data.train, self.run_root)
         self.rows = _select_rows(self.rows, cfg.data, cfg.data.max_samples)
         if not self.rows:
             raise ConfigError(f"{cfg.out}: no training rows left after data.kinds / data.reasoning_only")
-        self.prompts = PromptBuilder(processor, cfg.video, base)
+        self.prompts = PromptBuilder(self.processor, cfg.video, base)
 
         self.strategy = build_strategy(cfg.run.dist, 1, cfg.run.optim.grad_clip, cfg.run.micro_batch)
         self.state, checkpoint = TrainState(), latest_checkpoint(self.out_dir) if resume else None
@@ -415,6 +421,7 @@ class RLStage:
         generated = self.model.generate(
             **batch, do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or None,
             max_new_tokens=r.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            suppress_tokens=self.suppress,
         )
         completions = cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id)
         return score_groups(prompts, completions, self.processor, self.cfg.rewards, hint_level, r.group_size)
@@ -435,20 +442,23 @@ class RLStage:
     def update(self, groups: list[Group], step: int) -> dict[str, float]:
         """Minibatched policy-gradient steps over one rollout batch; returns averaged stats."""
         cfg = self.cfg
-        seqs = [Sequence_(g.prompt, c, float(a)) for g in groups for c, a in zip(g.completions, group_advantages(g.rewards_G))]
+        seqs = [Completion(g.prompt, c, float(a))
+                for g in groups for c, a in zip(g.completions, group_advantages(g.rewards_G))]
         if not seqs:
             return {}
         temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
         self.wrapped.train()
         # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
         # several, later minibatches see a moved policy and the ratio does its job.
-        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature)
+        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress)
         if self.reference is not None:
-            _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature)
+            _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress)
         totals: dict[str, float] = {}
         updates = 0
         for epoch in range(cfg.epochs):
-            order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + epoch))
+            # the shuffle is a function of (seed, step, epoch) alone, so a resumed run replays it
+            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + epoch)
+            order = torch.randperm(len(seqs), generator=gen)
             shuffled = [seqs[i] for i in order.tolist()]
             for start in range(0, len(shuffled), cfg.minibatch_size):
                 stats = self._minibatch(shuffled[start : start + cfg.minibatch_size])
@@ -457,7 +467,7 @@ class RLStage:
                 updates += 1
         return {k: v / updates for k, v in totals.items()} | {"updates": updates}
 
-    def _minibatch(self, seqs: list[Sequence_]) -> dict[str, float]:
+    def _minibatch(self, seqs: list[Completion]) -> dict[str, float]:
         """One optimizer step: sum of per-sequence losses / sequences, over micro-batches."""
         cfg, n = self.cfg, len(seqs)
         micro = list(_micro_batches(seqs, cfg.run.micro_batch, self.pad_id))
@@ -465,7 +475,8 @@ class RLStage:
         router = cfg.router_aux and _config_of(self.wrapped).is_moe
         for k, (chunk, batch) in enumerate(micro):
             with self.strategy.accumulating(self.wrapped, boundary=k == len(micro) - 1):
-                logps_BT, entropy_BT, aux = completion_logps(self.wrapped, batch, cfg.rollout.temperature, router)
+                logps_BT, entropy_BT, aux = completion_logps(
+                    self.wrapped, batch, cfg.rollout.temperature, router, self.suppress)
                 mask_BT = batch["completion_mask"]
                 T = mask_BT.shape[1]
                 old_BT = _pad_stack([s.old_logps for s in chunk], T)
@@ -479,7 +490,7 @@ class RLStage:
             sums["loss"] = sums.get("loss", 0.0) + float(loss_B.detach().sum()) / n
             sums["entropy"] = sums.get("entropy", 0.0) + float(masked_mean_B(entropy_BT, mask_BT).sum()) / n
             if router:
-                sums["router_aux"] = sums.get("router_aux", 0.0) + float(aux) * share
+                sums["router_aux"] = sums.get("router_aux", 0.0) + float(aux.detach()) * share
         sums["grad_norm"] = self.strategy.step(self.wrapped, self.optimizer)
         return sums
 
@@ -500,7 +511,8 @@ class RLStage:
             if self.log is not None and state.step % cfg.run.log_every == 0:
                 self.log.log(state.step, **stats)
             if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == cfg.run.steps:
-                _save(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state, cfg.run.keep_checkpoints)
+                _save(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state,
+                      cfg.run.keep_checkpoints)
         if self.strategy.is_main and self.log is not None:
             plot_curves(self.out_dir, keys=("reward_mean", "accuracy", "format_pass"), name="rewards.png")
         return self.strategy.unwrap(self.wrapped)
@@ -517,7 +529,8 @@ class RLStage:
             prompts = [self.prompts(r) for r in chunk]
             batch = collate_prompts(prompts, self.pad_id)
             generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
+                                            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+                                            suppress_tokens=self.suppress)
             texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id),
                                                 skip_special_tokens=True)
             correct += sum(is_correct(t, r["answer"], r.get("options")) for t, r in zip(texts, chunk))
@@ -532,6 +545,20 @@ def _select_rows(rows: list[dict], data: RLDataConfig, limit: int | None) -> lis
             and (not data.kinds or r.get("kind") in data.kinds) and "answer" in r]
     kept = assign_modes(kept, data.modes, seed=data.seed) if data.modes else kept
     return kept[:limit] if limit else kept
+
+
+def build_policy(cfg: RLConfig, run_root: Path, model=None, processor=None):
+    """(policy, processor, reference): the starting model (``init_from`` or a fresh variant unless one is
+    given) with the freeze plan and LoRA applied, and a frozen copy for the KL term when ``loss.beta``."""
+    if model is None:
+        model, processor = load_start(StageConfig(model=cfg.model, init_from=cfg.init_from, run=cfg.run), run_root)
+    # the KL reference is the starting policy, frozen (TRL's default without PEFT); only kept when used
+    reference = _frozen_copy(model) if cfg.loss.beta else None
+    apply_freeze_plan(model, cfg.train)
+    if cfg.lora.enabled:  # only the adapters train; the groups' base weights stay frozen
+        model = apply_lora(model, cfg.lora)
+        apply_freeze_plan(model, [])
+    return model, processor, reference
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

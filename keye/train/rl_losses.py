@@ -39,7 +39,9 @@ class PolicyLossConfig:
 
 
 Stats = dict[str, torch.Tensor]
-PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig], tuple[torch.Tensor, Stats]]
+# (logps_BT, old_logps_BT, advantages_B, mask_BT, cfg) -> (loss_B, stats)
+PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PolicyLossConfig],
+                      tuple[torch.Tensor, Stats]]
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
@@ -83,7 +85,8 @@ def gspo_token_loss(logps_BT, old_logps_BT, advantages_B, mask_BT, cfg: PolicyLo
     ratio_BT = torch.exp(log_ratio_B.detach()[:, None] + logps_BT - logps_BT.detach())
     adv_BT = advantages_B[:, None].expand_as(logps_BT) if advantages_B.ndim == 1 else advantages_B
     loss_BT, clipped_BT = _clipped_objective(ratio_BT, adv_BT, cfg)
-    stats = {"clip_fraction": masked_mean_B(clipped_BT.float(), mask_BT).mean(), "ratio": log_ratio_B.exp().detach().mean()}
+    stats = {"clip_fraction": masked_mean_B(clipped_BT.float(), mask_BT).mean(),
+             "ratio": log_ratio_B.exp().detach().mean()}
     return masked_mean_B(loss_BT, mask_BT), stats
 
 
@@ -93,7 +96,8 @@ def grpo_loss(logps_BT, old_logps_BT, advantages_B, mask_BT, cfg: PolicyLossConf
     ratio_BT = torch.exp(logps_BT - old_logps_BT)
     adv_BT = advantages_B[:, None].expand_as(logps_BT) if advantages_B.ndim == 1 else advantages_B
     loss_BT, clipped_BT = _clipped_objective(ratio_BT, adv_BT, cfg)
-    stats = {"clip_fraction": masked_mean_B(clipped_BT.float(), mask_BT).mean(), "ratio": masked_mean_B(ratio_BT.detach(), mask_BT).mean()}
+    stats = {"clip_fraction": masked_mean_B(clipped_BT.float(), mask_BT).mean(),
+             "ratio": masked_mean_B(ratio_BT.detach(), mask_BT).mean()}
     return masked_mean_B(loss_BT, mask_BT), stats
 
 
