@@ -2,13 +2,14 @@
 
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from keye.models.configuration import KeyeConfig, KeyeProjectorConfig, KeyeVisionConfig
-from keye.models.modeling import KeyeForConditionalGeneration
+from keye.models.configuration import KeyeConfig, KeyeProjectorConfig, KeyeVisionConfig, KeyeVisualTokenizerConfig
+from keye.models.modeling import KeyeForConditionalGeneration, discrete_from_continuous
 from keye.models.variants import VARIANTS, build_config, build_model
 
 AutoConfig.register(KeyeConfig.model_type, KeyeConfig, exist_ok=True)
 AutoConfig.register(KeyeVisionConfig.model_type, KeyeVisionConfig, exist_ok=True)
 AutoConfig.register(KeyeProjectorConfig.model_type, KeyeProjectorConfig, exist_ok=True)
+AutoConfig.register(KeyeVisualTokenizerConfig.model_type, KeyeVisualTokenizerConfig, exist_ok=True)
 AutoModelForImageTextToText.register(KeyeConfig, KeyeForConditionalGeneration, exist_ok=True)
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "KeyeForConditionalGeneration",
     "KeyeProjectorConfig",
     "KeyeVisionConfig",
+    "KeyeVisualTokenizerConfig",
     "VARIANTS",
     "build_config",
     "build_model",
+    "discrete_from_continuous",
 ]
 
 # The processor lives in keye.processing (it consumes keye.video types); registering it here makes

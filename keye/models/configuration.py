@@ -66,12 +66,51 @@ class KeyeProjectorConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
 
 
+class KeyeVisualTokenizerConfig(PreTrainedConfig):
+    """Kelix-style discrete visual tokenizer over the 2x2-merged ViT features (``keye.models.visual_tokenizer``).
+
+    ``num_codebooks`` parallel codebooks each quantize their own ``code_dim`` slice of the encoder's
+    latent (product quantization), so one merged token carries ``num_codebooks`` codes of
+    ``log2(codebook_size)`` bits each. Each code is a frozen vector through a trainable linear map (SimVQ).
+    """
+
+    model_type = "keye_visual_tokenizer"
+    base_config_key = "visual_tokenizer_config"
+
+    num_codebooks: int = 8
+    codebook_size: int = 8192
+    code_dim: int = 32  # per codebook; the latent is num_codebooks * code_dim wide
+    hidden_size: int = 2048  # encoder / decoder MLP width
+    layer_norm_eps: float = 1e-6
+    commitment_weight: float = 0.25  # beta of VQ-VAE (van den Oord et al. 2017, eq. 3)
+    codebook_weight: float = 1.0
+    reconstruction_cosine_weight: float = 1.0
+    reconstruction_mse_weight: float = 1.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name in ("num_codebooks", "codebook_size", "code_dim", "hidden_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"visual_tokenizer_config: {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_codes(self) -> int:
+        """Rows of the reserved LM-vocabulary block: one per (codebook, code)."""
+        return self.num_codebooks * self.codebook_size
+
+
+# How visual features reach the LM: ViT -> mlp_AR (Keye-VL), or ViT -> visual tokenizer -> summed code
+# embeddings (Kelix). ``keye.models.modeling.VISION_PATHS`` holds one function per mode.
+VISION_MODES = ("continuous", "discrete")
+
+
 class KeyeConfig(PreTrainedConfig):
     """Keye vision-language model config.
 
     ``text_config`` is a transformers ``Qwen3Config`` (Keye-VL-1.5-8B) or ``Qwen3MoeConfig``
     (Keye-VL-2.0 / keye-nano); the decoder is built from it with transformers' own classes.
-    ``mrope_section`` splits the text RoPE half-dim between (t, h, w) as in Qwen2.5-VL; the
+    ``vision_mode`` picks the visual path (``VISION_MODES``); ``visual_tokenizer_config`` sizes the
+    discrete one and is inert in continuous mode. ``mrope_section`` splits the text RoPE half-dim between (t, h, w) as in Qwen2.5-VL; the
     published 1.5 config uses [16, 24, 24] for head_dim 128.
     """
 
@@ -79,12 +118,14 @@ class KeyeConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "vision_config": KeyeVisionConfig,
         "projector_config": KeyeProjectorConfig,
+        "visual_tokenizer_config": KeyeVisualTokenizerConfig,
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3_moe"),
     }
     keys_to_ignore_at_inference = ["past_key_values"]
 
     vision_config: dict | PreTrainedConfig | None = None
     projector_config: dict | PreTrainedConfig | None = None
+    visual_tokenizer_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     image_token_id: int = 151655
     video_token_id: int = 151656
@@ -94,9 +135,13 @@ class KeyeConfig(PreTrainedConfig):
     # ST-MoE router z-loss (Zoph et al. 2022, eq. 5); off by default, the load-balancing loss is on.
     router_z_loss_coef: float = 0.0
     tie_word_embeddings: bool = False
+    # "continuous" (ViT features through mlp_AR) or "discrete" (visual tokenizer codes; see VISION_MODES)
+    vision_mode: str = "continuous"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.vision_mode not in VISION_MODES:
+            raise ConfigError(f"vision_mode must be one of {list(VISION_MODES)}, got {self.vision_mode!r}")
         text = self.text_config
         if text.model_type not in ("qwen3", "qwen3_moe"):
             raise ConfigError(f"text_config.model_type must be 'qwen3' or 'qwen3_moe', got {text.model_type!r}")

@@ -14,6 +14,7 @@ input all three axes are equal and the rotation is exactly Qwen3's 1D RoPE.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,14 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeModel, Qwen3MoeTopKRouter
+from vector_quantize_pytorch import SimVQ
 
-from keye.errors import KeyeInputError
-from keye.models.configuration import KeyeConfig
+from keye.errors import ConfigError, KeyeInputError
+from keye.models.configuration import VISION_MODES, KeyeConfig
 from keye.models.losses import ROUTER_LOSSES
 from keye.models.projector import KeyeProjector
 from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, grid_list
+from keye.models.visual_tokenizer import KeyeVisualTokenizer, code_ids, load_visual_tokenizer, merged_vit_features
 
 TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
 
@@ -118,6 +121,27 @@ def mrope_positions(
     return positions, deltas
 
 
+# ----------------------------------------------------------------------------- vision paths
+
+
+def continuous_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw) -> torch.Tensor:
+    """Keye-VL: ViT -> ``mlp_AR`` (2x2 merge, MLP) -> one LM-space vector per merged token."""
+    return model.mlp_AR(model.visual(pixel_values.to(model.dtype), grid_thw), grid_thw)
+
+
+def discrete_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw) -> torch.Tensor:
+    """Kelix: ViT -> visual tokenizer -> N code ids per merged token -> sum of their LM embeddings.
+
+    The codes are discrete, so nothing upstream of the embedding table gets a gradient here: the
+    tokenizer is trained on its own (``keye.train.vq``) and the LM learns the code embeddings.
+    """
+    return model.embed_code_ids(model.visual_code_ids(pixel_values, grid_thw))
+
+
+VISION_PATHS = {"continuous": continuous_features, "discrete": discrete_features}
+assert set(VISION_PATHS) == set(VISION_MODES)
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -160,6 +184,9 @@ class KeyePreTrainedModel(PreTrainedModel):
             dim = module.inv_freq.shape[0] * 2
             theta = self.config.vision_config.rope_theta
             init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)))
+        elif isinstance(module, SimVQ):
+            # SimVQ map starts as the identity so the implicit codebook is the (k-means) frozen table
+            init.copy_(module.code_transform.weight, torch.eye(module.code_transform.weight.shape[0]))
 
 
 class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
@@ -169,6 +196,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
     ``image_grid_thw`` (N_img, 3), and ``pixel_values_videos`` with ``video_grid_thw`` (one row per
     frame, t=1, since Keye-1.5 encodes frames separately). Each grid fills exactly t*h*w/4
     ``<|image_pad|>`` / ``<|video_pad|>`` positions; any other count is an error.
+
+    ``config.vision_mode == "discrete"`` swaps ``mlp_AR`` for a Kelix-style ``visual_tokenizer``: each
+    pad position then receives the sum of the embeddings of its N code ids, which live in a reserved
+    block after the text vocabulary (``code_ids``) with their own table ``model.visual_embed_tokens``
+    (part of the LM: it trains with the ``lm`` group; the tokenizer is the ``vq`` group). Prompts,
+    positions, generate and the embedding API are the same in both modes. The ``lm_head`` predicts
+    text only: understanding never emits visual codes, so the block is input-only (generating images
+    would add output rows for it).
     """
 
     _tied_weights_keys = {}
@@ -176,9 +211,19 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
     def __init__(self, config: KeyeConfig):
         super().__init__(config)
         text = config.text_config
+        if config.vision_mode not in VISION_PATHS:
+            raise ConfigError(f"vision_mode must be one of {list(VISION_PATHS)}, got {config.vision_mode!r}")
         self.visual = KeyeVisionModel(config.vision_config)
-        self.mlp_AR = KeyeProjector(config.projector_config, config.vision_config.hidden_size, text.hidden_size)
         self.model = TEXT_MODELS[text.model_type](text)
+        # only the active path is built (no mlp_AR in discrete mode). Discrete codes pass no gradient, so a
+        # discrete stage trains the lm group only; the tokenizer trains apart (keye vq train).
+        if config.vision_mode == "continuous":
+            self.mlp_AR = KeyeProjector(config.projector_config, config.vision_config.hidden_size, text.hidden_size)
+        else:
+            vq = config.visual_tokenizer_config
+            merged = config.vision_config.hidden_size * config.projector_config.merge_size**2
+            self.visual_tokenizer = KeyeVisualTokenizer(vq, merged)
+            self.model.visual_embed_tokens = nn.Embedding(vq.num_codes, text.hidden_size)
         self.model.rotary_emb = KeyeMRotaryEmbedding(self.model.rotary_emb, config.mrope_section)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.rope_deltas: torch.Tensor | None = None  # set on prefill, read while decoding (Qwen2-VL does the same)
@@ -200,7 +245,36 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
 
     def visual_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Packed patches (sum t*h*w, 3*p*p) -> LM-space tokens (sum t*h*w / 4, hidden)."""
-        return self.mlp_AR(self.visual(pixel_values.to(self.dtype), grid_thw), grid_thw)
+        return VISION_PATHS[self.config.vision_mode](self, pixel_values, grid_thw)
+
+    @torch.no_grad()
+    def visual_code_ids(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Discrete mode: packed patches -> LM ids of the N codes per merged token (sum t*h*w / 4, N)."""
+        merge = self.config.projector_config.merge_size
+        features = merged_vit_features(self.visual, pixel_values.to(self.dtype), grid_thw, merge)
+        vq = self.config.visual_tokenizer_config
+        return code_ids(self.visual_tokenizer.encode(features), self.config.text_config.vocab_size, vq.codebook_size)
+
+    def embed_code_ids(self, ids_PN: torch.Tensor) -> torch.Tensor:
+        """Visual code ids (P, N) -> one input vector per position, the sum of the N code embeddings (P, hidden).
+
+        Rows are addressed relative to the text vocabulary, so resizing it (itemic tokens) shifts the
+        block's ids without touching the table.
+        """
+        rows_PN = ids_PN - self.config.text_config.vocab_size
+        return self.model.visual_embed_tokens(rows_PN).sum(1)
+
+    def load_visual_tokenizer(self, path) -> None:
+        """Discrete mode: load a tokenizer trained by ``keye vq train`` (its sizes must match the config)."""
+        if self.config.vision_mode != "discrete":
+            raise ConfigError("load_visual_tokenizer: the model is not in vision_mode='discrete'")
+        trained = load_visual_tokenizer(path)
+        ours = self.config.visual_tokenizer_config
+        for key in ("num_codebooks", "codebook_size", "code_dim", "hidden_size"):
+            if getattr(trained.config, key) != getattr(ours, key):
+                raise ConfigError(f"visual tokenizer {path}: {key}={getattr(trained.config, key)} but the model "
+                                  f"config has {getattr(ours, key)}")
+        self.visual_tokenizer.load_state_dict(trained.state_dict(), strict=True)
 
     def _insert(self, embeds_BLD, input_ids, token_id: int, features_ND: torch.Tensor, what: str):
         mask_BL = input_ids == token_id
@@ -355,3 +429,21 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         """Mean of the final hidden states over real (unpadded) tokens. Returns (B, hidden)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         return self._pooled(mask, normalize, input_ids=input_ids, attention_mask=attention_mask)
+
+
+def discrete_from_continuous(model: KeyeForConditionalGeneration, tokenizer_path) -> KeyeForConditionalGeneration:
+    """The discrete-mode twin of a continuous model: same ViT and LM weights, the trained tokenizer at
+    ``tokenizer_path`` (``keye vq train`` output), ``mlp_AR`` dropped and fresh code embeddings (they
+    train with the LM). This is how a pipeline switches an existing checkpoint to the Kelix path."""
+    trained = load_visual_tokenizer(tokenizer_path)
+    config = copy.deepcopy(model.config)
+    config.vision_mode = "discrete"
+    config.visual_tokenizer_config = trained.config
+    twin = KeyeForConditionalGeneration(config).to(model.dtype)
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    new = ("visual_tokenizer.", "model.visual_embed_tokens.")
+    if any(not k.startswith(new) for k in missing) or any(not k.startswith("mlp_AR.") for k in unexpected):
+        raise ConfigError(f"discrete_from_continuous: unexpected weight mismatch (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    twin.visual_tokenizer.load_state_dict(trained.state_dict(), strict=True)
+    return twin

@@ -17,6 +17,23 @@ from keye.models.configuration import KeyeProjectorConfig
 from keye.models.vision import grid_list
 
 
+def merge_patches(features_ND: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(sum t*h*w, D) raster-ordered patches -> (sum t*h*w / m^2, m*m*D), each m x m block as one row.
+
+    Shared by the projector and the discrete visual tokenizer, which both read the merged features.
+    """
+    merged, start = [], 0
+    for t, h, w in grid_list(grid_thw):
+        if h % merge or w % merge:
+            raise KeyeInputError(f"grid {(t, h, w)}: h and w must be multiples of the merge size {merge}")
+        n = t * h * w
+        merged.append(
+            rearrange(features_ND[start : start + n], "(t h p w q) d -> (t h w) (p q d)", t=t, h=h // merge, p=merge, q=merge)
+        )
+        start += n
+    return torch.cat(merged)
+
+
 class KeyeProjector(nn.Module):
     def __init__(self, config: KeyeProjectorConfig, vision_hidden: int, text_hidden: int):
         super().__init__()
@@ -29,15 +46,5 @@ class KeyeProjector(nn.Module):
 
     def forward(self, features_ND: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """features_ND: (sum t*h*w, D_vision) raster-ordered -> (sum t*h*w / m^2, D_text)."""
-        m = self.merge
-        merged, start = [], 0
-        for t, h, w in grid_list(grid_thw):
-            if h % m or w % m:
-                raise KeyeInputError(f"grid {(t, h, w)}: h and w must be multiples of the merge size {m}")
-            n = t * h * w
-            merged.append(
-                rearrange(features_ND[start : start + n], "(t h p w q) d -> (t h w) (p q d)", t=t, h=h // m, p=m, q=m)
-            )
-            start += n
-        x = self.pre_norm(torch.cat(merged))
+        x = self.pre_norm(merge_patches(features_ND, grid_thw, self.merge))
         return self.linear_2(self.act(self.linear_1(x)))

@@ -48,7 +48,8 @@ VARIANTS: dict[str, Callable[[], KeyeConfig]] = {
     "keye-nano": lambda: keye_config(
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=112,
              packing_position_embeddings=0),
-        _qwen3_moe(4, 128, 256, 4, 2, 32, 4, 2, 128, 2048, 4096, 10000.0), NANO_IDS),
+        _qwen3_moe(4, 128, 256, 4, 2, 32, 4, 2, 128, 2048, 4096, 10000.0), NANO_IDS,
+        visual_tokenizer_config=dict(num_codebooks=8, codebook_size=256, code_dim=8, hidden_size=256)),
     "keye-vl-1.5-8b": lambda: keye_config(
         SO400M, _qwen3(36, 4096, 12288, 32, 8, 151936, 131072, 1000000.0), QWEN_IDS, [16, 24, 24]),
     "keye-vl-2.0-30b-a3b": lambda: keye_config(

@@ -187,6 +187,8 @@ def run(cfg: VQTrainConfig, out_dir: str | Path) -> dict[str, Any]:
     fields = {k: v for k, v in model_vq.to_dict().items() if k not in ("model_type", "transformers_version")}
     vq_config = KeyeVisualTokenizerConfig(**{**fields, **cfg.tokenizer})
 
+    if not cfg.data.videos:
+        raise ConfigError("data.videos is empty: give video files, folders or globs, e.g. data.videos=[world/videos]")
     train_frames = frame_features(visual, merge, video_paths(cfg.data.videos), cfg.data)
     eval_frames = (frame_features(visual, merge, video_paths(cfg.data.eval_videos), cfg.data)
                    if cfg.data.eval_videos else train_frames)
