@@ -326,9 +326,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        sparse_logits: bool = False,
         **kwargs,
     ) -> KeyeCausalLMOutput:
         """input_ids/attention_mask/labels: (B, L); labels are -100 outside assistant turns.
+
+        ``sparse_logits=True`` (training): with labels, the head runs only where a label is set and
+        ``logits`` is None. Assistant tokens are a small share of a video prompt, so this skips most of
+        the vocabulary projection and its softmax; the loss is the same.
 
         position_ids, if given, are (3, B, L) mRoPE positions (or (B, L) for text-only input);
         by default they are derived from the prompt's vision blocks.
@@ -354,14 +359,16 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             **extra,
         )
         hidden_BLD = out.last_hidden_state
-        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden_BLD[:, keep])
-
-        loss = lm_loss = aux = z = None
+        loss = lm_loss = aux = z = logits = None
+        if labels is not None and sparse_logits:
+            lm_loss = self._sparse_lm_loss(hidden_BLD, labels, kwargs.get("num_items_in_batch"))
+        else:
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+            logits = self.lm_head(hidden_BLD[:, keep])
+            if labels is not None:
+                lm_loss = ForCausalLMLoss(logits, labels, self.config.text_config.vocab_size, **kwargs)
+        loss = lm_loss
         router_logits = getattr(out, "router_logits", None) if is_moe else None
-        if labels is not None:
-            lm_loss = ForCausalLMLoss(logits, labels, self.config.text_config.vocab_size, **kwargs)
-            loss = lm_loss
         if router_logits:
             text = self.config.text_config
             args = (router_logits, text.num_experts, text.num_experts_per_tok, attention_mask[:, -L:])
@@ -381,6 +388,17 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             hidden_states=(*(out.hidden_states or ()), hidden_BLD) if output_hidden_states else None,
             router_logits=router_logits,
         )
+
+    def _sparse_lm_loss(self, hidden_BLD, labels_BL, num_items_in_batch=None):
+        """transformers' causal-LM loss (shift by one, ignore -100, sum / num_items or mean) computed
+        from the supervised positions only."""
+        target_BL = labels_BL[:, 1:].to(hidden_BLD.device)
+        keep_BL = target_BL != -100
+        logits_ND = self.lm_head(hidden_BLD[:, :-1][keep_BL]).float()
+        total = F.cross_entropy(logits_ND, target_BL[keep_BL], reduction="sum")
+        if num_items_in_batch is not None:
+            return total / num_items_in_batch
+        return total / keep_BL.sum().clamp(min=1)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)

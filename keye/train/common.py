@@ -177,7 +177,7 @@ class LMDataset:
 
 def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
     """Summed assistant-token cross-entropy; the MoE router losses ride along as ``aux_loss``."""
-    out = model(**batch, num_items_in_batch=1)  # transformers' causal-LM loss then reduces by sum
+    out = model(**batch, num_items_in_batch=1, sparse_logits=True)  # sum over label tokens; head only there
     aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
     metrics = {"router_aux": float(out.aux_loss.detach())} if out.aux_loss is not None else {}
     return StepLoss(loss_sum=out.lm_loss, aux_loss=aux, metrics=metrics)

@@ -265,3 +265,22 @@ def test_mrope_positions_for_a_vision_block(nano):
     assert h == [0, 1, 2, 2, 2, 3, 3, 3, 5, 6, 6, 8]
     assert w == [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7, 8]
     assert delta.tolist() == [[9 - 12]]
+
+
+def test_sparse_logits_loss_and_gradients_equal_the_dense_loss(nano, processor, prompt_factory, clip_factory):
+    clip = clip_factory([((56, 84), SLOW), ((28, 56), FAST)])
+    batch = _batch(processor, prompt_factory, clip_factory, [clip, clip], ["What moves?", "Which colour?"],
+                   ["The red ball.", "Blue"])
+    grads = {}
+    for sparse in (False, True):
+        nano.zero_grad()
+        for num_items in (None, 7):
+            extra = {} if num_items is None else {"num_items_in_batch": num_items}
+            out = nano(**batch, sparse_logits=sparse, **extra)
+            grads[sparse, num_items] = out.lm_loss.detach()
+            assert (out.logits is None) == sparse
+        out.loss.backward()
+        grads[sparse] = nano.lm_head.weight.grad.clone()
+    for num_items in (None, 7):
+        torch.testing.assert_close(grads[True, num_items], grads[False, num_items])
+    torch.testing.assert_close(grads[True], grads[False])
