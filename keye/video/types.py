@@ -26,6 +26,9 @@ class VideoClip:
     slow_size, fast_size: (height, width) in pixels, multiples of 28; fast_size is None when
         the clip has no fast frames.
     source_fps: native fps of the source (None for a frame list given without fps).
+    backend: the decoder that read the file ("decord", "pyav"; None for a frame list).
+    source_size: (height, width) of the source frames.
+    budget_tokens: the Slow-Fast token budget (video_total_pixels / 784); None in uniform mode.
     """
 
     frames: list[torch.Tensor]
@@ -35,6 +38,9 @@ class VideoClip:
     slow_size: tuple[int, int]
     fast_size: tuple[int, int] | None
     source_fps: float | None = None
+    backend: str | None = None
+    source_size: tuple[int, int] | None = None
+    budget_tokens: int | None = None
 
     def __len__(self) -> int:
         return len(self.frames)

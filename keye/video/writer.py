@@ -9,8 +9,11 @@ import av
 import numpy as np
 
 
-def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: float = 25.0, crf: int = 18) -> Path:
+def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: float = 25.0, crf: int = 18,
+                gop: int | None = None) -> Path:
     """Encode uint8 RGB frames (T, H, W, 3) into an H.264 mp4 at ``path``.
+
+    ``gop`` caps the keyframe interval (x264 keyint), for clips that must be seekable in places.
 
     H and W must be even (yuv420p). The file is written beside the target and renamed into place,
     so a killed run never leaves a truncated video under the final name.
@@ -29,6 +32,8 @@ def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: float = 2
             stream = container.add_stream("libx264", rate=_as_fraction(fps))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": str(crf), "preset": "veryfast"}
+            if gop is not None:
+                stream.options["x264-params"] = f"keyint={gop}:min-keyint={min(gop, 25)}"
             for frame in frames_THWC:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode())
