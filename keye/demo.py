@@ -1,37 +1,67 @@
-"""``keye demo``: the built-in demo. For now: make a clip with known cuts and show its video plan.
+"""``keye demo``, the README's main command: train keye-nano on the synthetic video world with every stage
+of the recipe (or reuse ``runs/nano`` from an earlier run), then answer questions about a held-out video.
 
-Training and answering questions about the clip arrive with the nano recipe.
+Each stage resumes from its last checkpoint and a finished stage is never run again, so interrupting
+the demo costs only the steps since the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import textwrap
 from pathlib import Path
 
-from keye.video.cli import format_plan
-from keye.video.reader import read_video
-from keye.video.synthetic import write_cut_clip
+from keye.errors import ConfigError
 
-DEMO_CUTS = (5, 11, 18)
+RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "nano"
+MODES = ("no_think", "think", "auto")
 
 
-def demo(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    clip_path = out / "cuts.mp4"
-    if not clip_path.is_file():
-        write_cut_clip(clip_path, num_frames=24, height=240, width=320, cuts=DEMO_CUTS, fps=2.0)
-        print(f"wrote {clip_path}: 12 s at 2 fps, scene cuts at frames {', '.join(map(str, DEMO_CUTS))}")
-    start = time.perf_counter()
-    clip = read_video(clip_path)
-    print(format_plan(clip, str(clip_path), seconds=time.perf_counter() - start))
-    slow = [int(i) for i, kind in zip(clip.indices, clip.frame_types) if kind == 0]
-    print(f"slow frames at source frames {slow}; the cuts are at 0 and {list(DEMO_CUTS)}")
-    print("next: training on this clip arrives with the nano recipe.")
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import keye
+    from keye.train.recipe import load_recipe, run_recipe, stage_configs
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    recipe_dir = Path(args.recipe)
+    if not (recipe_dir / "recipe.yaml").is_file():
+        raise ConfigError(f"no recipe at {recipe_dir}: run the demo from a source checkout (make demo)")
+    recipe, folder = load_recipe(recipe_dir)
+    root = Path(args.run_root or recipe.run_root)
+    print(f"keye demo: training keye-nano on the synthetic video world in {root} (reused if already trained)")
+    run_recipe(recipe_dir, str(root), args.overrides)
+    last = stage_configs(recipe, folder, args.overrides)[-1]
+    video = last.video
+
+    pipe = keye.load(root / last.out / "model", device="cpu", dtype="float32", slow_fast=video.slow_fast)
+    rows = [json.loads(line) for line in (root / "world" / "test.jsonl").read_text().splitlines() if line.strip()]
+    clip = rows[args.clip % len(rows)]["clip_id"]
+    questions = [r for r in rows if r["clip_id"] == clip]
+    path = root / "world" / questions[0]["videos"][0]
+    print(f"\nvideo: {path}  (held out: never seen in training)")
+    for row in questions:
+        for mode in args.modes:
+            answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=96, **video.part_defaults())
+            mark = "ok " if answer.text.strip().lower() == str(row["answer"]).lower() else "-- "
+            print(f"\n{mark}[{mode}] Q: {row['question']}\n    reference: {row['answer']}\n    answer:    {answer.text}")
+            if answer.thinking:
+                print(textwrap.indent(textwrap.fill(f"thinking: {answer.thinking}", 100), "    "))
+    summary = root / last.out / "eval.json"
+    if summary.is_file():
+        print("\nheld-out accuracy (test split):")
+        for name, result in json.loads(summary.read_text()).items():
+            print(f"  {name}: {result['accuracy']:.1%} over {result['n']} questions")
     return 0
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run the built-in demo on a generated clip")
-    parser.add_argument("--out", default="runs/demo", help="folder for the generated clip (default runs/demo)")
-    parser.set_defaults(func=demo)
+    parser = subparsers.add_parser("demo", help="train keye-nano on the synthetic world and answer questions about a video",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage (e.g. run.steps=5 for a smoke run)")
+    parser.add_argument("--recipe", default=str(RECIPE), help="recipe folder (default: pipelines/nano)")
+    parser.add_argument("--run-root", help="training folder (default: the recipe's, runs/nano)")
+    parser.add_argument("--clip", type=int, default=0, help="which test question's clip to ask about")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["no_think", "think"], help="answer modes to show")
+    parser.set_defaults(func=run)

@@ -1,4 +1,4 @@
-"""``keye video-info`` and ``keye demo`` through the real CLI entry point."""
+"""``keye video-info`` through the real CLI entry point."""
 
 from __future__ import annotations
 
@@ -38,13 +38,3 @@ def test_video_info_reports_bad_input(tmp_path, capsys):
     assert "gone.mp4" in err and "file not found" in err
     assert main(["video-info", str(tmp_path / "gone.mp4"), "--fps", "1", "--nframes", "3"]) == 2
     assert "not both" in capsys.readouterr().err
-
-
-def test_demo_makes_a_clip_and_shows_its_cuts(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert (tmp_path / "runs" / "demo" / "cuts.mp4").is_file()
-    assert "slow frames at source frames [0, 5, 11, 18]" in out
-    assert main(["demo"]) == 0  # second run reuses the clip
-    assert "wrote" not in capsys.readouterr().out
