@@ -22,7 +22,7 @@ def test_demo_trains_every_stage_then_answers(tmp_path, capsys):
     (recipe / "recipe.yaml").write_text(yaml.safe_dump(config))
     root = tmp_path / "run"
 
-    assert main(["demo", "--recipe", str(recipe), "--run-root", str(root), "--modes", "no_think", *TINY]) == 0
+    assert main(["demo", *TINY, "--recipe", str(recipe), "--run-root", str(root), "--modes", "no_think"]) == 0
     out = capsys.readouterr().out
     stages = [Path(s).stem for s in config["stages"]]
     assert all((root / s / "done.json").is_file() for s in stages)
@@ -31,5 +31,5 @@ def test_demo_trains_every_stage_then_answers(tmp_path, capsys):
     assert "held-out accuracy" in out and "test-no_think" in out
 
     marker = (root / stages[-1] / "done.json").stat().st_mtime_ns
-    assert main(["demo", "--recipe", str(recipe), "--run-root", str(root), "--modes", "no_think", *TINY]) == 0
+    assert main(["demo", *TINY, "--recipe", str(recipe), "--run-root", str(root), "--modes", "no_think"]) == 0
     assert (root / stages[-1] / "done.json").stat().st_mtime_ns == marker  # nothing retrained
