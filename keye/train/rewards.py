@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 
 from keye.errors import ConfigError
-from keye.eval.answers import LETTERS, extract_choice, final_answer, normalize
+from keye.eval.answers import is_correct
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
@@ -29,14 +29,6 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         return fn
 
     return wrap
-
-
-def is_correct(completion: str, reference: str, options: list[str] | None = None) -> bool:
-    """Whether a generation's final answer matches ``reference`` (an option letter when ``options``)."""
-    if options and reference in LETTERS[: len(options)]:
-        return extract_choice(completion, options) == reference
-    answer = final_answer(completion)
-    return bool(answer) and normalize(answer) == normalize(reference)
 
 
 @register_reward("accuracy")

@@ -47,15 +47,16 @@ from keye.config import load_config, save_config
 from keye.data.collate import SampleBuilder, VideoOptions
 from keye.data.modes import assign_modes, with_hint
 from keye.errors import ConfigError
+from keye.eval.answers import is_correct
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
 from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
 from keye.train.distributed import build_strategy
 from keye.train.metrics import MetricsLog, plot_curves
 from keye.train.optim import apply_freeze_plan, build_optimizer, build_scheduler
-from keye.train.rewards import combine_rewards, format_ok, is_correct
+from keye.train.rewards import combine_rewards, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
-from keye.train.runner import BatchPlan, RunConfig, _plain_optimizer, _save
+from keye.train.runner import BatchPlan, RunConfig, resumable_optimizer, save_run
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +404,7 @@ class RLStage:
         self.wrapped, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.run.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.run.optim, cfg.run.steps)
         if checkpoint is not None:
-            load_optimizer_state(checkpoint, _plain_optimizer(self.strategy, self.optimizer), self.scheduler)
+            load_optimizer_state(checkpoint, resumable_optimizer(self.strategy, self.optimizer), self.scheduler)
         self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.strategy.world_size,
                               self.strategy.rank, cfg.run.seed)
         self.log = MetricsLog(self.out_dir, resume_step=self.state.step if checkpoint else None) \
@@ -511,7 +512,7 @@ class RLStage:
             if self.log is not None and state.step % cfg.run.log_every == 0:
                 self.log.log(state.step, **stats)
             if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == cfg.run.steps:
-                _save(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state,
+                save_run(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state,
                       cfg.run.keep_checkpoints)
         if self.strategy.is_main and self.log is not None:
             plot_curves(self.out_dir, keys=("reward_mean", "accuracy", "format_pass"), name="rewards.png")

@@ -93,7 +93,7 @@ def train(
     wrapped, optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg.optim))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     if checkpoint is not None:
-        load_optimizer_state(checkpoint, _plain_optimizer(strategy, optimizer), scheduler)
+        load_optimizer_state(checkpoint, resumable_optimizer(strategy, optimizer), scheduler)
     plan = BatchPlan(len(dataset), cfg.micro_batch, strategy.world_size, strategy.rank, cfg.seed)
     log = MetricsLog(run_dir, resume_step=state.step if checkpoint else None) if strategy.is_main else None
 
@@ -116,7 +116,7 @@ def train(
         if log is not None and state.step % cfg.log_every == 0:
             log.log(state.step, **stats)
         if (cfg.save_every and state.step % cfg.save_every == 0) or state.step == cfg.steps:
-            _save(run_dir, strategy, wrapped, optimizer, scheduler, state, cfg.keep_checkpoints)
+            save_run(run_dir, strategy, wrapped, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
     if strategy.is_main:
         plot_curves(run_dir)
@@ -156,18 +156,22 @@ def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: C
     return stats
 
 
-def _plain_optimizer(strategy: Strategy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
-    # Sharded strategies hold optimizer state in shards; gathering it into our safetensors layout is not
-    # implemented yet, so their resumes restore weights, schedule, RNG and data position, not the moments.
+def resumable_optimizer(strategy: Strategy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+    """The optimizer whose state a checkpoint can hold, or None.
+
+    Sharded strategies hold optimizer state in shards; gathering it into our safetensors layout is not
+    implemented yet, so their resumes restore weights, schedule, RNG and data position, not the moments.
+    """
     return optimizer if strategy.cfg.strategy in ("none", "ddp") else None
 
 
-def _save(run_dir, strategy, model, optimizer, scheduler, state, keep):
-    # Every rank takes part in gathering a sharded state dict; only rank 0 writes.
+def save_run(run_dir, strategy, model, optimizer, scheduler, state, keep):
+    """Checkpoint a (possibly wrapped or sharded) model: every rank takes part in gathering the state
+    dict, rank 0 writes it."""
     full = strategy.full_state_dict(model)
     if strategy.is_main:
         holder = _StateHolder(full)
-        save_checkpoint(run_dir, holder, _plain_optimizer(strategy, optimizer), scheduler, state, keep=keep)
+        save_checkpoint(run_dir, holder, resumable_optimizer(strategy, optimizer), scheduler, state, keep=keep)
     if strategy.world_size > 1:
         torch.distributed.barrier()
 
