@@ -15,6 +15,7 @@ EXAMPLES = """examples:
 
 
 def run(args: argparse.Namespace) -> int:
+    from keye.errors import ConfigError
     from keye.train.common import load_stage_config
     from keye.train.recipe import dry_run, run_recipe, run_stage
 
@@ -22,14 +23,12 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if args.dry_run:
         if not path.is_dir():
-            raise SystemExit("keye train: --dry-run takes a recipe folder")
+            raise ConfigError(f"{path}: --dry-run takes a recipe folder (e.g. pipelines/8b)")
         dry_run(path, args.overrides)
         return 0
     if path.is_dir():
         root = run_recipe(path, args.run_root, args.overrides, args.skip)
     else:
-        from keye.errors import ConfigError
-
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe folder or stage file")
         root = Path(args.run_root or "runs/nano")

@@ -99,11 +99,11 @@ def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides
     """Generate the world (if the recipe has one), then run every stage not skipped. Returns the run folder."""
     recipe, folder = load_recipe(folder)
     root = Path(run_root or recipe.run_root)
+    configs = stage_configs(recipe, folder, list(overrides), list(skip))  # a typo fails before any work
     if recipe.world is not None:
         from keye.data.world import WorldConfig, generate_world
 
         generate_world(root / "world", WorldConfig.from_dict(recipe.world), progress=True)
-    configs = stage_configs(recipe, folder, list(overrides), list(skip))
     for cfg in configs:
         run_stage(cfg, root)
     if recipe.eval and configs:
