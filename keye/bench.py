@@ -7,7 +7,7 @@ at that point. That counts native buffers (decoder frames, torch tensors) that t
 miss. Times are medians of several warm runs (wall and process CPU).
 
 Contestants, all producing model-ready frames (sampled, typed, resized):
-  keye.video           read_video(path)                       Slow-Fast, frames resized (decord)
+  keye.video           read_video(path)                       Slow-Fast, frames resized (backend auto)
   keye.video pyav      read_video(path, backend="pyav")       the same through the PyAV backend
   keye-vl-utils        fetch_video + the resize its HF processor does to slow/fast sizes
                        (given the same uint8 bicubic kernel we use, the fastest available)

@@ -1,11 +1,12 @@
-"""Video decoding backends: decord first, PyAV as the fallback, both decoding only the frames asked for.
+"""Video decoding backends: decord and PyAV, chosen per stream, both decoding only the frames asked for.
 
 A backend opens a source (a path or the bytes of a file) and yields the requested frame indices,
 in order, as uint8 (N, H, W, 3) chunks. Frame index i is the i-th frame in presentation order,
 the way decord counts, so both backends hand out the same frames for the same indices.
 
-Backends are registered functions in ``BACKENDS``; ``backend="auto"`` tries decord and falls
-back to PyAV when decord is missing or cannot open the file.
+Backends are registered functions in ``BACKENDS``; ``backend="auto"`` picks PyAV for streams with
+B-frames (it skips the unwanted ones) and decord otherwise (see ``_auto_backend``), and tries the
+other one when the chosen backend is missing or cannot open the file.
 """
 
 from __future__ import annotations
@@ -82,18 +83,58 @@ def _file_like(source: str | bytes):
     return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
-def _probe_size(source: str | bytes) -> tuple[int, int]:
+@dataclass(frozen=True)
+class StreamHeader:
+    """What the container header and the first packets say about the first video stream."""
+
+    height: int
+    width: int
+    reorders: bool  # packets arrive out of presentation order: the stream has B-frames
+
+
+REORDER_PROBE_PACKETS = 48  # x264's default GOPs show their first B-frame within a few packets
+
+
+def probe_header(source: str | bytes) -> StreamHeader:
+    """Frame size and whether frames are reordered, read without decoding anything.
+
+    A tiny probe size skips FFmpeg's stream-info probing, which decodes frames (~20 ms on 720p,
+    paid before decoding can start); containers that keep the size in the header (mp4, mkv, ...)
+    answer at once (~2 ms). Anything else gets the full probe.
+    """
     import av
 
-    with av.open(_file_like(source)) as container:
-        stream = container.streams.video[0]
-        return stream.codec_context.height, stream.codec_context.width
+    quick = {"probesize": "32"}
+    for options in (quick, {}):
+        try:
+            with av.open(_file_like(source), options=options) as container:
+                stream = container.streams.video[0]
+                height, width = stream.codec_context.height, stream.codec_context.width
+                if (height and width) or options is not quick:
+                    return StreamHeader(height, width, _reorders(container, stream))
+        except (av.error.FFmpegError, IndexError):
+            if options is not quick:
+                raise
+    raise AssertionError("unreachable: the full probe returns or raises")
+
+
+def _reorders(container, stream) -> bool:
+    """Whether a packet among the first ``REORDER_PROBE_PACKETS`` has an earlier pts than one before it."""
+    latest = None
+    for count, packet in enumerate(container.demux(stream)):
+        if packet.pts is not None:
+            if latest is not None and packet.pts < latest:
+                return True
+            latest = packet.pts if latest is None else max(latest, packet.pts)
+        if count >= REORDER_PROBE_PACKETS:
+            break
+    return False
 
 
 # ----------------------------------------------------------------------------- decord
 
 
-def open_decord(source: str | bytes, name: str) -> OpenedVideo:
+def open_decord(source: str | bytes, name: str, header: StreamHeader | None = None) -> OpenedVideo:
     import decord
 
     try:
@@ -103,7 +144,7 @@ def open_decord(source: str | bytes, name: str) -> OpenedVideo:
     num_frames = len(reader)
     if num_frames == 0:
         raise VideoError(f"video {name!r}: the video stream has no frames")
-    height, width = _probe_size(source)
+    header = header or probe_header(source)
 
     def read(indices: Sequence[int], chunk: int) -> Chunks:
         for start in range(0, len(indices), chunk):
@@ -115,7 +156,7 @@ def open_decord(source: str | bytes, name: str) -> OpenedVideo:
                                  f"truncated or corrupt ({_first_line(err)})") from err
             yield part, frames_NHWC
 
-    return OpenedVideo(name, "decord", num_frames, float(reader.get_avg_fps()), height, width, read)
+    return OpenedVideo(name, "decord", num_frames, float(reader.get_avg_fps()), header.height, header.width, read)
 
 
 # ----------------------------------------------------------------------------- PyAV
@@ -215,15 +256,52 @@ def _decord_available() -> bool:
 BACKENDS: dict[str, Callable[[str | bytes, str], OpenedVideo]] = {"decord": open_decord, "pyav": open_pyav}
 
 
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if name != "decord" or _decord_available()]
+
+
+def _auto_backend(source: str | bytes) -> tuple[str, StreamHeader | None]:
+    """decord, unless the stream has B-frames: then PyAV decodes fewer frames.
+
+    decord decodes every frame from the keyframe to each sampled frame; PyAV skips the unwanted
+    non-reference (B) frames. At the default 2 fps sampling that is ~30-45% fewer frames on
+    x264 streams (bikes.mp4: 129 vs 225), which outweighs decord's frame threads even on an idle
+    2-core machine (wall time 0.15 vs 0.19 s on bikes.mp4, 0.54 vs 0.78 s on a 60 s 360p clip).
+    Without B-frames both decode the same frames and decord's threads win (bigbuckbunny.mp4 720p:
+    0.36 vs 0.42 s). Sampling near the native rate of a B-frame stream has nothing to skip: pass
+    ``backend="decord"`` there.
+    """
+    import av
+
+    if not _decord_available():
+        return "pyav", None
+    try:
+        header = probe_header(source)
+    except (av.error.FFmpegError, IndexError, UnicodeDecodeError):  # the backends report it in their words
+        return "decord", None
+    return ("pyav" if header.reorders else "decord"), header
+
+
 def open_video(source: VideoSource, backend: str = "auto") -> OpenedVideo:
-    """Open ``source`` with ``backend`` ("decord", "pyav" or "auto": decord, else PyAV)."""
+    """Open ``source`` with ``backend``: "decord", "pyav" or "auto" (the rule is ``_auto_backend``;
+    when the chosen backend cannot open the file the other one is tried, and PyAV's error is the
+    one reported if both fail)."""
     name = source_name(source)
     resolved = resolve_path(source)
     if backend == "auto":
-        if not _decord_available():
-            return open_pyav(resolved, name)
+        choice, header = _auto_backend(resolved)
+        if choice == "pyav":
+            try:
+                return open_pyav(resolved, name)
+            except VideoError as pyav_error:
+                if not _decord_available():
+                    raise
+                try:
+                    return open_decord(resolved, name)
+                except VideoError:
+                    raise pyav_error from None
         try:
-            return open_decord(resolved, name)
+            return open_decord(resolved, name, header)
         except VideoError as decord_error:
             try:
                 return open_pyav(resolved, name)

@@ -36,7 +36,8 @@ from PIL import Image
 
 from keye.errors import VideoError
 from keye.video import sizing
-from keye.video.decode import DEFAULT_CHUNK, DecodeError, OpenedVideo, VideoSource, open_video, read_frames, source_name
+from keye.video.decode import (DEFAULT_CHUNK, DecodeError, OpenedVideo, VideoSource, available_backends, open_video,
+                               read_frames, source_name)
 from keye.video.options import MediaOptions
 from keye.video.slowfast import MIN_FRAME_SIMILARITY, SlowFastSelector, select_slow_fast
 from keye.video.types import SLOW, ImageInput, VideoClip
@@ -384,12 +385,17 @@ def read_video(source: VideoSource | Sequence[Frame], *, slow_fast: bool = True,
     video = open_video(source, backend)
     try:
         return SAMPLERS[mode](video, opts, chunk)
-    except DecodeError:
-        if backend != "auto" or video.backend == "pyav":
+    except DecodeError as first_error:
+        other = "pyav" if video.backend == "decord" else "decord"
+        if backend != "auto" or other not in available_backends():
             raise
-        # decord opened the file but failed to decode it (it also trips on some odd frame widths,
-        # e.g. 48 px); "auto" means: try PyAV before giving up, and report PyAV's verdict.
-        fallback = open_video(source, "pyav")
+        # The chosen backend opened the file but failed to decode it (decord trips on some odd frame
+        # widths, e.g. 48 px; PyAV's seeking on some MPEG-TS files); "auto" means: try the other
+        # backend before giving up, and report its verdict.
+        try:
+            fallback = open_video(source, other)
+        except VideoError:
+            raise first_error from None
         try:
             return SAMPLERS[mode](fallback, opts, chunk)
         finally:

