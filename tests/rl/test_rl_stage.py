@@ -147,11 +147,11 @@ def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monk
         if state.step == 1:
             raise Killed  # the process dies right after its first checkpoint
 
-    real_save = rl_module._save
-    monkeypatch.setattr(rl_module, "_save", save_then_die)
+    real_save = rl_module.save_run
+    monkeypatch.setattr(rl_module, "save_run", save_then_die)
     with pytest.raises(Killed):
         main(args + ["out=resumed"])
-    monkeypatch.setattr(rl_module, "_save", real_save)
+    monkeypatch.setattr(rl_module, "save_run", real_save)
     main(args + ["out=resumed"])  # the same command again picks up the step-1 checkpoint
 
     straight = load_file(tmp_path / "straight/checkpoints/step_00000002/model.safetensors")
