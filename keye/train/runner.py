@@ -141,7 +141,7 @@ def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: C
             loss = out.loss_sum * scale
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
-                aux_total += float(out.aux_loss) / len(batches)
+                aux_total += float(out.aux_loss.detach()) / len(batches)
             strategy.backward(loss)
         total += out.loss_sum.detach().float().cpu()
         for key, value in out.metrics.items():
