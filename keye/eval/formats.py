@@ -26,6 +26,7 @@ from typing import Any
 from keye.config import load_config
 from keye.errors import ConfigError, KeyeInputError
 from keye.eval.answers import LETTERS, option_text
+from keye.registry import registrar
 
 # the repository's eval/ folder (benchmark definitions are data, next to the package)
 DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "eval"
@@ -84,12 +85,7 @@ FormatReader = Callable[[EvalDefinition], list[EvalItem]]
 FORMATS: dict[str, FormatReader] = {}
 
 
-def register_format(name: str) -> Callable[[FormatReader], FormatReader]:
-    def wrap(fn: FormatReader) -> FormatReader:
-        FORMATS[name] = fn
-        return fn
-
-    return wrap
+register_format = registrar(FORMATS)
 
 
 def load_definition(name_or_path: str, overrides: list[str] | None = None) -> EvalDefinition:

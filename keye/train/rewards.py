@@ -18,17 +18,13 @@ from collections.abc import Callable
 
 from keye.errors import ConfigError
 from keye.eval.answers import is_correct
+from keye.registry import registrar
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def wrap(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-
-    return wrap
+register_reward = registrar(REWARDS)
 
 
 @register_reward("accuracy")

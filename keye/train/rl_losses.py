@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from keye.errors import ConfigError
+from keye.registry import registrar
 
 
 @dataclass
@@ -45,12 +46,7 @@ PolicyLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, P
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    def wrap(fn: PolicyLoss) -> PolicyLoss:
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return wrap
+register_policy_loss = registrar(POLICY_LOSSES)
 
 
 def masked_mean_B(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,55 @@ def test_all_kinds_are_emitted_and_checked(tmp_path):
         assert _pixel_answer(row, facts[row["clip_id"]]) == row["answer"], row
 
 
+def test_dense_conversations_ask_every_kind_and_are_true_to_the_pixels(world):
+    rows = _rows(world / "train_dense.jsonl")
+    assert [r["clip_id"] for r in rows] == [f"train-{i:05d}" for i in range(8)]  # train clips only, one each
+    single = {r["clip_id"]: r for r in _rows(world / "train.jsonl")}
+    for row in rows:
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        facts = PixelFacts(render_clip(clip), clip.grid_step)
+        turns = row["messages"]
+        assert [m["role"] for m in turns] == ["user", "assistant"] * len(row["kinds"])
+        assert turns[0]["content"].startswith("<video>") and "".join(m["content"] for m in turns).count("<video>") == 1
+        assert len(set(row["kinds"])) == len(row["kinds"]) >= 4  # every kind at most once, most kinds asked
+        for kind, ask, answer in zip(row["kinds"], turns[::2], turns[1::2]):
+            question = ask["content"].removeprefix("<video>")
+            options = re.findall(r"^[AB]\. (.*)$", question, flags=re.M) or None
+            qa = {"kind": kind, "question": question.split("\n")[0] if options else question, "options": options}
+            assert _pixel_answer(qa, facts) == answer["content"], (row["id"], question)
+        assert single[row["clip_id"]]["videos"] == row["videos"]
+
+
+def _grid_cell(x: float, y: float, size: int) -> str:
+    return f"{('top', 'middle', 'bottom')[min(2, int(3 * y / size))]} {('left', 'centre', 'right')[min(2, int(3 * x / size))]}"
+
+
+def test_frame_listing_names_what_each_sampled_frame_shows(world):
+    rows = _rows(world / "frames.jsonl")
+    assert len(rows) == 8
+    for row in rows:
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        labels = segment(render_clip(clip))
+        entries = re.findall(r"(\d+\.\d)s: ([^.]*)\.", row["messages"][1]["content"])
+        assert [float(t) for t, _ in entries] == [f / clip.fps for f in range(0, clip.num_frames, clip.grid_step)]
+        for t, listing in entries:
+            frame = labels[int(round(float(t) * clip.fps))]
+            listed = {} if listing == "nothing" else dict(item.split(" ", 1) for item in listing.split(", "))
+            for c, color in enumerate(COLORS):
+                mask = frame == c
+                if color in listed:  # listed: visible, of that shape when whole, in that grid cell
+                    shape, cell = listed[color].split(" ", 1)
+                    ys, xs = np.nonzero(mask)
+                    assert len(xs), (row["id"], t, color)
+                    inside = xs.min() > 0 and ys.min() > 0 and xs.max() < clip.width - 1 and ys.max() < clip.height - 1
+                    if inside:
+                        assert shape_of(mask) == shape
+                        cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2  # within 1 px of the spec's centre
+                        assert cell in {_grid_cell(cx + dx, cy + dy, clip.width) for dx in (-1, 0, 1) for dy in (-1, 0, 1)}
+                else:  # not listed: at most a sliver of an object whose centre is outside
+                    assert mask.sum() <= (clip.width * 0.12) ** 2 * 2.5, (row["id"], t, color)
+
+
 def test_decoded_mp4_keeps_colours_and_cuts(world):
     row = next(r for r in _rows(world / "train.jsonl"))
     clip, _ = make_clip(CONFIG, "train", row["clip_id"])
@@ -271,7 +320,8 @@ def test_splits_never_share_a_clip(world):
 
 def test_same_seed_same_bytes_and_resume(tmp_path, world):
     generate_world(tmp_path, CONFIG, progress=False, num_workers=2)  # parallel == serial, byte for byte
-    names = ["train.jsonl", "val.jsonl", "test.jsonl", "train_zoom.jsonl", "captions.jsonl", "clips.jsonl", "world.json"]
+    names = ["train.jsonl", "val.jsonl", "test.jsonl", "train_zoom.jsonl", "captions.jsonl", "clips.jsonl", "world.json",
+             "train_dense.jsonl", "frames.jsonl"]
     for name in names:
         assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
     # resume: a missing clip is rewritten, existing media untouched, jsonl unchanged

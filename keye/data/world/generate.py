@@ -5,6 +5,10 @@ Layout of ``out_dir``::
     videos/<clip_id>.mp4          one clip per id (ids are "<split>-<index>", so splits never share a clip)
     crops/<qa_id>.png             zoomed crops for think-with-image questions
     train.jsonl val.jsonl test.jsonl               single-turn video QA rows (kinds from config.kinds)
+    train_dense.jsonl             TRAIN clips only: one multi-turn conversation per clip asking one
+                                  question of every kind the clip allows (dense QA for pretraining)
+    frames.jsonl                  TRAIN clips only: per sampled frame, the objects in view and where
+                                  (a grounding task: every answer token needs the pixels)
     train_zoom.jsonl val_zoom.jsonl test_zoom.jsonl think-with-image rows (video, then a crop image turn)
     captions.jsonl                captions of the TRAIN clips only, for alignment (no held-out leakage)
     captions_val.jsonl captions_test.jsonl         captions of the held-out clips, for caption eval
@@ -44,7 +48,8 @@ from keye.video.writer import write_video
 SPLITS = ("train", "val", "test")
 THINK_WITH_IMAGE_KIND = "zoom"
 CAPTION_PROMPT = "Describe the video."
-WORLD_VERSION = 1
+FRAMES_PROMPT = "List the objects in each frame and where they are."
+WORLD_VERSION = 2
 
 
 def _default_kinds() -> dict[str, float]:
@@ -101,6 +106,13 @@ def make_clip(config: WorldConfig, split: str, clip_id: str) -> tuple[Clip, np.r
     return clip, np.random.default_rng(question_seq)
 
 
+def dense_rng(config: WorldConfig, clip_id: str) -> np.random.Generator:
+    """A third stream for the dense conversation (spawn children are stable by index, so adding it
+    leaves the scene and single-turn streams, hence the existing rows, unchanged)."""
+    digest = hashlib.sha256(f"{config.seed}/{clip_id}".encode()).digest()
+    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest[:16], "little")).spawn(3)[2])
+
+
 def answer_spaces(config: WorldConfig) -> dict[str, list[str]]:
     return {name: kind.answer_space(config.scene) for name, kind in QUESTION_KINDS.items()}
 
@@ -153,6 +165,79 @@ def zoom_row(clip: Clip, qa: QA, qa_id: str) -> dict:
     }
 
 
+def dense_row(clip: Clip, qas: list[QA]) -> dict:
+    """One conversation about a clip: the video once, then a question and its bare answer per turn.
+
+    Video tokens dominate a sample's length, so asking every kind in one sequence gives many
+    supervised answers for the price of one vision pass (LLaVA-style multi-turn QA).
+    """
+    messages = []
+    for i, qa in enumerate(qas):
+        messages.append({"role": "user", "content": ("<video>" if i == 0 else "") + qa.question})
+        messages.append({"role": "assistant", "content": qa.answer})
+    return {
+        "id": f"{clip.clip_id}-dense",
+        "clip_id": clip.clip_id,
+        "split": clip.split,
+        "kinds": [qa.kind for qa in qas],
+        "messages": messages,
+        "videos": [_video_rel(clip.clip_id)],
+    }
+
+
+def dense_questions(config: WorldConfig, clip: Clip, rng: np.random.Generator) -> list[QA]:
+    """One question of every weighted kind the clip can ask, in a random order."""
+    names = sorted(k for k, w in config.kinds.items() if w > 0)
+    qas = [qa for name in names if (qa := choose_question(name, clip, rng)) is not None]
+    return [qas[i] for i in rng.permutation(len(qas))]
+
+
+_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+
+
+def where(x: float, y: float, width: int, height: int) -> str:
+    """Coarse position of a point on a 3 x 3 grid: 'top left', 'middle centre', ..."""
+    col = _COLS[min(2, max(0, int(3 * x / width)))]
+    row = _ROWS[min(2, max(0, int(3 * y / height)))]
+    return f"{row} {col}"
+
+
+def frame_listing(clip: Clip) -> str:
+    """'0.0s: red circle top left, blue square middle centre. 0.5s: ...' for every 2 fps frame.
+
+    An object is listed while its centre is inside the frame, in reading order (top to bottom, then
+    left to right, by centre), so what comes first is decided by the pixels, not by how the spec was
+    drawn; a frame showing none says 'nothing'.
+    """
+    lines = []
+    for frame in range(0, clip.num_frames, clip.grid_step):
+        shot = clip.shots[clip.shot_of(frame)]
+        seen = []
+        for obj in shot.objects:
+            x, y = shot.centers_T2(obj, clip.fps)[frame - shot.start]
+            if 0 <= x < clip.width and 0 <= y < clip.height:
+                seen.append((y, x, f"{obj.name} {where(x, y, clip.width, clip.height)}"))
+        things = [text for _, _, text in sorted(seen)]
+        lines.append(f"{frame / clip.fps:.1f}s: {', '.join(things) or 'nothing'}.")
+    return " ".join(lines)
+
+
+def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dict:
+    """A single-turn row where the assistant describes the whole clip (captions, frame listings)."""
+    return {
+        "id": f"{clip.clip_id}-{task}",
+        "clip_id": clip.clip_id,
+        "split": clip.split,
+        **extra,
+        "messages": [{"role": "user", "content": f"<video>{prompt}"}, {"role": "assistant", "content": text}],
+        "videos": [_video_rel(clip.clip_id)],
+    }
+
+
+def frames_row(clip: Clip) -> dict:
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(clip))
+
+
 def caption(clip: Clip) -> str:
     """A templated description of every shot, its objects, motions, pause and cut."""
     scenes = []
@@ -183,14 +268,7 @@ def _describe_object(obj) -> str:
 
 def caption_row(clip: Clip) -> dict:
     text = caption(clip)
-    return {
-        "id": f"{clip.clip_id}-caption",
-        "clip_id": clip.clip_id,
-        "split": clip.split,
-        "caption": text,
-        "messages": [{"role": "user", "content": f"<video>{CAPTION_PROMPT}"}, {"role": "assistant", "content": text}],
-        "videos": [_video_rel(clip.clip_id)],
-    }
+    return _describe_row(clip, "caption", CAPTION_PROMPT, text, caption=text)
 
 
 def questions_for_clip(config: WorldConfig, clip: Clip, rng: np.random.Generator) -> tuple[list[QA], list[QA]]:
@@ -245,6 +323,8 @@ def _build_clip(args: tuple[WorldConfig, str, str, str]) -> dict:
         "qa": [qa_row(clip, qa, f"{clip_id}-q{i}") for i, qa in enumerate(single)],
         "zoom": [zoom_row(clip, qa, qid) for qa, qid in zip(zooms, zoom_ids)],
         "caption": caption_row(clip),
+        "dense": dense_row(clip, dense_questions(config, clip, dense_rng(config, clip_id))),
+        "frames": frames_row(clip),
         "wrote_video": wrote,
     }
 
@@ -292,6 +372,9 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
         _write_jsonl(out / f"{split}.jsonl", [row for r in rs for row in r["qa"]])
         _write_jsonl(out / f"{split}_zoom.jsonl", [row for r in rs for row in r["zoom"]])
         _write_jsonl(out / ("captions.jsonl" if split == "train" else f"captions_{split}.jsonl"), [r["caption"] for r in rs])
+    # the dense and frame-listing tasks are training data: held-out clips keep only single-turn rows
+    _write_jsonl(out / "train_dense.jsonl", [r["dense"] for r in by_split["train"]])
+    _write_jsonl(out / "frames.jsonl", [r["frames"] for r in by_split["train"]])
     _write_jsonl(out / "clips.jsonl", [r["clip"] for r in results])
     info = {
         "version": WORLD_VERSION,

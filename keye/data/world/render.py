@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from keye.data.world.scene import BACKGROUNDS, COLORS, Background, Clip
+from keye.registry import registrar
 
 # (xx_11W, yy_1H1, cx_T11, cy_T11, r) -> (T, H, W) bool. Broadcasting renders all frames at once.
 ShapeMask = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
@@ -21,12 +22,7 @@ SHAPE_MASKS: dict[str, ShapeMask] = {}
 SQUARE_HALF_SIDE = 0.85
 
 
-def register_shape(name: str) -> Callable[[ShapeMask], ShapeMask]:
-    def wrap(fn: ShapeMask) -> ShapeMask:
-        SHAPE_MASKS[name] = fn
-        return fn
-
-    return wrap
+register_shape = registrar(SHAPE_MASKS)
 
 
 @register_shape("circle")
