@@ -216,7 +216,8 @@ def stage_main(argv: list[str] | None, prog: str, description: str | None) -> in
     parser.add_argument("config", help="a stage YAML file")
     parser.add_argument("--run-root", default="runs/nano", help="folder the stage's relative paths are read from")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. run.steps=10")
-    args = parser.parse_args(argv)
+    # intermixed: overrides may come before or after --run-root
+    args = parser.parse_intermixed_args(argv)
     run_stage(load_stage_config(args.config, args.overrides), Path(args.run_root))
     return 0
 

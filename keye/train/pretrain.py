@@ -79,6 +79,29 @@ class ClipCaptionDataset:
         return torch.cat(patches), torch.tensor(grids), torch.tensor(ids)
 
 
+class FrameCaptionDataset:
+    """(one frame, its own text): for rows that describe every frame (``frame_texts``: [seconds, text]
+    pairs, as in the world's ``frames.jsonl``). Frame-level pairs tie each text to the pixels it names,
+    where a clip caption is spread over every frame of the clip. The frame is the decoded one nearest
+    to the text's time."""
+
+    def __init__(self, rows: list[dict], builder: SampleBuilder):
+        self.builder = builder
+        self.items = [(row, float(t), text) for row in rows for t, text in row["frame_texts"]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        row, seconds, text = self.items[index]
+        messages, _ = self.builder.messages(row)
+        clip = self.builder.vision(messages).videos[0]
+        nearest = int(torch.as_tensor(clip.timestamps, dtype=torch.float64).sub(seconds).abs().argmin())
+        patches, grid = patchify(clip.frames[nearest])
+        ids = self.builder.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return patches, torch.tensor([grid]), torch.tensor(ids)
+
+
 def siglip_collate(samples):
     patches, grids, ids = zip(*samples)
     return {
@@ -109,7 +132,10 @@ def run_vit(cfg: StageConfig, run_root: Path) -> Path:
     head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
     pair = SiglipPair(model.visual, head)
     apply_freeze_plan(pair, cfg.train)
-    train(pair, ClipCaptionDataset(rows, builder, cfg.siglip_frames), siglip_collate, siglip_loss_fn,
+    per_frame = all("frame_texts" in row for row in rows)
+    dataset = FrameCaptionDataset(rows, builder) if per_frame else ClipCaptionDataset(rows, builder, cfg.siglip_frames)
+    log.info("%s: %d %s pairs", cfg.out, len(dataset), "frame/text" if per_frame else "clip/caption")
+    train(pair, dataset, siglip_collate, siglip_loss_fn,
           lambda batch: len(batch["frames_per_clip"]), cfg.run, out_dir, desc=cfg.out)
     return save_model(model, processor, out_dir)
 

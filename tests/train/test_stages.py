@@ -80,6 +80,44 @@ def test_stage0_vit_trains_only_the_vision_tower(run_root, chain):
     assert curve[-1] < curve[0]
 
 
+def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, chain):
+    import dataclasses
+
+    import numpy as np
+
+    from keye.data.collate import SampleBuilder
+    from keye.data.world.scene import COLORS
+    from keye.processing import load_nano_processor, patchify
+    from keye.train.pretrain import FrameCaptionDataset
+
+    cfg = chain["stage0_vit"]
+    rows = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
+    processor = load_nano_processor()
+    builder = SampleBuilder(processor, cfg.video, base_dir=run_root / "world")
+    dataset = FrameCaptionDataset(rows, builder)
+    assert len(dataset) == sum(len(r["frame_texts"]) for r in rows)
+    palette = np.array(list(COLORS.values()), dtype=np.int32)
+    for index in range(0, len(dataset), 5):
+        row, seconds, text = dataset.items[index]
+        patches, grid, ids = dataset[index]
+        clip = builder.vision(builder.messages(row)[0]).videos[0]
+        (j,) = np.flatnonzero(np.isclose(clip.timestamps.numpy(), seconds))  # the 2 fps grid: exact times
+        assert torch.equal(patches, patchify(clip.frames[j])[0]) and grid.tolist() == [[1, 4, 4]]
+        assert processor.tokenizer.decode(ids) == text
+        # every colour the text names is on that frame (nearest palette colour, a few pixels at least)
+        pixels = clip.frames[j].permute(1, 2, 0).reshape(-1, 3).numpy().astype(np.int32)
+        nearest = ((pixels[:, None] - palette) ** 2).sum(-1)
+        on_frame = {name for c, name in enumerate(COLORS) if ((nearest.argmin(1) == c) & (nearest.min(1) < 3000)).sum() >= 3}
+        named = {name for name in COLORS if f"{name} " in text}
+        assert named <= on_frame, (row["id"], seconds, text, on_frame)
+    # a short stage-0 run on them: the loss falls and only the vision tower trains
+    frames_cfg = dataclasses.replace(cfg, out="stage0_frames", data=dataclasses.replace(cfg.data, train=["world/frames.jsonl"]))
+    run_stage(frames_cfg, run_root)
+    curve = losses(run_root, "stage0_frames")
+    assert curve[-1] < curve[0]
+    assert changed_groups(start_state(frames_cfg, run_root), state_of(run_root, "stage0_frames")) == {"vision"}
+
+
 def test_stage1_align_trains_only_the_projector(run_root, chain):
     before = state_of(run_root, "stage0_vit")
     after = state_of(run_root, "stage1_align")
@@ -165,3 +203,12 @@ def test_big_recipes_dry_run(size, params, capsys):
             expected = (2 * r["params"] + 14 * r["trainable"]) / r["gpus"] / 2**30
             assert r["gib_per_gpu"] == pytest.approx(expected)
     assert "GiB/GPU" in capsys.readouterr().out
+
+
+def test_stage_command_reads_overrides_after_run_root(tmp_path):
+    from keye.errors import ConfigError
+    from keye.train.pretrain import main
+
+    # before the fix argparse stopped at --run-root and exited on the trailing overrides
+    with pytest.raises(ConfigError, match="run.stepz"):
+        main([str(NANO / "stage0_vit.yaml"), "--run-root", str(tmp_path), "run.steps=3", "run.stepz=1"])

@@ -202,14 +202,14 @@ def where(x: float, y: float, width: int, height: int) -> str:
     return f"{row} {col}"
 
 
-def frame_listing(clip: Clip) -> str:
-    """'0.0s: red circle top left, blue square middle centre. 0.5s: ...' for every 2 fps frame.
+def frame_texts(clip: Clip) -> list[tuple[float, str]]:
+    """(seconds, 'red circle top left, blue square middle centre') for every 2 fps frame.
 
     An object is listed while its centre is inside the frame, in reading order (top to bottom, then
     left to right, by centre), so what comes first is decided by the pixels, not by how the spec was
     drawn; a frame showing none says 'nothing'.
     """
-    lines = []
+    out = []
     for frame in range(0, clip.num_frames, clip.grid_step):
         shot = clip.shots[clip.shot_of(frame)]
         seen = []
@@ -217,9 +217,13 @@ def frame_listing(clip: Clip) -> str:
             x, y = shot.centers_T2(obj, clip.fps)[frame - shot.start]
             if 0 <= x < clip.width and 0 <= y < clip.height:
                 seen.append((y, x, f"{obj.name} {where(x, y, clip.width, clip.height)}"))
-        things = [text for _, _, text in sorted(seen)]
-        lines.append(f"{frame / clip.fps:.1f}s: {', '.join(things) or 'nothing'}.")
-    return " ".join(lines)
+        out.append((round(frame / clip.fps, 3), ", ".join(text for _, _, text in sorted(seen)) or "nothing"))
+    return out
+
+
+def frame_listing(clip: Clip) -> str:
+    """'0.0s: red circle top left, blue square middle centre. 0.5s: ...': ``frame_texts`` as one answer."""
+    return " ".join(f"{t:.1f}s: {text}." for t, text in frame_texts(clip))
 
 
 def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dict:
@@ -235,7 +239,9 @@ def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dic
 
 
 def frames_row(clip: Clip) -> dict:
-    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(clip))
+    """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) for frame-level
+    contrastive pretraining of the ViT (stage 0 pairs each frame with its own text)."""
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(clip), frame_texts=[list(p) for p in frame_texts(clip)])
 
 
 def caption(clip: Clip) -> str:
