@@ -68,6 +68,9 @@ def main(strategy: str, out: str, ds_config: str | None = None) -> None:
         with open(out, "w") as f:
             json.dump({"losses": losses, "state": state}, f)
     if world > 1:
+        # every rank reaches here before any tears down: a rank destroying its gloo group while the
+        # other still uses it aborts ("terminate called without an active exception"), seen once in CI
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
