@@ -290,23 +290,14 @@ def open_video(source: VideoSource, backend: str = "auto") -> OpenedVideo:
     resolved = resolve_path(source)
     if backend == "auto":
         choice, header = _auto_backend(resolved)
-        if choice == "pyav":
+        openers = {"decord": lambda: open_decord(resolved, name, header), "pyav": lambda: open_pyav(resolved, name)}
+        errors: dict[str, VideoError] = {}
+        for candidate in [choice, *(b for b in available_backends() if b != choice)]:
             try:
-                return open_pyav(resolved, name)
-            except VideoError as pyav_error:
-                if not _decord_available():
-                    raise
-                try:
-                    return open_decord(resolved, name)
-                except VideoError:
-                    raise pyav_error from None
-        try:
-            return open_decord(resolved, name, header)
-        except VideoError as decord_error:
-            try:
-                return open_pyav(resolved, name)
-            except VideoError as pyav_error:
-                raise pyav_error from decord_error
+                return openers[candidate]()
+            except VideoError as err:
+                errors[candidate] = err
+        raise errors["pyav"] from errors.get("decord")
     if backend not in BACKENDS:
         raise VideoError(f"video {name!r}: unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
     return BACKENDS[backend](resolved, name)

@@ -97,20 +97,24 @@ def clip_ids(config: WorldConfig) -> list[tuple[str, str]]:
     return [(split, f"{split}-{i:05d}") for split in SPLITS for i in range(config.clips.get(split, 0))]
 
 
+def _clip_streams(config: WorldConfig, clip_id: str) -> list[np.random.Generator]:
+    """Independent Generators of one clip, seeded by (config.seed, clip id): the scene, its single-turn
+    questions, its dense conversation. Spawn children are stable by index, so a stream added at the end
+    leaves the earlier ones (and the rows drawn from them) unchanged."""
+    digest = hashlib.sha256(f"{config.seed}/{clip_id}".encode()).digest()
+    return [np.random.default_rng(seq) for seq in np.random.SeedSequence(int.from_bytes(digest[:16], "little")).spawn(3)]
+
+
 def make_clip(config: WorldConfig, split: str, clip_id: str) -> tuple[Clip, np.random.Generator]:
     """The clip spec for an id and the Generator its questions are drawn from (independent streams,
     so changing the question mixture never changes the videos)."""
-    digest = hashlib.sha256(f"{config.seed}/{clip_id}".encode()).digest()
-    scene_seq, question_seq = np.random.SeedSequence(int.from_bytes(digest[:16], "little")).spawn(2)
-    clip = sample_clip(clip_id, split, config.scene, np.random.default_rng(scene_seq))
-    return clip, np.random.default_rng(question_seq)
+    scene_rng, question_rng, _ = _clip_streams(config, clip_id)
+    return sample_clip(clip_id, split, config.scene, scene_rng), question_rng
 
 
 def dense_rng(config: WorldConfig, clip_id: str) -> np.random.Generator:
-    """A third stream for the dense conversation (spawn children are stable by index, so adding it
-    leaves the scene and single-turn streams, hence the existing rows, unchanged)."""
-    digest = hashlib.sha256(f"{config.seed}/{clip_id}".encode()).digest()
-    return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest[:16], "little")).spawn(3)[2])
+    """The stream the dense conversation's questions are drawn from."""
+    return _clip_streams(config, clip_id)[2]
 
 
 def answer_spaces(config: WorldConfig) -> dict[str, list[str]]:
@@ -221,9 +225,9 @@ def frame_texts(clip: Clip) -> list[tuple[float, str]]:
     return out
 
 
-def frame_listing(clip: Clip) -> str:
-    """'0.0s: red circle top left, blue square middle centre. 0.5s: ...': ``frame_texts`` as one answer."""
-    return " ".join(f"{t:.1f}s: {text}." for t, text in frame_texts(clip))
+def frame_listing(texts: list[tuple[float, str]]) -> str:
+    """``frame_texts`` as one answer: '0.0s: red circle top left, blue square middle centre. 0.5s: ...'."""
+    return " ".join(f"{t:.1f}s: {text}." for t, text in texts)
 
 
 def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dict:
@@ -241,7 +245,8 @@ def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dic
 def frames_row(clip: Clip) -> dict:
     """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) for frame-level
     contrastive pretraining of the ViT (stage 0 pairs each frame with its own text)."""
-    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(clip), frame_texts=[list(p) for p in frame_texts(clip)])
+    texts = frame_texts(clip)
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts), frame_texts=[list(p) for p in texts])
 
 
 def caption(clip: Clip) -> str:
