@@ -2,7 +2,8 @@
 
 ``SampleBuilder`` turns one conversation (a ShareGPT / Keye row or a parsed ``Conversation``) into an
 unpadded sample: ``input_ids`` and ``labels`` (L,), assistant tokens only, plus packed pixel patches and
-grids. ``collate`` pads samples into a batch the model's ``forward`` takes as keyword arguments.
+grids. ``collate`` pads samples into a batch the model's ``forward`` takes as keyword arguments;
+``collate_packed`` packs them several to a row instead (``keye.data.packing``).
 
 Decoding dominates a small model's step time and the world reuses each clip for several questions, so
 decoded clips (uint8, already resized) are kept in an LRU keyed by the media part and its options.
@@ -19,7 +20,11 @@ from typing import Any
 import torch
 
 from keye.data.conversations import Conversation, RowFormat, parse_row
+from keye.data.packing import IGNORE_INDEX, pack
+from keye.errors import KeyeInputError
 from keye.video import VisionInputs, process_vision_info
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 @dataclass
@@ -92,20 +97,52 @@ class SampleBuilder:
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad samples into (B, L) ``input_ids``, ``attention_mask``, ``labels``; concatenate patches."""
-    length = max(len(s.input_ids) for s in samples)
+    return {**_padded([s.input_ids for s in samples], [s.labels for s in samples], pad_id), **_vision(samples)}
+
+
+def collate_packed(samples: list[Sample], pad_id: int, pack_length: int) -> dict[str, torch.Tensor]:
+    """Pack samples first-fit decreasing into rows of at most ``pack_length`` tokens, right-padded to the
+    longest row: (R, L) ``input_ids``, ``attention_mask``, ``labels`` and ``segment_ids`` (the sample's
+    place in its row; -1 on padding), which make the model restart positions and attention per sample.
+
+    Labels at each sample's first token are ignored (``keye.data.packing``), which changes no loss: the
+    shifted loss never reads a row's first label. Patches and grids follow the rows' sample order, the
+    order their pad tokens appear in. Deterministic: the plan depends only on the samples' lengths.
+    """
+    too_long = [(s.meta.get("id", i), len(s.input_ids)) for i, s in enumerate(samples)
+                if len(s.input_ids) > pack_length]
+    if too_long:  # plan_packs would raise too, but with batch positions instead of row ids
+        raise KeyeInputError(f"samples longer than the pack length {pack_length} (row id, tokens): {too_long[:5]}")
+    rows = pack([s.input_ids for s in samples], [s.labels for s in samples], pack_length)
+    batch = _padded([r.input_ids for r in rows], [r.labels for r in rows], pad_id)
+    batch["segment_ids"] = torch.full_like(batch["input_ids"], -1)
+    for b, row in enumerate(rows):
+        sizes = (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).long()
+        batch["segment_ids"][b, : len(row.input_ids)] = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    return {**batch, **_vision([samples[i] for row in rows for i in row.sample_indices])}
+
+
+def _padded(input_ids: list[torch.Tensor], labels: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(x) for x in input_ids)
     batch = {
-        "input_ids": torch.full((len(samples), length), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(len(samples), length, dtype=torch.long),
-        "labels": torch.full((len(samples), length), -100, dtype=torch.long),
+        "input_ids": torch.full((len(input_ids), length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(len(input_ids), length, dtype=torch.long),
+        "labels": torch.full((len(input_ids), length), IGNORE_INDEX, dtype=torch.long),
     }
-    for b, s in enumerate(samples):
-        n = len(s.input_ids)
-        batch["input_ids"][b, :n], batch["attention_mask"][b, :n], batch["labels"][b, :n] = s.input_ids, 1, s.labels
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for b, (ids, labs) in enumerate(zip(input_ids, labels)):
+        n = len(ids)
+        batch["input_ids"][b, :n], batch["attention_mask"][b, :n], batch["labels"][b, :n] = ids, 1, labs
+    return batch
+
+
+def _vision(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Each vision input concatenated over the samples, in their order."""
+    out = {}
+    for key in VISION_KEYS:
         parts = [s.vision[key] for s in samples if key in s.vision]
         if parts:
-            batch[key] = torch.cat(parts)
-    return batch
+            out[key] = torch.cat(parts)
+    return out
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:

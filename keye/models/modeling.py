@@ -72,12 +72,16 @@ def mrope_positions(
     config: KeyeConfig,
     image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3D positions for a prompt.
 
     input_ids, attention_mask: (B, L). Grids are consumed in order of appearance, batch-major, images
-    and frames independently (the processor's order). Returns positions (3, B, L) and per-sample
-    ``deltas`` (B, 1) = max position + 1 - real length, used to continue positions while decoding.
+    and frames independently (the processor's order). ``segment_ids`` (B, L), for packed rows
+    (``keye.data.packing``): positions restart at 0 where the segment changes, so each packed sample
+    gets exactly the positions it gets alone. Returns positions (3, B, L) and per-sample ``deltas``
+    (B, 1) = max position + 1 - real length, used to continue positions while decoding (meaningless
+    for a packed row, which is never decoded from).
     """
     merge = config.projector_config.merge_size
     grids = {
@@ -91,10 +95,13 @@ def mrope_positions(
     for b in range(B):
         keep = attention_mask[b].bool()
         ids = input_ids[b][keep].tolist()
+        segs = segment_ids[b][keep].tolist() if segment_ids is not None else [0] * len(ids)
         pos_3T = torch.zeros(3, len(ids), dtype=torch.long)
         i, nxt = 0, 0
         while i < len(ids):
             tok = ids[i]
+            if i and segs[i] != segs[i - 1]:
+                nxt = 0
             if tok not in grids:
                 pos_3T[:, i] = nxt
                 i, nxt = i + 1, nxt + 1
@@ -105,9 +112,10 @@ def mrope_positions(
             cursor[tok] += 1
             gh, gw = h // merge, w // merge
             n = t * gh * gw
-            if ids[i : i + n] != [tok] * n:
+            if ids[i : i + n] != [tok] * n or len(set(segs[i : i + n])) != 1:
                 raise KeyeInputError(
-                    f"sample {b}: a vision block at token {i} needs {n} consecutive pad tokens for grid {(t, h, w)}"
+                    f"sample {b}: a vision block at token {i} needs {n} consecutive pad tokens of one packed "
+                    f"sample for grid {(t, h, w)}"
                 )
             tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
             pos_3T[:, i : i + n] = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + nxt
@@ -119,6 +127,27 @@ def mrope_positions(
         if used != len(grids[tok]):
             raise KeyeInputError(f"grid_thw has {len(grids[tok])} grids for token id {tok}, the prompt uses {used}")
     return positions, deltas
+
+
+def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, L, L) mask for packed rows: query i sees key j when j <= i and both belong to the
+    same packed sample (same ``segment_ids`` value; segment_ids, attention_mask: (B, L)).
+
+    Additive float, not bool: transformers hands a 4D mask to the attention kernel as is, and its eager
+    path adds the mask to the scores. Padding (attention_mask 0) is one segment of its own, so no query
+    row is fully masked (an all-masked softmax row is NaN in SDPA) and no real token sees padding.
+    """
+    seg_BL = torch.where(attention_mask.bool(), segment_ids, -1)
+    L = seg_BL.shape[-1]
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=seg_BL.device).tril()
+    allowed_BLL = (seg_BL[:, :, None] == seg_BL[:, None, :]) & causal_LL
+    mask_BLL = torch.zeros(allowed_BLL.shape, dtype=dtype, device=seg_BL.device)
+    return mask_BLL.masked_fill(~allowed_BLL, torch.finfo(dtype).min)[:, None]
+
+
+# attention implementations that take the 4D mask of a packed row; flash / flex kernels would need
+# cu_seqlens (varlen) instead, which is not wired yet
+PACKED_ATTENTION = ("eager", "sdpa")
 
 
 # ----------------------------------------------------------------------------- vision paths
@@ -297,10 +326,11 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             inputs_embeds = self._insert(inputs_embeds, input_ids, self.config.video_token_id, feats, "videos")
         return inputs_embeds
 
-    def _positions(self, input_ids, attention_mask, past_len, new_len, image_grid_thw, video_grid_thw):
+    def _positions(self, input_ids, attention_mask, past_len, new_len, image_grid_thw, video_grid_thw,
+                   segment_ids=None):
         if past_len == 0 and input_ids is not None:
             positions, self.rope_deltas = mrope_positions(
-                input_ids, attention_mask[:, -new_len:], self.config, image_grid_thw, video_grid_thw
+                input_ids, attention_mask[:, -new_len:], self.config, image_grid_thw, video_grid_thw, segment_ids
             )
             return positions
         text_BL = attention_mask.long().cumsum(-1)[:, -new_len:] - 1
@@ -327,6 +357,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         sparse_logits: bool = False,
+        segment_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> KeyeCausalLMOutput:
         """input_ids/attention_mask/labels: (B, L); labels are -100 outside assistant turns.
@@ -337,6 +368,11 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
 
         position_ids, if given, are (3, B, L) mRoPE positions (or (B, L) for text-only input);
         by default they are derived from the prompt's vision blocks.
+
+        ``segment_ids`` (B, L) marks packed rows (``keye.data.collate.collate_packed``): the sample each
+        token belongs to. Positions then restart per sample and attention stays inside each sample (a
+        block-diagonal causal mask), so every sample gets the logits it gets alone. Training only: no
+        cache, and ``eager`` or ``sdpa`` attention.
         """
         embeds_BLD = self._embed(input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         B, L = embeds_BLD.shape[:2]
@@ -345,13 +381,18 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             # always pass a mask: with none, transformers reads jumps in position_ids as packed sequences
             attention_mask = torch.ones(B, past_len + L, dtype=torch.long, device=embeds_BLD.device)
         if position_ids is None:
-            position_ids = self._positions(input_ids, attention_mask, past_len, L, image_grid_thw, video_grid_thw)
+            position_ids = self._positions(
+                input_ids, attention_mask, past_len, L, image_grid_thw, video_grid_thw, segment_ids
+            )
+        decoder_mask = attention_mask
+        if segment_ids is not None:
+            decoder_mask = self._packed_mask(segment_ids, attention_mask, past_key_values, embeds_BLD.dtype)
         is_moe = self.config.is_moe
         want_router = is_moe and (bool(output_router_logits) or labels is not None)
         extra = {"output_router_logits": want_router} if is_moe else {}
         out = self.model(
             inputs_embeds=embeds_BLD,
-            attention_mask=attention_mask,
+            attention_mask=decoder_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
@@ -388,6 +429,17 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             hidden_states=(*(out.hidden_states or ()), hidden_BLD) if output_hidden_states else None,
             router_logits=router_logits,
         )
+
+    def _packed_mask(self, segment_ids, attention_mask, past_key_values, dtype):
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise KeyeInputError("segment_ids (packed rows) are for training forwards; they cannot extend a cache")
+        impl = self.model.config._attn_implementation
+        if impl not in PACKED_ATTENTION:
+            raise ConfigError(f"packed rows need attention in {PACKED_ATTENTION}, the decoder uses {impl!r}")
+        if segment_ids.shape != attention_mask.shape:
+            raise KeyeInputError(f"segment_ids {tuple(segment_ids.shape)} must match attention_mask "
+                                 f"{tuple(attention_mask.shape)}")
+        return packed_causal_mask(segment_ids.to(attention_mask.device), attention_mask, dtype)
 
     def _sparse_lm_loss(self, hidden_BLD, labels_BL, num_items_in_batch=None):
         """transformers' causal-LM loss (shift by one, ignore -100, sum / num_items or mean) computed

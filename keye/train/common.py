@@ -9,6 +9,7 @@ loss curve and resolved ``config.yaml``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from keye.config import load_config, save_config
-from keye.data.collate import SampleBuilder, VideoOptions, collate, count_label_tokens
+from keye.data.collate import SampleBuilder, VideoOptions, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.errors import ConfigError, KeyeInputError
 from keye.train.optim import apply_freeze_plan
@@ -62,6 +63,9 @@ class StageConfig:
     run: RunConfig = field(default_factory=RunConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     max_length: int | None = None  # drop longer samples (counted); None keeps all
+    # LM stages: pack each micro-batch's samples into rows of max_length tokens (needs max_length), with
+    # per-sample positions and attention (keye.data.packing); run.micro_batch still counts samples
+    packing: bool = False
     rope_theta: float | None = None  # anneal: context extension by a larger RoPE base
     merge_seeds: list[int] = field(default_factory=list)  # anneal: one run per seed, weights averaged
     siglip_frames: int = 2  # vit stage: frames per clip paired with its caption
@@ -183,13 +187,14 @@ def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
     return StepLoss(loss_sum=out.lm_loss, aux_loss=aux, metrics=metrics)
 
 
-def lm_collate(processor):
+def lm_collate(processor, cfg: StageConfig | None = None):
+    """Samples -> one padded row each, or packed rows when ``cfg.packing`` (rows of ``cfg.max_length``)."""
     pad_id = processor.tokenizer.pad_token_id
-
-    def fn(samples):
-        return collate(samples, pad_id)
-
-    return fn
+    if cfg is not None and cfg.packing:
+        if not cfg.max_length:
+            raise ConfigError("packing: true needs max_length, the length of a packed row")
+        return functools.partial(collate_packed, pad_id=pad_id, pack_length=cfg.max_length)
+    return functools.partial(collate, pad_id=pad_id)
 
 
 def prepare(cfg: StageConfig, run_root: Path) -> tuple[Any, Any, Path]:

@@ -152,7 +152,7 @@ def train_lm(cfg: StageConfig, run_root: Path, out_dir: Path | None = None, rows
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]
     dataset = LMDataset(rows, SampleBuilder(processor, cfg.video, base_dir=base), cfg.max_length)
-    model = train(model, dataset, lm_collate(processor), lm_loss_fn, count_label_tokens, cfg.run,
+    model = train(model, dataset, lm_collate(processor, cfg), lm_loss_fn, count_label_tokens, cfg.run,
                   out_dir or stage_dir, desc=cfg.out)
     if dataset.safe.skipped:
         log.warning("%s: skipped samples %s; first: %s", cfg.out, dict(dataset.safe.skipped), dataset.safe.errors[:1])

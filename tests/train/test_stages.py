@@ -161,6 +161,26 @@ def test_sft_renders_modes_and_learns(run_root, chain):
     assert changed_groups(before, after) == {"vision", "projector", "lm"}
 
 
+def test_packed_stage_learns_on_packed_rows(run_root, monkeypatch):
+    from keye.data.collate import collate_packed
+    from keye.train import common
+
+    seen = []  # (samples, rows) per micro-batch
+
+    def spy(samples, pad_id, pack_length):
+        batch = collate_packed(samples, pad_id, pack_length)
+        seen.append((len(samples), len(batch["input_ids"])))
+        return batch
+
+    monkeypatch.setattr(common, "collate_packed", spy)
+    cfg = load_stage_config(NANO / "stage2_multitask.yaml", tiny_overrides(packing="true", max_length=700))
+    cfg.out = "stage2_packed"
+    run_stage(cfg, run_root)
+    assert seen and all(rows < samples for samples, rows in seen)
+    curve = losses(run_root, "stage2_packed")
+    assert curve[-1] < curve[0]
+
+
 def test_lora_trains_adapters_on_fused_experts_and_merges(run_root, chain):
     cfg = load_stage_config(NANO / "sft.yaml", tiny_overrides(**{"lora.enabled": "true", "lora.r": 4, "run.optim.lr": 5e-3}))
     cfg.init_from, cfg.out = "stage2_multitask", "sft_lora"
