@@ -199,8 +199,10 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """pixel_values: (N, C*p*p) patches in raster order -> (N, D)."""
-        patches = rearrange(pixel_values, "n (c p q) -> n c p q", c=self.num_channels, p=self.patch_size)
-        x_ND = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype)).flatten(1)
+        # a stride-p conv over one p x p patch is a matmul with the flattened kernel ((c p q) order, the
+        # patches' own): same weights and result, without the conv kernel's overhead (~10% of a nano step)
+        conv = self.patch_embedding
+        x_ND = F.linear(pixel_values.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)
         cache: dict[tuple[int, int], torch.Tensor] = {}
         positions = []
         for t, h, w in grids:

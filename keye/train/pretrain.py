@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset
 
+from keye.errors import ConfigError
 from keye.processing import patchify
 from keye.train.common import (
     LMDataset, StageConfig, count_label_tokens, lm_collate, lm_loss_fn, prepare, read_rows, save_model,
@@ -102,6 +104,22 @@ class FrameCaptionDataset:
         return patches, torch.tensor([grid]), torch.tensor(ids)
 
 
+def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str]):
+    """Stage 0's pairs: each row with ``frame_texts`` gives one pair per listed frame, every other row one
+    clip/caption pair; files may mix both. A row with neither is a ConfigError naming it."""
+    unusable = [row.get("id", f"#{i}") for i, row in enumerate(rows) if "frame_texts" not in row and "caption" not in row]
+    if unusable:
+        raise ConfigError(
+            f"data.train {files}: stage 0 needs a 'caption' or 'frame_texts' field; {len(unusable)} rows have "
+            f"neither (first: {unusable[:3]})"
+        )
+    per_frame = [row for row in rows if "frame_texts" in row]
+    per_clip = [row for row in rows if "frame_texts" not in row]
+    parts = ([FrameCaptionDataset(per_frame, builder)] if per_frame else []) + (
+        [ClipCaptionDataset(per_clip, builder, frames)] if per_clip else [])
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
 def siglip_collate(samples):
     patches, grids, ids = zip(*samples)
     return {
@@ -132,9 +150,8 @@ def run_vit(cfg: StageConfig, run_root: Path) -> Path:
     head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
     pair = SiglipPair(model.visual, head)
     apply_freeze_plan(pair, cfg.train)
-    per_frame = all("frame_texts" in row for row in rows)
-    dataset = FrameCaptionDataset(rows, builder) if per_frame else ClipCaptionDataset(rows, builder, cfg.siglip_frames)
-    log.info("%s: %d %s pairs", cfg.out, len(dataset), "frame/text" if per_frame else "clip/caption")
+    dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train)
+    log.info("%s: %d image/text pairs", cfg.out, len(dataset))
     train(pair, dataset, siglip_collate, siglip_loss_fn,
           lambda batch: len(batch["frames_per_clip"]), cfg.run, out_dir, desc=cfg.out)
     return save_model(model, processor, out_dir)
