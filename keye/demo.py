@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nvideo: {path}  (held out: never seen in training)")
     for row in questions:
         for mode in args.modes:
-            answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=96, **video.part_defaults())
+            answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=448, **video.part_defaults())
             mark = "ok " if answer.text.strip().lower() == str(row["answer"]).lower() else "-- "
             print(f"\n{mark}[{mode}] Q: {row['question']}\n    reference: {row['answer']}\n    answer:    {answer.text}")
             if answer.thinking:

@@ -34,6 +34,7 @@ class EvalSpec:
     mode: str = "no_think"  # "think", "no_think" or "auto"
     max_new_tokens: int = 48
     limit: int | None = None
+    batch_size: int = 16  # questions generated together (greedy: the same answers as one by one)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def evaluate_stage(cfg: StageConfig, run_root: Path, specs: list[EvalSpec]) -> d
         results = evaluate_world(
             pipe, run_root / spec.split, out_dir=run_root / cfg.out / "eval" / name, mode=spec.mode,
             max_new_tokens=spec.max_new_tokens, video_options=cfg.video.part_defaults(),
-            slow_fast=cfg.video.slow_fast, limit=spec.limit, progress=True,
+            slow_fast=cfg.video.slow_fast, limit=spec.limit, batch_size=spec.batch_size, progress=True,
         )
         overall = results["overall"]
         summary[name] = {"accuracy": overall["accuracy"], "n": overall["n"], "per_kind": results["per_kind"]}
