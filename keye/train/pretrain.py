@@ -149,7 +149,8 @@ def run_vit(cfg: StageConfig, run_root: Path) -> Path:
     builder = SampleBuilder(processor, cfg.video, base_dir=base)
     head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
     pair = SiglipPair(model.visual, head)
-    apply_freeze_plan(pair, cfg.train)
+    # prepare() logged the counts before the head existed; these include it
+    log.info("%s: trainable parameters with the SigLIP head %s", cfg.out, apply_freeze_plan(pair, cfg.train))
     dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train)
     log.info("%s: %d image/text pairs", cfg.out, len(dataset))
     train(pair, dataset, siglip_collate, siglip_loss_fn,
