@@ -140,6 +140,11 @@ class KeyeConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields that tie the parts together (and fill the default ``mrope_section``); also
+        called after fields are set on a built config (``build_config`` overrides)."""
         if self.vision_mode not in VISION_MODES:
             raise ConfigError(f"vision_mode must be one of {list(VISION_MODES)}, got {self.vision_mode!r}")
         text = self.text_config

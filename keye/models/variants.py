@@ -67,6 +67,7 @@ def build_config(name: str, **overrides) -> KeyeConfig:
         if not hasattr(config, key):
             raise ConfigError(f"variant {name}: unknown config field {key!r}")
         setattr(config, key, value)
+    config.validate()  # overrides get the same checks as a config built from scratch
     return config
 
 

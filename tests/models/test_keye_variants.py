@@ -73,6 +73,14 @@ def test_unknown_variant_or_field_is_a_config_error():
         build_config("keye-nano", not_a_field=1)
 
 
+def test_overrides_are_validated_like_a_fresh_config():
+    with pytest.raises(ConfigError, match="vision_mode must be one of"):
+        build_config("keye-nano", vision_mode="pixels")
+    with pytest.raises(ConfigError, match="mrope_section"):
+        build_config("keye-nano", mrope_section=[1, 2, 3])
+    assert build_config("keye-nano", vision_mode="discrete").vision_mode == "discrete"
+
+
 def test_nano_config_ids_match_the_shipped_tokenizer():
     tok = load_nano_processor().tokenizer
     cfg = build_config("keye-nano")
