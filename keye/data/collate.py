@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from keye.data.conversations import Conversation, RowFormat, parse_row
-from keye.data.packing import IGNORE_INDEX, pack
-from keye.errors import KeyeInputError
+from keye.data.packing import IGNORE_INDEX, pack, segment_ids
 from keye.video import VisionInputs, process_vision_info
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -109,16 +108,12 @@ def collate_packed(samples: list[Sample], pad_id: int, pack_length: int) -> dict
     shifted loss never reads a row's first label. Patches and grids follow the rows' sample order, the
     order their pad tokens appear in. Deterministic: the plan depends only on the samples' lengths.
     """
-    too_long = [(s.meta.get("id", i), len(s.input_ids)) for i, s in enumerate(samples)
-                if len(s.input_ids) > pack_length]
-    if too_long:  # plan_packs would raise too, but with batch positions instead of row ids
-        raise KeyeInputError(f"samples longer than the pack length {pack_length} (row id, tokens): {too_long[:5]}")
-    rows = pack([s.input_ids for s in samples], [s.labels for s in samples], pack_length)
+    rows = pack([s.input_ids for s in samples], [s.labels for s in samples], pack_length,
+                names=[s.meta.get("id", i) for i, s in enumerate(samples)])
     batch = _padded([r.input_ids for r in rows], [r.labels for r in rows], pad_id)
     batch["segment_ids"] = torch.full_like(batch["input_ids"], -1)
     for b, row in enumerate(rows):
-        sizes = (row.cu_seqlens[1:] - row.cu_seqlens[:-1]).long()
-        batch["segment_ids"][b, : len(row.input_ids)] = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        batch["segment_ids"][b, : len(row.input_ids)] = segment_ids(row.cu_seqlens)
     return {**batch, **_vision([samples[i] for row in rows for i in row.sample_indices])}
 
 

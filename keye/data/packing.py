@@ -58,11 +58,12 @@ class PackedRow:
         )
 
 
-def plan_packs(lengths: list[int], max_length: int) -> list[list[int]]:
-    """First-fit decreasing: sample indices per row, each row's total length <= max_length."""
-    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+def plan_packs(lengths: list[int], max_length: int, names: list | None = None) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row, each row's total length <= max_length. ``names``
+    (default: the indices) name the samples in the error for one that cannot fit."""
+    too_long = [(names[i] if names is not None else i, n) for i, n in enumerate(lengths) if n > max_length]
     if too_long:
-        raise KeyeInputError(f"samples {too_long[:5]} are longer than max_length={max_length} (lengths {[lengths[i] for i in too_long[:5]]})")
+        raise KeyeInputError(f"samples longer than the pack length {max_length} (sample, tokens): {too_long[:5]}")
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -81,12 +82,14 @@ def pack(
     labels: list[torch.Tensor],
     max_length: int,
     position_ids: list[torch.Tensor] | None = None,
+    names: list | None = None,
 ) -> list[PackedRow]:
-    """Pack samples (each (T_i,) ids and labels; optional (T_i,) or (P, T_i) position ids) into rows."""
+    """Pack samples (each (T_i,) ids and labels; optional (T_i,) or (P, T_i) position ids) into rows;
+    ``names`` name the samples in errors (``plan_packs``)."""
     if len(input_ids) != len(labels):
         raise KeyeInputError(f"pack: {len(input_ids)} input_ids but {len(labels)} labels")
     out = []
-    for members in plan_packs([len(x) for x in input_ids], max_length):
+    for members in plan_packs([len(x) for x in input_ids], max_length, names):
         ids, labs, pos = [], [], []
         for i in members:
             lab = labels[i].clone()
@@ -100,9 +103,19 @@ def pack(
     return out
 
 
+def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(L,) int64: the index of the sample each token of a packed row belongs to."""
+    return torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+
+
+def same_segment_causal(segment_L: torch.Tensor) -> torch.Tensor:
+    """(..., L) segment ids -> (..., L, L) bool, True where query i may attend key j: j <= i and the same
+    segment value."""
+    L = segment_L.shape[-1]
+    same = segment_L[..., :, None] == segment_L[..., None, :]
+    return same & torch.ones(L, L, dtype=torch.bool, device=segment_L.device).tril()
+
+
 def block_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """(L, L) bool, True where query i may attend key j: same sample and j <= i."""
-    L = int(cu_seqlens[-1])
-    segment_L = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-    same = segment_L[:, None] == segment_L[None, :]
-    return same & torch.ones(L, L, dtype=torch.bool).tril()
+    return same_segment_causal(segment_ids(cu_seqlens))

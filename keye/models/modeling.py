@@ -29,6 +29,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeModel, Qwen3MoeTopKRouter
 from vector_quantize_pytorch import SimVQ
 
+from keye.data.packing import same_segment_causal
 from keye.errors import ConfigError, KeyeInputError
 from keye.models.configuration import VISION_MODES, KeyeConfig
 from keye.models.losses import ROUTER_LOSSES
@@ -138,9 +139,7 @@ def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, 
     row is fully masked (an all-masked softmax row is NaN in SDPA) and no real token sees padding.
     """
     seg_BL = torch.where(attention_mask.bool(), segment_ids, -1)
-    L = seg_BL.shape[-1]
-    causal_LL = torch.ones(L, L, dtype=torch.bool, device=seg_BL.device).tril()
-    allowed_BLL = (seg_BL[:, :, None] == seg_BL[:, None, :]) & causal_LL
+    allowed_BLL = same_segment_causal(seg_BL)
     mask_BLL = torch.zeros(allowed_BLL.shape, dtype=dtype, device=seg_BL.device)
     return mask_BLL.masked_fill(~allowed_BLL, torch.finfo(dtype).min)[:, None]
 
