@@ -213,12 +213,14 @@ def frame_texts(clip: Clip) -> list[tuple[float, str]]:
     left to right, by centre), so what comes first is decided by the pixels, not by how the spec was
     drawn; a frame showing none says 'nothing'.
     """
+    tracks = [[shot.centers_T2(obj, clip.fps) for obj in shot.objects] for shot in clip.shots]  # once per object
     out = []
     for frame in range(0, clip.num_frames, clip.grid_step):
-        shot = clip.shots[clip.shot_of(frame)]
+        s = clip.shot_of(frame)
+        shot = clip.shots[s]
         seen = []
-        for obj in shot.objects:
-            x, y = shot.centers_T2(obj, clip.fps)[frame - shot.start]
+        for obj, centers_T2 in zip(shot.objects, tracks[s]):
+            x, y = centers_T2[frame - shot.start]
             if 0 <= x < clip.width and 0 <= y < clip.height:
                 seen.append((y, x, f"{obj.name} {where(x, y, clip.width, clip.height)}"))
         out.append((round(frame / clip.fps, 3), ", ".join(text for _, _, text in sorted(seen)) or "nothing"))
