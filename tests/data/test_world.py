@@ -254,6 +254,36 @@ def test_frame_listing_names_what_each_sampled_frame_shows(world):
                     assert mask.sum() <= (clip.width * 0.12) ** 2 * 2.5, (row["id"], t, color)
 
 
+def test_reasoning_chains_speak_in_the_frame_listings_cells(world):
+    """Chains place objects in the grid cells the frame listings use, never in pixel coordinates, and
+    every placement (and every 'further right' / 'lower' ...) agrees with the listing at that time."""
+    from keye.data.world.generate import frame_texts
+
+    rows_, cols_ = ("top", "middle", "bottom"), ("left", "centre", "right")
+    steps = {"further right": (0, 1), "further left": (0, -1), "lower": (1, 0), "higher": (-1, 0)}
+    name, cell, t = r"(\w+ \w+)", r"(\w+ \w+)", r"(\d+\.\d)s"
+    checked = moved = 0
+    for split in ("train", "val", "test"):
+        for row in _rows(world / f"{split}.jsonl"):
+            text = row["cot"] + " ".join(row["hints"])
+            assert not re.search(r"\(\d+, \d+\)|\bx grows|\by grows", text), text
+            clip, _ = make_clip(CONFIG, split, row["clip_id"])
+            listed = {round(sec, 1): listing for sec, listing in frame_texts(clip)}
+            places = re.findall(rf"[Tt]he {name} is in the {cell} at {t}", text)
+            places += [(n, c, s) for s, n, c in re.findall(rf"At {t} the {name} is in the {cell}", text)]
+            for what, where, sec in places:
+                assert f"{what} {where}" in listed[float(sec)], (row["id"], what, where, sec)
+                checked += 1
+            for what, a, sa, shift, b, sb in re.findall(rf"[Tt]he {name} is in the {cell} at {t} and ([a-z ]+), in the {cell}, at {t}", text):
+                assert f"{what} {b}" in listed[float(sb)] and float(sb) > float(sa)
+                (ra, ca), (rb, cb) = [(rows_.index(c.split()[0]), cols_.index(c.split()[1])) for c in (a, b)]
+                dr, dc = steps[shift]
+                # the cell never moves against the stated direction, nor along the other axis
+                assert (rb - ra) * dr >= 0 and (cb - ca) * dc >= 0 and (rb - ra if dr == 0 else cb - ca) == 0
+                moved += 1
+    assert checked > 50 and moved > 20
+
+
 def test_decoded_mp4_keeps_colours_and_cuts(world):
     row = next(r for r in _rows(world / "train.jsonl"))
     clip, _ = make_clip(CONFIG, "train", row["clip_id"])

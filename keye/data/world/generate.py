@@ -40,7 +40,7 @@ from PIL import Image
 
 from keye.data.world.questions import HINT_LEVELS, QA, QUESTION_KINDS, choose_question
 from keye.data.world.render import render_clip, zoom_crop
-from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip
+from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip, where
 from keye.config import from_dict
 from keye.errors import ConfigError
 from keye.video.writer import write_video
@@ -49,7 +49,7 @@ SPLITS = ("train", "val", "test")
 THINK_WITH_IMAGE_KIND = "zoom"
 CAPTION_PROMPT = "Describe the video."
 FRAMES_PROMPT = "List the objects in each frame and where they are."
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 def _default_kinds() -> dict[str, float]:
@@ -194,16 +194,6 @@ def dense_questions(config: WorldConfig, clip: Clip, rng: np.random.Generator) -
     names = sorted(k for k, w in config.kinds.items() if w > 0)
     qas = [qa for name in names if (qa := choose_question(name, clip, rng)) is not None]
     return [qas[i] for i in rng.permutation(len(qas))]
-
-
-_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
-
-
-def where(x: float, y: float, width: int, height: int) -> str:
-    """Coarse position of a point on a 3 x 3 grid: 'top left', 'middle centre', ..."""
-    col = _COLS[min(2, max(0, int(3 * x / width)))]
-    row = _ROWS[min(2, max(0, int(3 * y / height)))]
-    return f"{row} {col}"
 
 
 def frame_texts(clip: Clip) -> list[tuple[float, str]]:

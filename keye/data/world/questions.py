@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from keye.data.world.scene import COLORS, DIRECTIONS, ENTRIES, MOTIONS, SHAPES, STILL, Clip, SceneConfig, WorldObject
+from keye.data.world.scene import COLORS, DIRECTIONS, ENTRIES, MOTIONS, SHAPES, STILL, Clip, SceneConfig, WorldObject, where
 
 HINT_LEVELS = ("observation", "strategy", "tool", "first_step", "solution")
 
@@ -74,10 +74,6 @@ def _t(clip: Clip, frame: int) -> str:
     return f"{frame / clip.fps:.1f}s"
 
 
-def _xy(xy) -> str:
-    return f"({int(round(xy[0]))}, {int(round(xy[1]))})"
-
-
 def _unique(clip: Clip, key: Callable[[WorldObject], str]) -> list[tuple[int, WorldObject]]:
     counts = Counter(key(obj) for _, obj in clip.objects)
     return [(s, obj) for s, obj in clip.objects if counts[key(obj)] == 1]
@@ -98,26 +94,36 @@ def _last_sampled(clip: Clip, s: int) -> int:
     return (stop - 1) // clip.grid_step * clip.grid_step
 
 
-def _track(clip: Clip, s: int, obj: WorldObject) -> str:
-    """'the red circle goes from (x, y) at t0 to (x, y) at t1' over its fully visible frames."""
+def _cell(clip: Clip, s: int, obj: WorldObject, frame: int) -> str:
+    """The object's 3 x 3 grid cell at a clip frame, in the frame listings' words ('top left')."""
     shot = clip.shots[s]
+    x, y = shot.centers_T2(obj, clip.fps)[frame - shot.start]
+    return where(x, y, clip.width, clip.height)
+
+
+# how a chain says that an object moved, where the grid cell alone may not show it (a short move can
+# stay inside one cell)
+_SHIFTS = {"right": "further right", "left": "further left", "up": "higher", "down": "lower"}
+
+
+def _track(clip: Clip, s: int, obj: WorldObject) -> str:
+    """'the red circle is in the top left at 1.0s and further right, in the top centre, at 3.0s', over
+    its fully visible frames. Chains speak in grid cells and times, as the frame listings do: a model
+    that sees 16 tokens per frame can read those, not pixel coordinates."""
     a, b = _visible_span(clip, s, obj)
-    xy = shot.centers_T2(obj, clip.fps)
-    return f"the {obj.name} is at {_xy(xy[a - shot.start])} at {_t(clip, a)} and at {_xy(xy[b - shot.start])} at {_t(clip, b)}"
+    start = f"the {obj.name} is in the {_cell(clip, s, obj, a)} at {_t(clip, a)}"
+    if obj.motion == STILL:
+        return f"{start} and still there at {_t(clip, b)}"
+    return f"{start} and {_SHIFTS[obj.motion]}, in the {_cell(clip, s, obj, b)}, at {_t(clip, b)}"
 
 
 def _first_position(clip: Clip, s: int, obj: WorldObject) -> str:
     a, _ = _visible_span(clip, s, obj)
-    xy = clip.shots[s].centers_T2(obj, clip.fps)[a - clip.shots[s].start]
-    return f"At {_t(clip, a)} the {obj.name} is at {_xy(xy)}"
+    return f"At {_t(clip, a)} the {obj.name} is in the {_cell(clip, s, obj, a)}"
 
 
 def _motion_reason(obj: WorldObject) -> str:
-    if obj.motion == STILL:
-        return "its position does not change, so it stays still"
-    axis = "x" if obj.motion in ("left", "right") else "y"
-    sign = "grows" if obj.motion in ("right", "down") else "shrinks"
-    return f"its {axis} {sign}, so it moves {obj.motion}"
+    return "it stays still" if obj.motion == STILL else f"it moves {obj.motion}"
 
 
 def _scene_list(clip: Clip) -> str:
@@ -194,7 +200,7 @@ def _motion(clip: Clip) -> list[QA]:
         out.append(QA("motion", question, obj.motion, cot, _hints(
             f"The {obj.name} is in scene {s + 1}.",
             f"Compare the position of the {obj.name} in an early frame and a late frame.",
-            "Moving right means x grows, left means x shrinks, down means y grows, up means y shrinks.",
+            "Further right later = moves right, further left = left, lower = down, higher = up, same place = still.",
             f"{_first_position(clip, s, obj)}.",
             cot, obj.motion)))
     return out
@@ -300,7 +306,7 @@ def _mover_color(clip: Clip) -> list[QA]:
         out.append(QA("mover_color", f"What colour is the object that {target}?", obj.color, cot, _hints(
             f"Exactly one object {target}.",
             "Work out how each object moves, pick the one that matches, then read its colour.",
-            "Compare each object's (x, y) early and late: x grows = right, x shrinks = left, y grows = down, y shrinks = up.",
+            "Compare where each object is early and late: further right = right, further left = left, lower = down, higher = up.",
             f"{_track(clip, *clip.objects[0]).capitalize()}.",
             cot, obj.color)))
     return out
@@ -316,7 +322,7 @@ def _mover_count(clip: Clip) -> list[QA]:
         out.append(QA("mover_count", f"How many objects move {direction}?", str(n), cot, _hints(
             "Objects move left, right, up, down or not at all, in every scene of the video.",
             f"Work out each object's direction, then count those that move {direction}.",
-            "Compare each object's (x, y) early and late: x grows = right, x shrinks = left, y grows = down, y shrinks = up.",
+            "Compare where each object is early and late: further right = right, further left = left, lower = down, higher = up.",
             f"{_track(clip, *clip.objects[0]).capitalize()}.",
             cot, str(n))))
     return out
