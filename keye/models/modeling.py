@@ -228,7 +228,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
     ``config.vision_mode == "discrete"`` swaps ``mlp_AR`` for a Kelix-style ``visual_tokenizer``: each
     pad position then receives the sum of the embeddings of its N code ids, which live in a reserved
     block after the text vocabulary (``code_ids``) with their own table ``model.visual_embed_tokens``
-    (part of the LM: it trains with the ``lm`` group; the tokenizer is the ``vq`` group). Prompts,
+    (it takes mlp_AR's place, so it trains with the ``projector`` group; the tokenizer is the ``vq`` group). Prompts,
     positions, generate and the embedding API are the same in both modes. The ``lm_head`` predicts
     text only: understanding never emits visual codes, so the block is input-only (generating images
     would add output rows for it).
@@ -244,7 +244,8 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         self.visual = KeyeVisionModel(config.vision_config)
         self.model = TEXT_MODELS[text.model_type](text)
         # only the active path is built (no mlp_AR in discrete mode). Discrete codes pass no gradient, so a
-        # discrete stage trains the lm group only; the tokenizer trains apart (keye vq train).
+        # discrete stage trains the code embeddings (projector group) and the LM; the tokenizer trains apart
+        # (keye vq train, or a recipe's vq stage).
         if config.vision_mode == "continuous":
             self.mlp_AR = KeyeProjector(config.projector_config, config.vision_config.hidden_size, text.hidden_size)
         else:

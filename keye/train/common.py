@@ -35,6 +35,7 @@ MODEL_DIR = "model"
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)  # jsonl files, relative to the run folder
+    eval: list[str] = field(default_factory=list)  # held-out jsonl files (the vq stage reports codebook usage on their videos)
     modes: dict[str, float] = field(default_factory=dict)  # SFT mixture (keye.data.modes); empty: rows as written
     max_samples: int | None = None
     seed: int = 0
@@ -69,6 +70,9 @@ class StageConfig:
     rope_theta: float | None = None  # anneal: context extension by a larger RoPE base
     merge_seeds: list[int] = field(default_factory=list)  # anneal: one run per seed, weights averaged
     siglip_frames: int = 2  # vit stage: frames per clip paired with its caption
+    # vq stage: overrides of the visual_tokenizer_config (e.g. {codebook_size: 512}) and its k-means init
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    kmeans_iters: int = 10
 
 
 def load_stage_config(path: str | os.PathLike, overrides: list[str] | None = None) -> StageConfig:
@@ -203,7 +207,12 @@ def prepare(cfg: StageConfig, run_root: Path) -> tuple[Any, Any, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
     model, processor = load_start(cfg, run_root)
-    counts = apply_freeze_plan(model, cfg.train)
+    train = list(cfg.train)
+    if getattr(model.config, "vision_mode", "continuous") == "discrete" and "vision" in train:
+        # codes are discrete: no gradient reaches the ViT, and moving it would invalidate the tokenizer
+        log.info("%s: discrete vision path, the ViT stays frozen (no gradient passes the codes)", cfg.out)
+        train.remove("vision")
+    counts = apply_freeze_plan(model, train)
     if cfg.lora.enabled:  # only the adapters train; the groups' base weights stay frozen
         model = apply_lora(model, cfg.lora)
         counts = apply_freeze_plan(model, [])

@@ -1,7 +1,8 @@
 """Freeze plans, per-group learning rates and schedules, shared by every stage.
 
 A Keye model has three parameter groups named by the published weight layout: ``vision`` (``visual.*``),
-``projector`` (``mlp_AR.*``) and ``lm`` (``model.*``, ``lm_head.*``), plus ``vq`` for the discrete visual
+``projector`` (``mlp_AR.*``; on the discrete path the code embeddings ``model.visual_embed_tokens.*``) and
+``lm`` (the rest of ``model.*``, ``lm_head.*``), plus ``vq`` for the discrete visual
 tokenizer. A stage's config lists the groups it trains and may give each its own learning rate; everything
 else is frozen (``requires_grad=False``), so frozen weights never reach the optimizer.
 """
@@ -17,7 +18,8 @@ from keye.errors import ConfigError
 
 GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
     "vision": ("visual.",),
-    "projector": ("mlp_AR.",),
+    # what maps vision into the LM's input space: mlp_AR, or on the discrete path the code embeddings
+    "projector": ("mlp_AR.", "model.visual_embed_tokens."),
     "vq": ("visual_tokenizer.",),
     "lm": ("model.", "lm_head."),
     # stage-local heads (e.g. the SigLIP towers of ViT pretraining), discarded when the stage ends

@@ -50,8 +50,9 @@ class RecipeConfig:
 def _stage_runners() -> dict[str, Callable[[StageConfig, Path], Path]]:
     from keye.train.pretrain import PRETRAIN_STAGES
     from keye.train.sft import run_sft
+    from keye.train.vq import run_vq_stage
 
-    return {**PRETRAIN_STAGES, "sft": run_sft}
+    return {**PRETRAIN_STAGES, "sft": run_sft, "vq": run_vq_stage}
 
 
 def run_stage(cfg: StageConfig, run_root: Path) -> Path:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from keye.config import load_config, save_config
 from keye.errors import ConfigError, KeyeInputError
@@ -35,6 +37,8 @@ from keye.processing import patchify
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import RunConfig, StepLoss, train
 from keye.video import read_video
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
@@ -112,11 +116,15 @@ def load_vision_tower(name_or_path: str) -> tuple[nn.Module, int, int, KeyeVisua
 def frame_features(visual: nn.Module, merge: int, paths: list[Path], data: VQDataConfig) -> list[torch.Tensor]:
     """One (tokens, F) tensor of merged ViT features per sampled frame, in file order."""
     features = []
-    for path in paths:
+    for path in tqdm(paths, desc="ViT features", unit="video", disable=len(paths) < 50):
         clip = read_video(str(path), slow_fast=data.slow_fast, **data.video_options)
-        for frame in clip.frames:
-            patches, grid = patchify(frame)
-            features.append(merged_vit_features(visual, patches, torch.tensor([grid]), merge).float())
+        parts = [patchify(frame) for frame in clip.frames]
+        if not parts:
+            continue
+        grids = torch.tensor([grid for _, grid in parts])
+        # one packed ViT call per clip (attention stays within each frame): same features as frame by frame
+        merged = merged_vit_features(visual, torch.cat([patches for patches, _ in parts]), grids, merge).float()
+        features += merged.split((grids[:, 1] * grids[:, 2] // merge**2).tolist())
     if not features:
         raise KeyeInputError("data videos: no frames were read")
     return features
@@ -209,6 +217,57 @@ def run(cfg: VQTrainConfig, out_dir: str | Path) -> dict[str, Any]:
     report = {"after_kmeans_init": before, "final": after}
     (out / "vq_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+# ----------------------------------------------------------------------------- recipe stage
+
+
+def videos_of(paths: list[str], run_root: Path) -> list[str]:
+    """The distinct videos that a stage's jsonl rows name, as paths (rows name them relative to their file)."""
+    from keye.train.common import read_rows
+
+    found: dict[str, None] = {}
+    for rel in paths:
+        rows, base = read_rows([rel], run_root)
+        for row in rows:
+            for video in row.get("videos") or []:
+                found[str(base / video)] = None
+    if not found:
+        raise ConfigError(f"data: the rows of {paths} name no videos")
+    return list(found)
+
+
+def run_vq_stage(cfg, run_root: Path) -> Path:
+    """Recipe stage ``vq``: switch the previous stage's model to the discrete (Kelix) path.
+
+    Trains the tokenizer on the frozen ViT of ``init_from`` over the videos of ``data.train`` (frames
+    sampled and resized as ``video`` says, so the codes match what later stages see), reports usage on
+    the videos of ``data.eval`` into ``<out>/tokenizer/vq_report.json``, and saves the discrete twin
+    (same ViT and LM, ``mlp_AR`` dropped, fresh code embeddings) as this stage's model, which the next
+    stages start from."""
+    from keye.models.modeling import discrete_from_continuous
+    from keye.train.common import load_start, save_model
+
+    if not cfg.init_from:
+        raise ConfigError("vq stage: init_from is empty; it discretises the ViT of a previous stage")
+    out_dir = run_root / cfg.out
+    save_config(cfg, out_dir)
+    vq_cfg = VQTrainConfig(
+        model=str(run_root / cfg.init_from / "model"),
+        tokenizer=dict(cfg.tokenizer),
+        data=VQDataConfig(
+            videos=videos_of(cfg.data.train, run_root),
+            eval_videos=videos_of(cfg.data.eval, run_root) if cfg.data.eval else [],
+            slow_fast=cfg.video.slow_fast, video_options=cfg.video.part_defaults(),
+        ),
+        kmeans_iters=cfg.kmeans_iters,
+        run=cfg.run,
+    )
+    report = run(vq_cfg, out_dir / "tokenizer")
+    log.info("%s: codebooks after training\n%s", cfg.out, format_report(report["final"]))
+    model, processor = load_start(cfg, run_root)
+    save_model(discrete_from_continuous(model, out_dir / "tokenizer"), processor, out_dir)
+    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,6 +183,41 @@ def test_sft_renders_modes_and_learns(run_root, chain):
     assert changed_groups(before, after) == {"vision", "projector", "lm"}
 
 
+def test_vq_stage_switches_to_the_discrete_path_and_the_next_stages_train_code_embeddings(run_root, chain):
+    from keye.models.visual_tokenizer import load_visual_tokenizer
+
+    recipe, folder = load_recipe(ROOT / "pipelines" / "nano-discrete")
+    assert [Path(n).stem for n in recipe.stages][:3] == ["stage0_vit", "vq", "stage1_align"]
+    vq = load_stage_config(folder / "vq.yaml", tiny_overrides(**{"data.eval": "[world/test.jsonl]"}))
+    vq.init_from = "stage0_vit"
+    run_stage(vq, run_root)
+    report = json.loads((run_root / "vq" / "tokenizer" / "vq_report.json").read_text())
+    assert len(report["final"]["usage"]) == 8 and all(0 < u <= 1 for u in report["final"]["usage"])
+    from keye.video import read_video
+
+    test_videos = {v for line in (run_root / "world" / "test.jsonl").read_text().splitlines() for v in json.loads(line)["videos"]}
+    frames = sum(len(read_video(str(run_root / "world" / v), slow_fast=False, **vq.video.part_defaults()).frames) for v in test_videos)
+    assert report["final"]["tokens"] == 4 * frames  # usage is measured on the held-out clips (56 px: 4 merged tokens)
+    start, switched = state_of(run_root, "stage0_vit"), state_of(run_root, "vq")
+    assert not any(k.startswith("mlp_AR.") for k in switched)
+    for key, value in start.items():  # ViT and LM carried over unchanged
+        if not key.startswith("mlp_AR."):
+            assert torch.equal(switched[key], value), key
+    trained = load_visual_tokenizer(run_root / "vq" / "tokenizer").state_dict()
+    for key, value in trained.items():
+        assert torch.equal(switched[f"visual_tokenizer.{key}"], value), key
+
+    # stage 2 lists vision as trainable; on the discrete path the ViT (and tokenizer) must stay as they are
+    cfg = load_stage_config(NANO / "stage2_multitask.yaml", tiny_overrides())
+    cfg.init_from, cfg.out = "vq", "stage2_discrete"
+    run_stage(cfg, run_root)
+    after = state_of(run_root, "stage2_discrete")
+    assert changed_groups(switched, after) == {"projector", "lm"}
+    assert not torch.equal(switched["model.visual_embed_tokens.weight"], after["model.visual_embed_tokens.weight"])
+    curve = losses(run_root, "stage2_discrete")
+    assert curve[-1] < curve[0]
+
+
 def test_packed_stage_learns_on_packed_rows(run_root, monkeypatch):
     from keye.data.collate import collate_packed
     from keye.train import common

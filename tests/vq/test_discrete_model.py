@@ -77,11 +77,16 @@ def test_visual_positions_get_the_sum_of_their_code_embeddings_and_only_code_row
         if name.startswith(("visual.", "visual_tokenizer.")):
             assert p.grad is None, name
     assert not hasattr(model, "mlp_AR")
-    # the stages' freeze plans: code embeddings are LM vocabulary rows, the tokenizer is the vq group
-    counts = apply_freeze_plan(model, ["lm"])
+    # the stages' freeze plans: code embeddings take mlp_AR's place (projector group), the tokenizer is vq
+    counts = apply_freeze_plan(model, ["projector"])
     assert model.model.visual_embed_tokens.weight.requires_grad
+    assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("model.visual_embed_tokens."))
+    assert counts == {"projector": model.model.visual_embed_tokens.weight.numel()}
+    counts = apply_freeze_plan(model, ["lm"])
+    assert not model.model.visual_embed_tokens.weight.requires_grad
     assert not any(p.requires_grad for p in model.visual_tokenizer.parameters())
-    assert counts["lm"] == sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.", "lm_head.")))
+    assert counts["lm"] == sum(p.numel() for n, p in model.named_parameters()
+                               if n.startswith(("model.", "lm_head.")) and not n.startswith("model.visual_embed_tokens."))
 
 
 def test_discrete_save_load_and_cached_generation_equal_recompute(processor, tmp_path):
