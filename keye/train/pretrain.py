@@ -31,6 +31,7 @@ from keye.train.common import (
     stage_main,
 )
 from keye.data.collate import SampleBuilder
+from keye.data.modes import assign_modes
 from keye.train.losses import siglip_sigmoid_loss
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import StepLoss, train
@@ -166,7 +167,8 @@ def train_lm(cfg: StageConfig, run_root: Path, out_dir: Path | None = None, rows
     rendered per mode; ``out_dir`` (default: the stage folder) receives checkpoints and metrics."""
     model, processor, stage_dir = prepare(cfg, run_root)
     loaded, base = read_rows(cfg.data.train, run_root)
-    rows = loaded if rows is None else rows
+    if rows is None:  # rendered per data.modes (e.g. an anneal on thinking-mode chains), or as written
+        rows = assign_modes(loaded, cfg.data.modes, seed=cfg.data.seed) if cfg.data.modes else loaded
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]
     dataset = LMDataset(rows, SampleBuilder(processor, cfg.video, base_dir=base), cfg.max_length)

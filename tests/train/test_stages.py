@@ -171,6 +171,28 @@ def test_stage3_anneal_averages_its_seed_runs_and_extends_rope(run_root, chain):
     assert config["text_config"]["rope_parameters"]["rope_theta"] == cfg.rope_theta
 
 
+def test_pretrain_stage_renders_rows_in_its_data_modes(run_root, chain, monkeypatch):
+    from keye.train import pretrain
+
+    seen = []
+
+    class Spy(pretrain.LMDataset):
+        def __init__(self, rows, *args, **kwargs):
+            seen.extend(rows)
+            super().__init__(rows, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "LMDataset", Spy)
+    cfg = load_stage_config(NANO / "stage3_anneal.yaml", tiny_overrides(**{"run.steps": 1, "data.modes": "{thinking: 1.0}"}))
+    cfg.init_from, cfg.out, cfg.merge_seeds = "stage2_multitask", "anneal_thinking", [0]
+    run_stage(cfg, run_root)
+    written = [json.loads(line) for line in (run_root / "world" / "train.jsonl").read_text().splitlines()]
+    cots = {r["id"]: (r["cot"], r["answer"]) for r in written if r.get("cot")}
+    assert len(seen) == min(8, len(cots)) > 0  # data.max_samples=8
+    for row in seen:
+        cot, answer = cots[row["id"]]
+        assert row["messages"][-1]["content"] == f"<think>{cot}</think>{answer}"
+
+
 def test_sft_renders_modes_and_learns(run_root, chain):
     cfg = load_stage_config(NANO / "sft.yaml", tiny_overrides(**{"data.max_samples": 12, "run.steps": 12, "run.optim.lr": 3e-3}))
     cfg.init_from = "stage2_multitask"
