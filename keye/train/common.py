@@ -36,7 +36,7 @@ MODEL_DIR = "model"
 class DataConfig:
     train: list[str] = field(default_factory=list)  # jsonl files, relative to the run folder
     eval: list[str] = field(default_factory=list)  # held-out jsonl files (the vq stage reports codebook usage on their videos)
-    modes: dict[str, float] = field(default_factory=dict)  # SFT mixture (keye.data.modes); empty: rows as written
+    modes: dict[str, float] = field(default_factory=dict)  # mode mixture of LM stages (keye.data.modes); empty: rows as written
     max_samples: int | None = None
     seed: int = 0
 
@@ -207,12 +207,7 @@ def prepare(cfg: StageConfig, run_root: Path) -> tuple[Any, Any, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)
     model, processor = load_start(cfg, run_root)
-    train = list(cfg.train)
-    if getattr(model.config, "vision_mode", "continuous") == "discrete" and "vision" in train:
-        # codes are discrete: no gradient reaches the ViT, and moving it would invalidate the tokenizer
-        log.info("%s: discrete vision path, the ViT stays frozen (no gradient passes the codes)", cfg.out)
-        train.remove("vision")
-    counts = apply_freeze_plan(model, train)
+    counts = apply_freeze_plan(model, cfg.train)
     if cfg.lora.enabled:  # only the adapters train; the groups' base weights stay frozen
         model = apply_lora(model, cfg.lora)
         counts = apply_freeze_plan(model, [])

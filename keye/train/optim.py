@@ -9,12 +9,15 @@ else is frozen (``requires_grad=False``), so frozen weights never reach the opti
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from keye.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 GROUP_PREFIXES: dict[str, tuple[str, ...]] = {
     "vision": ("visual.",),
@@ -53,10 +56,15 @@ def group_of(name: str) -> str:
 
 
 def apply_freeze_plan(model: torch.nn.Module, train: list[str]) -> dict[str, int]:
-    """Train exactly the groups in ``train``; returns trainable parameter counts per group."""
+    """Train exactly the groups in ``train``; returns trainable parameter counts per group. On a
+    discrete-vision model ``vision`` is dropped from the plan: no gradient passes the codes."""
     unknown = set(train) - set(GROUP_PREFIXES)
     if unknown:
         raise ConfigError(f"train: unknown group {sorted(unknown)[0]!r} (groups: {', '.join(GROUP_PREFIXES)})")
+    if "vision" in train and getattr(getattr(model, "config", None), "vision_mode", "continuous") == "discrete":
+        # codes are discrete: no gradient reaches the ViT, and moving it would invalidate the tokenizer
+        log.info("discrete vision path: the ViT stays frozen (no gradient passes the codes)")
+        train = [g for g in train if g != "vision"]
     counts = dict.fromkeys(train, 0)
     for name, param in model.named_parameters():
         # LoRA adapters (peft) train whenever present: the base weights under them follow the plan.

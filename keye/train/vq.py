@@ -91,25 +91,28 @@ def video_paths(patterns: list[str]) -> list[Path]:
     return sorted(set(found))
 
 
+def vision_tower(model: nn.Module) -> tuple[nn.Module, int, int, KeyeVisualTokenizerConfig]:
+    """A Keye model's ViT (set to eval, frozen), its merge size, the merged feature width and the
+    model's tokenizer config."""
+    config = model.config
+    merge = config.projector_config.merge_size
+    return model.visual.eval().requires_grad_(False), merge, config.vision_config.hidden_size * merge**2, \
+        config.visual_tokenizer_config
+
+
 def load_vision_tower(name_or_path: str) -> tuple[nn.Module, int, int, KeyeVisualTokenizerConfig]:
-    """The frozen ViT, its merge size, the merged feature width and the model's tokenizer config."""
+    """``vision_tower`` of a registered variant (random weights) or of a saved Keye checkpoint folder."""
     import keye.models  # noqa: F401  (registers the Auto classes)
     from keye.models import VARIANTS, build_config
     from keye.models.modeling import KeyeForConditionalGeneration
 
     if name_or_path in VARIANTS:
-        config = build_config(name_or_path)
-        visual = KeyeForConditionalGeneration(config).visual
-    elif Path(name_or_path).is_dir():
+        return vision_tower(KeyeForConditionalGeneration(build_config(name_or_path)))
+    if Path(name_or_path).is_dir():
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path)
-        config, visual = model.config, model.visual
-    else:
-        raise ConfigError(f"model: {name_or_path!r} is neither a variant ({', '.join(VARIANTS)}) nor a folder")
-    merge = config.projector_config.merge_size
-    return visual.eval().requires_grad_(False), merge, config.vision_config.hidden_size * merge**2, \
-        config.visual_tokenizer_config
+        return vision_tower(AutoModelForImageTextToText.from_pretrained(name_or_path))
+    raise ConfigError(f"model: {name_or_path!r} is neither a variant ({', '.join(VARIANTS)}) nor a folder")
 
 
 @torch.no_grad()
@@ -183,12 +186,13 @@ def format_report(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- entry
 
 
-def run(cfg: VQTrainConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train, evaluate and save a tokenizer into ``out_dir``; returns the report (before and after)."""
+def run(cfg: VQTrainConfig, out_dir: str | Path, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train, evaluate and save a tokenizer into ``out_dir``; returns the report (before and after).
+    ``model``: an already loaded Keye model whose ViT to use instead of loading ``cfg.model``."""
     out = Path(out_dir)
     save_config(cfg, out)
     torch.manual_seed(cfg.run.seed)  # a variant's ViT is random: seed it so the run is reproducible
-    visual, merge, feature_dim, model_vq = load_vision_tower(cfg.model)
+    visual, merge, feature_dim, model_vq = vision_tower(model) if model is not None else load_vision_tower(cfg.model)
     unknown = sorted(set(cfg.tokenizer) - set(KeyeVisualTokenizerConfig().to_dict()))
     if unknown:
         raise ConfigError(f"tokenizer: unknown field {unknown[0]!r} of visual_tokenizer_config")
@@ -263,9 +267,9 @@ def run_vq_stage(cfg, run_root: Path) -> Path:
         kmeans_iters=cfg.kmeans_iters,
         run=cfg.run,
     )
-    report = run(vq_cfg, out_dir / "tokenizer")
+    model, processor = load_start(cfg, run_root)  # loaded once: its ViT feeds the tokenizer, then the twin is built from it
+    report = run(vq_cfg, out_dir / "tokenizer", model=model)
     log.info("%s: codebooks after training\n%s", cfg.out, format_report(report["final"]))
-    model, processor = load_start(cfg, run_root)
     save_model(discrete_from_continuous(model, out_dir / "tokenizer"), processor, out_dir)
     return out_dir
 

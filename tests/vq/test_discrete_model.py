@@ -82,7 +82,8 @@ def test_visual_positions_get_the_sum_of_their_code_embeddings_and_only_code_row
     assert model.model.visual_embed_tokens.weight.requires_grad
     assert not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("model.visual_embed_tokens."))
     assert counts == {"projector": model.model.visual_embed_tokens.weight.numel()}
-    counts = apply_freeze_plan(model, ["lm"])
+    counts = apply_freeze_plan(model, ["vision", "lm"])  # a stage's usual list: the ViT still stays frozen
+    assert "vision" not in counts and not any(p.requires_grad for p in model.visual.parameters())
     assert not model.model.visual_embed_tokens.weight.requires_grad
     assert not any(p.requires_grad for p in model.visual_tokenizer.parameters())
     assert counts["lm"] == sum(p.numel() for n, p in model.named_parameters()
