@@ -118,8 +118,10 @@ def evaluate_stage(cfg: StageConfig, run_root: Path, specs: list[EvalSpec]) -> d
     Results (resumable, per item) land in ``<stage>/eval/<split>-<mode>/``; a summary in ``eval.json``."""
     from keye.api import load
     from keye.eval.runner import evaluate_world
+    from keye.train.runner import resolve_device
 
-    pipe = load(run_root / cfg.out / "model", device="cpu", dtype="float32")
+    # fp32 on the stage's device: greedy answers then match what the stage's own numbers were
+    pipe = load(run_root / cfg.out / "model", device=resolve_device(cfg.run.device), dtype="float32")
     summary = {}
     for spec in specs:
         name = f"{Path(spec.split).stem}-{spec.mode}"

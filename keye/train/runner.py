@@ -8,6 +8,11 @@ batch 4 x 1 does; a mean per micro-batch would weight short samples more wheneve
 
 The batch order is a pure function of (seed, epoch, position), so a resumed run reads exactly the batches
 the uninterrupted run would have, and the checkpoint only needs (epoch, position).
+
+Placement is the runner's too: it moves the model and every batch to ``run.device`` (``auto``: this rank's
+GPU when there is one, else the CPU), runs the forward under ``run.precision`` (``bf16``: autocast, fp32
+master weights and optimizer states) and hands an unsharded model back on the device it came in on, so
+stage code around ``train()`` (saving, weight merging, the tokenizer report) never sees a device.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from keye.errors import ConfigError
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state, save_checkpoint
 from keye.train.distributed import DistConfig, Strategy, build_strategy
 from keye.train.metrics import MetricsLog, plot_curves
@@ -43,12 +49,39 @@ class RunConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:1", ...
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer states stay fp32)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
 LossFn = Callable[[nn.Module, Any], StepLoss]
 CountUnits = Callable[[Any], int]  # target units in a batch (e.g. label tokens), known before the forward
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` -> a torch device; ``auto`` picks the GPU torchrun assigned to this rank."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device: {name!r} asked for, but this machine has no CUDA GPU (use auto or cpu)")
+    return device
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) dicts, lists and tuples moved to ``device``; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 class BatchPlan:
@@ -85,7 +118,11 @@ def train(
 ) -> nn.Module:
     """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the (unwrapped) model."""
     run_dir = Path(run_dir)
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"run.precision: {cfg.precision!r} is not one of {sorted(PRECISIONS)}")
     strategy = build_strategy(cfg.dist, cfg.accum_steps, cfg.optim.grad_clip, cfg.micro_batch)
+    device, home = resolve_device(cfg.device), _device_of(model)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     state, checkpoint = TrainState(), latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:  # weights and RNG go into the plain model, before any wrapping or sharding
@@ -104,7 +141,7 @@ def train(
         started = time.perf_counter()
         batches = [collate([dataset[i] for i in plan.indices(position + k)]) for k in range(cfg.accum_steps)]
         position += cfg.accum_steps
-        stats = _accumulate(wrapped, batches, loss_fn, count_units, strategy)
+        stats = _accumulate(wrapped, batches, loss_fn, count_units, strategy, device, PRECISIONS[cfg.precision])
         stats["grad_norm"] = strategy.step(wrapped, optimizer)
         stats["lr"] = optimizer.param_groups[0]["lr"]
         scheduler.step()
@@ -120,12 +157,20 @@ def train(
     bar.close()
     if strategy.is_main:
         plot_curves(run_dir)
-    return strategy.unwrap(wrapped)
+    model = strategy.unwrap(wrapped)
+    # sharded parameters stay where the strategy put them; saving gathers them (full_state_dict)
+    return model.to(home) if cfg.dist.strategy in ("none", "ddp") else model
 
 
-def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: CountUnits, strategy: Strategy) -> dict[str, float]:
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: CountUnits, strategy: Strategy,
+                device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Forward/backward each micro-batch, normalised by the units of the whole window on all ranks."""
-    units = torch.tensor(float(sum(count_units(b) for b in batches)))
+    # on the device: NCCL reduces only GPU tensors
+    units = torch.tensor(float(sum(count_units(b) for b in batches)), device=device)
     if strategy.world_size > 1:
         torch.distributed.all_reduce(units)
     if units == 0:
@@ -133,17 +178,18 @@ def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: C
     # Strategies average gradients over ranks and backward() divides by the window length, so scale the
     # summed loss by window / (units per rank): the gradient is then d(sum of losses)/d(theta) / units.
     scale = len(batches) * strategy.world_size / units
-    total, aux_total = torch.zeros(()), 0.0
+    total, aux_total = torch.zeros((), device=device), 0.0
     metrics: dict[str, float] = {}
     for k, batch in enumerate(batches):
         with strategy.accumulating(model, boundary=k == len(batches) - 1):
-            out = loss_fn(model, batch)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = loss_fn(model, to_device(batch, device))
             loss = out.loss_sum * scale
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
                 aux_total += float(out.aux_loss.detach()) / len(batches)
             strategy.backward(loss)
-        total += out.loss_sum.detach().float().cpu()
+        total += out.loss_sum.detach().float()
         for key, value in out.metrics.items():
             metrics[key] = metrics.get(key, 0.0) + float(value) / len(batches)
     if strategy.world_size > 1:

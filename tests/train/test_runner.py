@@ -80,3 +80,51 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [r["loss"] for r in resumed_rows] == [r["loss"] for r in full_rows]
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path):
+    cfg = RunConfig(steps=12, micro_batch=4, precision="bf16", optim=OptimConfig(lr=0.05, warmup_steps=2))
+    model = train(TokenModel(), make_dataset(), collate, loss_fn, count_units, cfg, tmp_path / "bf16")
+    rows = read_metrics(tmp_path / "bf16" / "metrics.jsonl")
+    _, fp32_rows = run(tmp_path, steps=1, name="fp32")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert rows[0]["loss"] == pytest.approx(fp32_rows[0]["loss"], rel=2e-2)  # same batch, bf16 matmuls
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.9
+
+
+def test_device_and_precision_settings_are_checked(tmp_path):
+    from keye.errors import ConfigError
+    from keye.train.runner import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="run.device: 'gpu0' is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    cfg = RunConfig(steps=1, micro_batch=4, precision="fp8")
+    with pytest.raises(ConfigError, match="run.precision: 'fp8'"):
+        train(TokenModel(), make_dataset(), collate, loss_fn, count_units, cfg, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_to_device_moves_every_nested_tensor_and_nothing_else():
+    from keye.train.runner import to_device
+
+    t = torch.ones(2)
+    moved = to_device({"pixels": t, "parts": [t, (t, 3)], "name": "clip"}, torch.device("meta"))
+    assert moved["pixels"].is_meta and moved["parts"][0].is_meta and moved["parts"][1][0].is_meta
+    assert moved["parts"][1][1] == 3 and moved["name"] == "clip" and isinstance(moved["parts"][1], tuple)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_matches_cpu_run_and_hands_the_model_back_on_cpu(tmp_path):
+    cpu, cpu_rows = run(tmp_path, name="cpu")
+    cfg = RunConfig(steps=6, micro_batch=4, device="cuda", optim=OptimConfig(lr=0.05, warmup_steps=2))
+    model = train(TokenModel(), make_dataset(), collate, loss_fn, count_units, cfg, tmp_path / "gpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    gpu_rows = read_metrics(tmp_path / "gpu" / "metrics.jsonl")
+    assert [r["loss"] for r in gpu_rows] == pytest.approx([r["loss"] for r in cpu_rows], rel=1e-3)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, cpu[key], rtol=1e-3, atol=1e-4)
