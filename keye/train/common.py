@@ -70,6 +70,9 @@ class StageConfig:
     rope_theta: float | None = None  # anneal: context extension by a larger RoPE base
     merge_seeds: list[int] = field(default_factory=list)  # anneal: one run per seed, weights averaged
     siglip_frames: int = 2  # vit stage: frames per clip paired with its caption
+    # vit stage: weight of the region term (each patch vs the phrase of the box holding it; rows need
+    # frame_boxes, as the world's frames.jsonl has); 0 turns it off
+    siglip_regions: float = 0.0
     # vq stage: overrides of the visual_tokenizer_config (e.g. {codebook_size: 512}) and its k-means init
     tokenizer: dict[str, Any] = field(default_factory=dict)
     kmeans_iters: int = 10

@@ -16,15 +16,17 @@ Run a stage with ``python -m keye.train.pretrain STAGE.yaml [--run-root DIR] [ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from keye.errors import ConfigError
+from keye.errors import ConfigError, KeyeInputError
 from keye.processing import patchify
 from keye.train.common import (
     LMDataset, StageConfig, count_label_tokens, lm_collate, lm_loss_fn, prepare, read_rows, save_model,
@@ -32,7 +34,7 @@ from keye.train.common import (
 )
 from keye.data.collate import SampleBuilder
 from keye.data.modes import assign_modes
-from keye.train.losses import siglip_sigmoid_loss
+from keye.train.losses import region_sigmoid_loss, siglip_sigmoid_loss
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import StepLoss, train
 
@@ -44,7 +46,9 @@ log = logging.getLogger(__name__)
 
 class SiglipHead(nn.Module):
     """Projections into a shared space, a bag-of-words text tower and SigLIP's temperature and bias
-    (initialised to log 10 and -10 as in the paper, sec. 3.1)."""
+    (initialised to log 10 and -10 as in the paper, sec. 3.1). The region term has its own patch
+    projection, temperature and bias: it sees tens of phrases per batch, not thousands of texts, so its
+    bias starts near log(1 / phrases) rather than at -10."""
 
     def __init__(self, vision_dim: int, vocab_size: int, dim: int = 64):
         super().__init__()
@@ -53,6 +57,12 @@ class SiglipHead(nn.Module):
         self.text_proj = nn.Linear(dim, dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.302585))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.region_proj = nn.Linear(vision_dim, dim)
+        self.region_scale = nn.Parameter(torch.tensor(2.302585))
+        self.region_bias = nn.Parameter(torch.tensor(-2.5))
+
+    def embed_texts(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(self.text_embed(ids, offsets))
 
 
 class SiglipPair(nn.Module):
@@ -79,18 +89,48 @@ class ClipCaptionDataset:
         picks = torch.linspace(0, len(clip) - 1, min(self.frames, len(clip))).round().long().tolist()
         patches, grids = zip(*(patchify(clip.frames[i]) for i in picks))
         ids = self.builder.processor.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
-        return torch.cat(patches), torch.tensor(grids), torch.tensor(ids)
+        patches = torch.cat(patches)
+        return patches, torch.tensor(grids), torch.tensor(ids), Regions([], torch.full((len(patches),), -1))
+
+
+class Regions(NamedTuple):
+    """A frame's grounded phrases and, per ViT patch, the index of the phrase whose box holds the
+    patch centre (the smallest such box), or -1."""
+
+    phrases: list[str]
+    patch_phrase_P: torch.Tensor
+
+
+def patch_regions(boxes: list[list], grid: tuple[int, int, int]) -> Regions:
+    """``boxes``: [[phrase, x0, y0, x1, y1], ...] relative to the frame (0-1) -> ``Regions`` of the
+    (1, h, w) patch grid, raster order."""
+    _, h, w = grid
+    if not boxes:
+        return Regions([], torch.full((h * w,), -1))
+    box_K4 = torch.tensor([b[1:] for b in boxes], dtype=torch.float64)
+    cy_P, cx_P = ((torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1) + 0.5)
+                  / torch.tensor([h, w])[:, None])
+    inside_PK = ((box_K4[:, 0] <= cx_P[:, None]) & (cx_P[:, None] < box_K4[:, 2])
+                 & (box_K4[:, 1] <= cy_P[:, None]) & (cy_P[:, None] < box_K4[:, 3]))
+    area_K = (box_K4[:, 2] - box_K4[:, 0]) * (box_K4[:, 3] - box_K4[:, 1])
+    smallest_P = torch.where(inside_PK, area_K, torch.inf).argmin(-1)
+    return Regions([b[0] for b in boxes], torch.where(inside_PK.any(-1), smallest_P, -1))
 
 
 class FrameCaptionDataset:
     """(one frame, its own text): for rows that describe every frame (``frame_texts``: [seconds, text]
     pairs, as in the world's ``frames.jsonl``). Frame-level pairs tie each text to the pixels it names,
     where a clip caption is spread over every frame of the clip. The frame is the decoded one nearest
-    to the text's time."""
+    to the text's time. Rows with ``frame_boxes`` ([seconds, [[phrase, x0, y0, x1, y1], ...]] per
+    listed frame) also ground each phrase in the patches under its box (``Regions``)."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder):
         self.builder = builder
         self.items = [(row, float(t), text) for row in rows for t, text in row["frame_texts"]]
+        self.boxes = [boxes for row in rows for _, boxes in (row.get("frame_boxes") or [(None, [])] * len(row["frame_texts"]))]
+        if len(self.boxes) != len(self.items):
+            bad = next(r.get("id") for r in rows if r.get("frame_boxes") and len(r["frame_boxes"]) != len(r["frame_texts"]))
+            raise KeyeInputError(f"row {bad!r}: frame_boxes must list the same frames as frame_texts")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -102,7 +142,7 @@ class FrameCaptionDataset:
         nearest = int(torch.as_tensor(clip.timestamps, dtype=torch.float64).sub(seconds).abs().argmin())
         patches, grid = patchify(clip.frames[nearest])
         ids = self.builder.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return patches, torch.tensor([grid]), torch.tensor(ids)
+        return patches, torch.tensor([grid]), torch.tensor(ids), patch_regions(self.boxes[index], grid)
 
 
 def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str]):
@@ -121,27 +161,53 @@ def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: l
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-def siglip_collate(samples):
-    patches, grids, ids = zip(*samples)
-    return {
+def siglip_collate(samples, tokenizer=None):
+    """Pairs -> one batch. With a ``tokenizer``, the batch's distinct grounded phrases are tokenized
+    (``phrase_ids`` / ``phrase_offsets``) and ``patch_phrase`` indexes them per patch (-1: none)."""
+    patches, grids, ids, regions = zip(*samples)
+    batch = {
         "pixel_values": torch.cat(patches),
         "grid_thw": torch.cat(grids),
         "frames_per_clip": [len(g) for g in grids],
         "text_ids": torch.cat(ids),
-        "text_offsets": torch.tensor([0, *torch.tensor([len(i) for i in ids]).cumsum(0)[:-1].tolist()]),
+        "text_offsets": _offsets([len(i) for i in ids]),
     }
+    if tokenizer is not None:
+        phrases = list(dict.fromkeys(p for r in regions for p in r.phrases))
+        index = {p: k for k, p in enumerate(phrases)}
+        batch["patch_phrase"] = torch.cat([
+            torch.tensor([index[p] for p in r.phrases] + [-1])[r.patch_phrase_P] for r in regions])  # -1 -> the appended -1
+        tokens = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in phrases]
+        batch["phrase_ids"] = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+        batch["phrase_offsets"] = _offsets([len(t) for t in tokens])
+    return batch
 
 
-def siglip_loss_fn(pair: SiglipPair, batch) -> StepLoss:
+def _offsets(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()], dtype=torch.long)
+
+
+def siglip_loss_fn(pair: SiglipPair, batch, region_weight: float = 0.0) -> StepLoss:
+    """SigLIP on (frame or clip, text) pairs; with ``region_weight`` > 0, plus that weight times the
+    region term: every patch against the batch's grounded phrases, positive only for the phrase whose
+    box holds it. Pooling alone lets the tower spread a frame's content over all its tokens and lose
+    which colour goes with which shape; the region term keeps each patch about what lies under it."""
     feats_ND = pair.visual(batch["pixel_values"], batch["grid_thw"])
     per_frame = (batch["grid_thw"].prod(-1)).tolist()
     frame_means = torch.stack([f.mean(0) for f in feats_ND.split(per_frame)])
     clip_means = torch.stack([f.mean(0) for f in frame_means.split(batch["frames_per_clip"])])
     head = pair.siglip_head
     image_BD = head.image_proj(clip_means)
-    text_BD = head.text_proj(head.text_embed(batch["text_ids"], batch["text_offsets"]))
+    text_BD = head.embed_texts(batch["text_ids"], batch["text_offsets"])
     loss = siglip_sigmoid_loss(image_BD, text_BD, head.logit_scale, head.logit_bias)
-    return StepLoss(loss_sum=loss * len(image_BD), metrics={"logit_scale": float(head.logit_scale.detach().exp())})
+    metrics = {"logit_scale": float(head.logit_scale.detach().exp())}
+    if region_weight > 0 and len(batch.get("phrase_offsets", ())):
+        phrase_KD = head.embed_texts(batch["phrase_ids"], batch["phrase_offsets"])
+        region = region_sigmoid_loss(head.region_proj(feats_ND), phrase_KD, batch["patch_phrase"],
+                                     head.region_scale, head.region_bias)
+        metrics |= {"frame_loss": float(loss.detach()), "region_loss": float(region.detach())}
+        loss = loss + region_weight * region
+    return StepLoss(loss_sum=loss * len(image_BD), metrics=metrics)
 
 
 def run_vit(cfg: StageConfig, run_root: Path) -> Path:
@@ -154,7 +220,12 @@ def run_vit(cfg: StageConfig, run_root: Path) -> Path:
     log.info("%s: trainable parameters with the SigLIP head %s", cfg.out, apply_freeze_plan(pair, cfg.train))
     dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train)
     log.info("%s: %d image/text pairs", cfg.out, len(dataset))
-    train(pair, dataset, siglip_collate, siglip_loss_fn,
+    if cfg.siglip_regions > 0 and not any(row.get("frame_boxes") for row in rows):
+        raise ConfigError(f"siglip_regions: {cfg.siglip_regions} asks for the region term, but no row of {cfg.data.train} "
+                          "has frame_boxes (a world generated before version 4? generate it again)")
+    regions = cfg.siglip_regions > 0
+    train(pair, dataset, functools.partial(siglip_collate, tokenizer=processor.tokenizer if regions else None),
+          functools.partial(siglip_loss_fn, region_weight=cfg.siglip_regions),
           lambda batch: len(batch["frames_per_clip"]), cfg.run, out_dir, desc=cfg.out)
     return save_model(model, processor, out_dir)
 

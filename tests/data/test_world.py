@@ -254,6 +254,25 @@ def test_frame_listing_names_what_each_sampled_frame_shows(world):
                     assert mask.sum() <= (clip.width * 0.12) ** 2 * 2.5, (row["id"], t, color)
 
 
+def test_frame_boxes_bound_the_rendered_pixels_of_each_listed_object(world):
+    """Each box holds every pixel of its object and is tight to them (within 2.5 px: a triangle's apex
+    and the ends of its base are thinner than a pixel), clipped to the frame, in the listing's order."""
+    for row in _rows(world / "frames.jsonl"):
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        labels = segment(render_clip(clip))
+        assert [t for t, _ in row["frame_boxes"]] == [t for t, _ in row["frame_texts"]]
+        for (t, boxes), (_, listing) in zip(row["frame_boxes"], row["frame_texts"]):
+            assert [b[0] for b in boxes] == ([] if listing == "nothing" else [" ".join(o.split()[:2]) for o in listing.split(", ")])
+            frame = labels[int(round(t * clip.fps))]
+            for phrase, x0, y0, x1, y1 in boxes:
+                ys, xs = np.nonzero(frame == _NAMES.index(phrase.split()[0]))
+                assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+                # pixel i is drawn when the shape holds the point x = i
+                for lo, hi, n, size in ((x0, x1, xs, clip.width), (y0, y1, ys, clip.height)):
+                    assert lo * size - 0.01 <= n.min() < lo * size + 2.5, (row["id"], t, phrase)
+                    assert hi * size - 2.5 < n.max() <= hi * size + 0.01, (row["id"], t, phrase)
+
+
 def test_reasoning_chains_speak_in_the_frame_listings_cells(world):
     """Chains place objects in the grid cells the frame listings use, never in pixel coordinates, and
     every placement (and every 'further right' / 'lower' ...) agrees with the listing at that time."""

@@ -29,3 +29,23 @@ def test_siglip_loss_prefers_matched_pairs():
     matched = siglip_sigmoid_loss(emb, emb + 0.01 * torch.randn(8, 16), scale, bias)
     shuffled = siglip_sigmoid_loss(emb, emb[torch.randperm(8)], scale, bias)
     assert matched < shuffled
+
+
+def test_region_loss_equals_a_pairwise_reference_and_is_siglip_on_one_patch_per_phrase():
+    from keye.train.losses import region_sigmoid_loss
+
+    torch.manual_seed(0)
+    patches, phrases = torch.randn(7, 16), torch.randn(3, 16)
+    target = torch.tensor([0, -1, 2, 2, 1, -1, 0])
+    scale, bias = torch.tensor(1.2), torch.tensor(-2.0)
+    ours = region_sigmoid_loss(patches, phrases, target, scale, bias)
+    p, q = torch.nn.functional.normalize(patches, dim=-1), torch.nn.functional.normalize(phrases, dim=-1)
+    reference = 0.0
+    for i in range(7):
+        for k in range(3):
+            z = float(p[i] @ q[k]) * scale.exp() + bias
+            reference += -torch.nn.functional.logsigmoid(z if target[i] == k else -z)
+    torch.testing.assert_close(ours, reference / 7)
+    image, text = torch.randn(5, 16), torch.randn(5, 16)
+    torch.testing.assert_close(region_sigmoid_loss(image, text, torch.arange(5), scale, bias),
+                               siglip_sigmoid_loss(image, text, scale, bias))

@@ -99,7 +99,7 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
     palette = np.array(list(COLORS.values()), dtype=np.int32)
     for index in range(0, len(dataset), 5):
         row, seconds, text = dataset.items[index]
-        patches, grid, ids = dataset[index]
+        patches, grid, ids, regions = dataset[index]
         clip = builder.vision(builder.messages(row)[0]).videos[0]
         (j,) = np.flatnonzero(np.isclose(clip.timestamps.numpy(), seconds))  # the 2 fps grid: exact times
         assert torch.equal(patches, patchify(clip.frames[j])[0]) and grid.tolist() == [[1, 4, 4]]
@@ -118,6 +118,58 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
     assert changed_groups(start_state(frames_cfg, run_root), state_of(run_root, "stage0_frames")) == {"vision"}
 
 
+def test_patch_regions_take_the_smallest_box_holding_each_patch_centre():
+    from keye.train.pretrain import patch_regions
+
+    # a 2 x 4 patch grid; patch centres at x = 1/8, 3/8, 5/8, 7/8 and y = 1/4, 3/4
+    regions = patch_regions([["gray square", 0.0, 0.0, 1.0, 1.0], ["red circle", 0.5, 0.0, 0.8, 0.5]], (1, 2, 4))
+    assert regions.phrases == ["gray square", "red circle"]
+    assert regions.patch_phrase_P.tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    assert patch_regions([], (1, 2, 2)).patch_phrase_P.tolist() == [-1] * 4
+
+
+def test_stage0_region_term_grounds_each_phrase_under_its_box(run_root, chain):
+    """siglip_regions: the world's frame_boxes reach the loss (phrases per patch match the boxes), the
+    region loss falls, only the vision tower trains; rows without boxes are a ConfigError."""
+    import dataclasses
+
+    from keye.errors import ConfigError
+    from keye.processing import load_nano_processor
+    from keye.train.pretrain import siglip_collate
+
+    cfg = dataclasses.replace(chain["stage0_vit"], out="stage0_regions", siglip_regions=1.0,
+                              data=dataclasses.replace(chain["stage0_vit"].data, train=["world/frames.jsonl"]))
+    run_stage(cfg, run_root)
+    rows = read_metrics(run_root / "stage0_regions" / "metrics.jsonl")
+    assert rows[-1]["region_loss"] < rows[0]["region_loss"]
+    assert changed_groups(start_state(cfg, run_root), state_of(run_root, "stage0_regions")) == {"vision"}
+
+    from keye.data.collate import SampleBuilder
+    from keye.train.pretrain import FrameCaptionDataset
+
+    frames = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
+    processor = load_nano_processor()
+    dataset = FrameCaptionDataset(frames, SampleBuilder(processor, cfg.video, base_dir=run_root / "world"))
+    batch = siglip_collate([dataset[i] for i in range(6)], tokenizer=processor.tokenizer)
+    phrases = [processor.tokenizer.decode(batch["phrase_ids"][a:b])
+               for a, b in zip(batch["phrase_offsets"].tolist(), [*batch["phrase_offsets"][1:].tolist(), len(batch["phrase_ids"])])]
+    P = 4  # 56 x 56 frames: 4 x 4 patches
+    for i in range(6):
+        boxes = dataset.boxes[i]
+        for j, k in enumerate(batch["patch_phrase"][i * P * P:(i + 1) * P * P].tolist()):
+            cx, cy = (j % P + 0.5) / P, (j // P + 0.5) / P
+            holding = [b for b in boxes if b[1] <= cx < b[3] and b[2] <= cy < b[4]]
+            assert (k == -1) == (not holding)
+            if holding:
+                assert phrases[k] == min(holding, key=lambda b: (b[3] - b[1]) * (b[4] - b[2]))[0]
+
+    bare = [{k: v for k, v in r.items() if k != "frame_boxes"} for r in frames]
+    (run_root / "world" / "frames_noboxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bare))
+    with pytest.raises(ConfigError, match="frame_boxes"):
+        run_stage(dataclasses.replace(cfg, out="stage0_noboxes",
+                                      data=dataclasses.replace(cfg.data, train=["world/frames_noboxes.jsonl"])), run_root)
+
+
 def test_stage0_mixes_frame_listings_and_clip_captions(run_root):
     from keye.data.collate import SampleBuilder, VideoOptions
     from keye.errors import ConfigError
@@ -131,8 +183,9 @@ def test_stage0_mixes_frame_listings_and_clip_captions(run_root):
                             base_dir=world)
     pairs = siglip_pairs(frames[:2] + captions[:3], builder, frames=2, files=["mixed"])
     assert len(pairs) == sum(len(r["frame_texts"]) for r in frames[:2]) + 3
-    patches, grids, ids = pairs[len(pairs) - 1]  # the last caption row: 2 frames of the clip, its caption
+    patches, grids, ids, regions = pairs[len(pairs) - 1]  # the last caption row: 2 frames of the clip, its caption
     assert len(grids) == 2 and builder.processor.tokenizer.decode(ids) == captions[2]["caption"]
+    assert regions.phrases == [] and (regions.patch_phrase_P == -1).all() and len(regions.patch_phrase_P) == len(patches)
     bare = {k: v for k, v in captions[0].items() if k != "caption"}
     with pytest.raises(ConfigError, match=str(bare["id"])):
         siglip_pairs(frames[:1] + [bare], builder, frames=2, files=["mixed"])

@@ -8,7 +8,8 @@ Layout of ``out_dir``::
     train_dense.jsonl             TRAIN clips only: one multi-turn conversation per clip asking one
                                   question of every kind the clip allows (dense QA for pretraining)
     frames.jsonl                  TRAIN clips only: per sampled frame, the objects in view and where
-                                  (a grounding task: every answer token needs the pixels)
+                                  (a grounding task: every answer token needs the pixels), with each
+                                  object's box (``frame_boxes``) for stage 0's region term
     train_zoom.jsonl val_zoom.jsonl test_zoom.jsonl think-with-image rows (video, then a crop image turn)
     captions.jsonl                captions of the TRAIN clips only, for alignment (no held-out leakage)
     captions_val.jsonl captions_test.jsonl         captions of the held-out clips, for caption eval
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from keye.data.world.questions import HINT_LEVELS, QA, QUESTION_KINDS, choose_question
-from keye.data.world.render import render_clip, zoom_crop
+from keye.data.world.render import object_box, render_clip, zoom_crop
 from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip, where
 from keye.config import from_dict
 from keye.errors import ConfigError
@@ -49,7 +50,7 @@ SPLITS = ("train", "val", "test")
 THINK_WITH_IMAGE_KIND = "zoom"
 CAPTION_PROMPT = "Describe the video."
 FRAMES_PROMPT = "List the objects in each frame and where they are."
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 def _default_kinds() -> dict[str, float]:
@@ -196,15 +197,10 @@ def dense_questions(config: WorldConfig, clip: Clip, rng: np.random.Generator) -
     return [qas[i] for i in rng.permutation(len(qas))]
 
 
-def frame_texts(clip: Clip) -> list[tuple[float, str]]:
-    """(seconds, 'red circle top left, blue square middle centre') for every 2 fps frame.
-
-    An object is listed while its centre is inside the frame, in reading order (top to bottom, then
-    left to right, by centre), so what comes first is decided by the pixels, not by how the spec was
-    drawn; a frame showing none says 'nothing'.
-    """
+def _frame_objects(clip: Clip):
+    """(seconds, [(x, y, object), ...]) for every 2 fps frame: the objects whose centre is inside the
+    frame, in reading order (top to bottom, then left to right, by centre)."""
     tracks = [[shot.centers_T2(obj, clip.fps) for obj in shot.objects] for shot in clip.shots]  # once per object
-    out = []
     for frame in range(0, clip.num_frames, clip.grid_step):
         s = clip.shot_of(frame)
         shot = clip.shots[s]
@@ -212,8 +208,33 @@ def frame_texts(clip: Clip) -> list[tuple[float, str]]:
         for obj, centers_T2 in zip(shot.objects, tracks[s]):
             x, y = centers_T2[frame - shot.start]
             if 0 <= x < clip.width and 0 <= y < clip.height:
-                seen.append((y, x, f"{obj.name} {where(x, y, clip.width, clip.height)}"))
-        out.append((round(frame / clip.fps, 3), ", ".join(text for _, _, text in sorted(seen)) or "nothing"))
+                seen.append((y, x, obj))
+        yield round(frame / clip.fps, 3), [(x, y, obj) for y, x, obj in sorted(seen, key=lambda v: (v[0], v[1]))]
+
+
+def frame_texts(clip: Clip) -> list[tuple[float, str]]:
+    """(seconds, 'red circle top left, blue square middle centre') for every 2 fps frame.
+
+    An object is listed while its centre is inside the frame, in reading order, so what comes first is
+    decided by the pixels, not by how the spec was drawn; a frame showing none says 'nothing'.
+    """
+    return [(t, ", ".join(f"{obj.name} {where(x, y, clip.width, clip.height)}" for x, y, obj in seen) or "nothing")
+            for t, seen in _frame_objects(clip)]
+
+
+def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
+    """(seconds, [[phrase, x0, y0, x1, y1], ...]) for every 2 fps frame: the listed objects' boxes in
+    coordinates relative to the frame (0-1), the grounding layout of region/phrase datasets. Stage 0's
+    region term pairs each ViT patch with the phrase of the box its centre falls in."""
+    out = []
+    for t, seen in _frame_objects(clip):
+        boxes = []
+        for x, y, obj in seen:
+            box = object_box(obj.shape, x, y, obj.radius, clip.width, clip.height)
+            x0, y0, x1, y1 = box  # a centre in view always leaves part of the object in view
+            boxes.append([obj.name, round(x0 / clip.width, 4), round(y0 / clip.height, 4),
+                          round(x1 / clip.width, 4), round(y1 / clip.height, 4)])
+        out.append((t, boxes))
     return out
 
 
@@ -235,10 +256,12 @@ def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dic
 
 
 def frames_row(clip: Clip) -> dict:
-    """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) for frame-level
-    contrastive pretraining of the ViT (stage 0 pairs each frame with its own text)."""
+    """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) and ``frame_boxes``
+    for frame-level contrastive pretraining of the ViT (stage 0 pairs each frame with its own text, and
+    each patch with the phrase of its box)."""
     texts = frame_texts(clip)
-    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts), frame_texts=[list(p) for p in texts])
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts), frame_texts=[list(p) for p in texts],
+                         frame_boxes=[[t, boxes] for t, boxes in frame_boxes(clip)])
 
 
 def caption(clip: Clip) -> str:

@@ -42,6 +42,15 @@ def _triangle(xx, yy, cx, cy, r):
     return (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2.0)
 
 
+def object_box(shape: str, cx: float, cy: float, r: float, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """Pixel extent (x0, y0, x1, y1) of a shape centred at (cx, cy), clipped to the frame; None when no
+    part of it is in view. Matches the masks above: the square's half-side is ``SQUARE_HALF_SIDE * r``,
+    circle and triangle span r on every side (the triangle's apex at cy - r, its base at cy + r)."""
+    half = r * SQUARE_HALF_SIDE if shape == "square" else r
+    x0, y0, x1, y1 = max(0.0, cx - half), max(0.0, cy - half), min(float(width), cx + half), min(float(height), cy + half)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+
+
 def render_background(background: Background, height: int, width: int) -> np.ndarray:
     """(H, W, 3) uint8."""
     frame_HW3 = np.empty((height, width, 3), dtype=np.uint8)
