@@ -56,7 +56,7 @@ from keye.train.metrics import MetricsLog, plot_curves
 from keye.train.optim import apply_freeze_plan, build_optimizer, build_scheduler
 from keye.train.rewards import combine_rewards, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
-from keye.train.runner import BatchPlan, RunConfig, resumable_optimizer, save_run
+from keye.train.runner import BatchPlan, RunConfig, resolve_device, resumable_optimizer, save_run, to_device
 
 log = logging.getLogger(__name__)
 
@@ -318,12 +318,12 @@ def completion_logps(model: nn.Module, batch: dict, temperature: float, router: 
     out = model(**inputs, logits_to_keep=T + 1, use_cache=False, output_router_logits=router or None)
     logits_BTV = out.logits[:, :-1].float() / temperature  # position t predicts token t+1
     if suppress:
-        logits_BTV = logits_BTV.index_fill(-1, torch.tensor(suppress), float("-inf"))
+        logits_BTV = logits_BTV.index_fill(-1, torch.tensor(suppress, device=logits_BTV.device), float("-inf"))
     logp_BTV = logits_BTV.log_softmax(-1)
     logps_BT = logp_BTV.gather(-1, ids_BT[..., None]).squeeze(-1)
     with torch.no_grad():
         entropy_BT = -(logp_BTV.exp() * logp_BTV.nan_to_num(neginf=0.0)).sum(-1)
-    aux = torch.zeros(())
+    aux = torch.zeros((), device=logps_BT.device)
     if router and out.aux_loss is not None:
         config = _config_of(model)
         aux = config.text_config.router_aux_loss_coef * out.aux_loss
@@ -356,10 +356,10 @@ def _micro_batches(seqs: list[Completion], size: int, pad_id: int):
 
 
 @torch.no_grad()
-def _fill_logps(model, seqs, attr, size, pad_id, temperature, suppress) -> None:
+def _fill_logps(model, seqs, attr, size, pad_id, temperature, suppress, device=torch.device("cpu")) -> None:
     for chunk, batch in _micro_batches(seqs, size, pad_id):
-        logps_BT, _, _ = completion_logps(model, batch, temperature, suppress=suppress)
-        for s, row in zip(chunk, logps_BT):
+        logps_BT, _, _ = completion_logps(model, to_device(batch, device), temperature, suppress=suppress)
+        for s, row in zip(chunk, logps_BT.cpu()):
             setattr(s, attr, row[: len(s.completion)].clone())
 
 
@@ -398,6 +398,10 @@ class RLStage:
         self.prompts = PromptBuilder(self.processor, cfg.video, base)
 
         self.strategy = build_strategy(cfg.run.dist, 1, cfg.run.optim.grad_clip, cfg.run.micro_batch)
+        self.device = resolve_device(cfg.run.device)
+        model.to(self.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
         self.state, checkpoint = TrainState(), latest_checkpoint(self.out_dir) if resume else None
         if checkpoint is not None:  # weights + RNG into the plain model, before wrapping
             self.state = load_checkpoint(checkpoint, model)
@@ -417,14 +421,14 @@ class RLStage:
         """G sampled completions for each row, one batched ``generate`` call."""
         r = self.cfg.rollout
         prompts = [self.prompts(row) for row in rows]
-        batch = collate_prompts([p for p in prompts for _ in range(r.group_size)], self.pad_id)
+        batch = to_device(collate_prompts([p for p in prompts for _ in range(r.group_size)], self.pad_id), self.device)
         self.model.eval()
         generated = self.model.generate(
             **batch, do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or None,
             max_new_tokens=r.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             suppress_tokens=self.suppress,
         )
-        completions = cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id)
+        completions = cut_at_eos(generated[:, batch["input_ids"].shape[1] :].cpu(), self.eos_id)
         return score_groups(prompts, completions, self.processor, self.cfg.rewards, hint_level, r.group_size)
 
     def rollout(self, position: int) -> tuple[list[Group], int, dict[str, float]]:
@@ -451,9 +455,9 @@ class RLStage:
         self.wrapped.train()
         # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
         # several, later minibatches see a moved policy and the ratio does its job.
-        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress)
+        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         if self.reference is not None:
-            _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress)
+            _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         totals: dict[str, float] = {}
         updates = 0
         for epoch in range(cfg.epochs):
@@ -476,13 +480,14 @@ class RLStage:
         router = cfg.router_aux and _config_of(self.wrapped).is_moe
         for k, (chunk, batch) in enumerate(micro):
             with self.strategy.accumulating(self.wrapped, boundary=k == len(micro) - 1):
+                batch = to_device(batch, self.device)
                 logps_BT, entropy_BT, aux = completion_logps(
                     self.wrapped, batch, cfg.rollout.temperature, router, self.suppress)
                 mask_BT = batch["completion_mask"]
                 T = mask_BT.shape[1]
-                old_BT = _pad_stack([s.old_logps for s in chunk], T)
-                ref_BT = _pad_stack([s.ref_logps for s in chunk], T) if self.reference is not None else None
-                adv_B = torch.tensor([s.advantage for s in chunk])
+                old_BT = _pad_stack([s.old_logps for s in chunk], T).to(self.device)
+                ref_BT = _pad_stack([s.ref_logps for s in chunk], T).to(self.device) if self.reference is not None else None
+                adv_B = torch.tensor([s.advantage for s in chunk], device=self.device)
                 loss_B, stats = sequence_loss(logps_BT, old_BT, adv_B, mask_BT, cfg.loss, ref_BT)
                 share = len(chunk) / n
                 self.strategy.backward(loss_B.sum() / n + aux * share)
@@ -528,11 +533,11 @@ class RLStage:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             prompts = [self.prompts(r) for r in chunk]
-            batch = collate_prompts(prompts, self.pad_id)
+            batch = to_device(collate_prompts(prompts, self.pad_id), self.device)
             generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                                             suppress_tokens=self.suppress)
-            texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :], self.eos_id),
+            texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :].cpu(), self.eos_id),
                                                 skip_special_tokens=True)
             correct += sum(is_correct(t, r["answer"], r.get("options")) for t, r in zip(texts, chunk))
             formatted += sum(format_ok(t, r.get("think_mode")) for t, r in zip(texts, chunk))

@@ -49,6 +49,7 @@ class RunConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    num_workers: int = 0  # DataLoader worker processes building batches ahead; 0: built in the loop
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer states stay fp32)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -135,11 +136,12 @@ def train(
     log = MetricsLog(run_dir, resume_step=state.step if checkpoint else None) if strategy.is_main else None
 
     position = state.data_position.get("position", 0)
+    micro_batches = _micro_batches(dataset, collate, plan, position, cfg.num_workers)
     bar = tqdm(total=cfg.steps, initial=state.step, desc=desc, disable=not strategy.is_main, dynamic_ncols=True)
     wrapped.train()
     while state.step < cfg.steps:
         started = time.perf_counter()
-        batches = [collate([dataset[i] for i in plan.indices(position + k)]) for k in range(cfg.accum_steps)]
+        batches = [next(micro_batches) for _ in range(cfg.accum_steps)]
         position += cfg.accum_steps
         stats = _accumulate(wrapped, batches, loss_fn, count_units, strategy, device, PRECISIONS[cfg.precision])
         stats["grad_norm"] = strategy.step(wrapped, optimizer)
@@ -160,6 +162,30 @@ def train(
     model = strategy.unwrap(wrapped)
     # sharded parameters stay where the strategy put them; saving gathers them (full_state_dict)
     return model.to(home) if cfg.dist.strategy in ("none", "ddp") else model
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """The plan's micro-batches from ``position`` on, endlessly (the loop decides when to stop)."""
+
+    def __init__(self, plan: BatchPlan, position: int):
+        self.plan, self.position = plan, position
+
+    def __iter__(self):
+        position = self.position
+        while True:
+            yield self.plan.indices(position)
+            position += 1
+
+
+def _micro_batches(dataset: Sequence, collate: Callable[[list], Any], plan: BatchPlan, position: int, num_workers: int):
+    """Collated micro-batches in plan order from ``position`` on. With workers a DataLoader builds them
+    ahead in other processes (the same batches: the order is the plan's, not the workers'); a bad sample
+    is then counted in the worker that met it, and its warning names it."""
+    if num_workers <= 0:
+        return (collate([dataset[i] for i in indices]) for indices in _PlanSampler(plan, position))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_PlanSampler(plan, position), collate_fn=collate,
+                                         num_workers=num_workers, prefetch_factor=4)
+    return iter(loader)
 
 
 def _device_of(model: nn.Module) -> torch.device:

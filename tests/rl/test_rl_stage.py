@@ -86,14 +86,16 @@ def test_completion_logps_equal_generation_scores_batched_and_alone(world, proce
         torch.testing.assert_close(together[b, : len(c)], step_logps[b, : len(c)], atol=1e-4, rtol=1e-4)
 
 
-def test_gspo_moves_probability_to_rewarded_completions(world, processor, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_gspo_moves_probability_to_rewarded_completions(world, processor, monkeypatch, device):
     """A few GSPO steps through the real loop: the completions it was rewarded for became more
     likely, the penalised ones less; frozen groups did not move; the MoE router loss took part."""
     monkeypatch.setitem(REWARDS, "vowels", vowel_share)
     cfg = load_rl_config(RECIPE, TINY + [
         "rewards={vowels: 1.0}", "hints.enabled=false", "zero_variance=filter", "rollout.prompts_per_step=2",
         "rollout.group_size=4", "minibatch_size=4", "run.steps=3", "run.save_every=0",
-        "run.optim={lr: 3.0e-3, schedule: constant}", "out=learn",
+        "run.optim={lr: 3.0e-3, schedule: constant}", f"out=learn_{device}", f"run.device={device}",
     ])
     torch.manual_seed(0)
     model = build_model("keye-nano")
@@ -108,6 +110,8 @@ def test_gspo_moves_probability_to_rewarded_completions(world, processor, monkey
 
     stage.sample = recording
     stage.run()
+    assert next(model.parameters()).device.type == device
+    model.cpu()
 
     adv = torch.cat([group_advantages(g.rewards_G) for g in seen if not g.zero_variance])
     kept = [g for g in seen if not g.zero_variance]

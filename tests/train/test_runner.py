@@ -128,3 +128,13 @@ def test_cuda_run_matches_cpu_run_and_hands_the_model_back_on_cpu(tmp_path):
     assert [r["loss"] for r in gpu_rows] == pytest.approx([r["loss"] for r in cpu_rows], rel=1e-3)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, cpu[key], rtol=1e-3, atol=1e-4)
+
+
+def test_dataloader_workers_give_the_same_run(tmp_path):
+    inline, inline_rows = run(tmp_path, name="inline")
+    cfg = RunConfig(steps=6, micro_batch=4, num_workers=2, optim=OptimConfig(lr=0.05, warmup_steps=2))
+    model = train(TokenModel(), make_dataset(), collate, loss_fn, count_units, cfg, tmp_path / "workers")
+    rows = read_metrics(tmp_path / "workers" / "metrics.jsonl")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in inline_rows]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, inline[key], rtol=0, atol=0)
