@@ -73,26 +73,6 @@ class SiglipPair(nn.Module):
         self.visual, self.siglip_head = visual, head
 
 
-class ClipCaptionDataset:
-    """(frames of a clip, caption ids): ``frames`` evenly spaced frames of each captioned clip."""
-
-    def __init__(self, rows: list[dict], builder: SampleBuilder, frames: int):
-        self.rows, self.builder, self.frames = rows, builder, frames
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int):
-        row = self.rows[index]
-        messages, _ = self.builder.messages(row)
-        clip = self.builder.vision(messages).videos[0]
-        picks = torch.linspace(0, len(clip) - 1, min(self.frames, len(clip))).round().long().tolist()
-        patches, grids = zip(*(patchify(clip.frames[i]) for i in picks))
-        ids = self.builder.processor.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
-        patches = torch.cat(patches)
-        return patches, torch.tensor(grids), torch.tensor(ids), Regions([], torch.full((len(patches),), -1))
-
-
 class Regions(NamedTuple):
     """A frame's grounded phrases and, per ViT patch, the index of the phrase whose box holds the
     patch centre (the smallest such box), or -1."""
@@ -117,6 +97,26 @@ def patch_regions(boxes: list[list], grid: tuple[int, int, int]) -> Regions:
     return Regions([b[0] for b in boxes], torch.where(inside_PK.any(-1), smallest_P, -1))
 
 
+class ClipCaptionDataset:
+    """(frames of a clip, caption ids): ``frames`` evenly spaced frames of each captioned clip."""
+
+    def __init__(self, rows: list[dict], builder: SampleBuilder, frames: int):
+        self.rows, self.builder, self.frames = rows, builder, frames
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = self.rows[index]
+        messages, _ = self.builder.messages(row)
+        clip = self.builder.vision(messages).videos[0]
+        picks = torch.linspace(0, len(clip) - 1, min(self.frames, len(clip))).round().long().tolist()
+        patches, grids = zip(*(patchify(clip.frames[i]) for i in picks))
+        ids = self.builder.processor.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
+        patches = torch.cat(patches)
+        return patches, torch.tensor(grids), torch.tensor(ids), Regions([], torch.full((len(patches),), -1))
+
+
 class FrameCaptionDataset:
     """(one frame, its own text): for rows that describe every frame (``frame_texts``: [seconds, text]
     pairs, as in the world's ``frames.jsonl``). Frame-level pairs tie each text to the pixels it names,
@@ -127,10 +127,12 @@ class FrameCaptionDataset:
     def __init__(self, rows: list[dict], builder: SampleBuilder):
         self.builder = builder
         self.items = [(row, float(t), text) for row in rows for t, text in row["frame_texts"]]
-        self.boxes = [boxes for row in rows for _, boxes in (row.get("frame_boxes") or [(None, [])] * len(row["frame_texts"]))]
-        if len(self.boxes) != len(self.items):
-            bad = next(r.get("id") for r in rows if r.get("frame_boxes") and len(r["frame_boxes"]) != len(r["frame_texts"]))
-            raise KeyeInputError(f"row {bad!r}: frame_boxes must list the same frames as frame_texts")
+        self.boxes: list[list] = []  # per item: [[phrase, x0, y0, x1, y1], ...], empty for rows without boxes
+        for row in rows:
+            boxes = row.get("frame_boxes")
+            if boxes is not None and len(boxes) != len(row["frame_texts"]):
+                raise KeyeInputError(f"row {row.get('id')!r}: frame_boxes must list the same frames as frame_texts")
+            self.boxes += [b for _, b in boxes] if boxes is not None else [[]] * len(row["frame_texts"])
 
     def __len__(self) -> int:
         return len(self.items)

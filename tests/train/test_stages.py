@@ -128,6 +128,18 @@ def test_patch_regions_take_the_smallest_box_holding_each_patch_centre():
     assert patch_regions([], (1, 2, 2)).patch_phrase_P.tolist() == [-1] * 4
 
 
+def test_frame_boxes_must_list_the_frames_of_frame_texts():
+    from keye.errors import KeyeInputError
+    from keye.train.pretrain import FrameCaptionDataset
+
+    row = {"id": "clip-7-frames", "frame_texts": [[0.0, "red circle top left"], [0.5, "nothing"]],
+           "frame_boxes": [[0.0, [["red circle", 0.0, 0.0, 0.2, 0.2]]]]}
+    with pytest.raises(KeyeInputError, match="'clip-7-frames'.*same frames"):
+        FrameCaptionDataset([row], builder=None)
+    row["frame_boxes"].append([0.5, []])
+    assert FrameCaptionDataset([row], builder=None).boxes == [[["red circle", 0.0, 0.0, 0.2, 0.2]], []]
+
+
 def test_stage0_region_term_grounds_each_phrase_under_its_box(run_root, chain):
     """siglip_regions: the world's frame_boxes reach the loss (phrases per patch match the boxes), the
     region loss falls, only the vision tower trains; rows without boxes are a ConfigError."""
