@@ -215,14 +215,15 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
 
 def evaluate_world(pipe_or_model, split_jsonl: str | os.PathLike, *, processor=None, out_dir=None,
                    mode: str = "no_think", max_new_tokens: int = 16, video_options: dict | None = None,
-                   limit: int | None = None, batch_size: int = 1, slow_fast: bool = True,
+                   limit: int | None = None, batch_size: int = 1, slow_fast: bool | None = None,
                    progress: bool = False) -> dict:
     """Open-ended accuracy on a synthetic-world split (``keye.data.world``), overall and per ``kind``.
 
     pipe_or_model: a ``KeyePipeline``, or a ``KeyeForConditionalGeneration`` plus ``processor``
     (default: the keye-nano processor). video_options / slow_fast: the message options and sampling
     training used (e.g. ``keye.data.collate.VideoOptions().part_defaults()``), so the model sees
-    frames the way it learnt them. Returns ``run_eval``'s
+    frames the way it learnt them; ``slow_fast`` applies to a given pipeline too, for this call only
+    (None: the pipeline's own setting, Slow-Fast for a bare model). Returns ``run_eval``'s
     results with ``per_kind``: kind -> accuracy added.
     """
     from keye.api import KeyePipeline
@@ -234,7 +235,12 @@ def evaluate_world(pipe_or_model, split_jsonl: str | os.PathLike, *, processor=N
             from keye.processing import load_nano_processor
 
             processor = load_nano_processor()
-        pipe = KeyePipeline(pipe_or_model, processor, slow_fast=slow_fast)
+        pipe = KeyePipeline(pipe_or_model, processor)
+    # A pipeline's own Slow-Fast setting must not override the sampling the model was trained with:
+    # frames it never saw (fast frames at Keye's 48-token floor beside 16-token slow ones) cost the
+    # nano model up to 14 points, and that cost varied from run to run.
+    own_slow_fast = pipe.slow_fast
+    pipe.slow_fast = own_slow_fast if slow_fast is None else slow_fast
     split = Path(split_jsonl)
     definition = EvalDefinition(name=f"world-{split.stem}", format="world", annotations=str(split.resolve()),
                                 prompt="{question}", mode=mode, max_new_tokens=max_new_tokens,
@@ -244,5 +250,6 @@ def evaluate_world(pipe_or_model, split_jsonl: str | os.PathLike, *, processor=N
                            batch_size=batch_size, progress=progress)
     finally:
         pipe.model.train(was_training)
+        pipe.slow_fast = own_slow_fast
     results["per_kind"] = {kind: g["accuracy"] for kind, g in results["by"].get("kind", {}).items()}
     return results

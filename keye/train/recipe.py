@@ -121,7 +121,8 @@ def evaluate_stage(cfg: StageConfig, run_root: Path, specs: list[EvalSpec]) -> d
     from keye.train.runner import resolve_device
 
     # fp32 on the stage's device: greedy answers then match what the stage's own numbers were
-    pipe = load(run_root / cfg.out / "model", device=resolve_device(cfg.run.device), dtype="float32")
+    pipe = load(run_root / cfg.out / "model", device=resolve_device(cfg.run.device), dtype="float32",
+                slow_fast=cfg.video.slow_fast)
     summary = {}
     for spec in specs:
         name = f"{Path(spec.split).stem}-{spec.mode}"

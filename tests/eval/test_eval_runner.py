@@ -169,6 +169,34 @@ def test_evaluate_world_per_kind_accuracy(world, nano, tmp_path):
     assert real["overall"]["n"] == 2 and model.training  # the training loop gets its model back in train mode
 
 
+class LayoutRecorder(KeyePipeline):
+    """Records, per generate call, the Slow-Fast setting and whether the inputs hold fast frames."""
+
+    def __init__(self, model, processor):
+        super().__init__(model, processor)  # Slow-Fast on, as keye.load gives by default
+        self.seen = []
+
+    def generate(self, conversations, mode="auto", max_new_tokens=None, **kwargs):
+        ids = self.inputs(conversations, mode)["input_ids"]
+        fast = self.processor.tokenizer.convert_tokens_to_ids("<|fast_start|>")
+        self.seen.append((self.slow_fast, bool((ids == fast).any())))
+        return ["wrong"] * len(conversations)
+
+
+def test_evaluate_world_samples_frames_the_way_training_did_even_through_a_pipeline(world, nano, tmp_path):
+    """The recipe's eval hands in a loaded pipeline (Slow-Fast on by default); slow_fast=False must reach
+    the frames for that call, and the pipeline keeps its own setting afterwards."""
+    _, model, processor = nano
+    pipe = LayoutRecorder(model, processor)
+    evaluate_world(pipe, world, out_dir=tmp_path / "uniform", slow_fast=False, limit=3,
+                   video_options={"fps": 2.0, "min_pixels": 3136, "max_pixels": 3136})
+    assert pipe.seen and all(setting is False and not fast for setting, fast in pipe.seen)
+    assert pipe.slow_fast is True
+    pipe.seen.clear()
+    evaluate_world(pipe, world, out_dir=tmp_path / "own", limit=3)
+    assert pipe.seen and all(setting is True for setting, _ in pipe.seen)
+
+
 def test_keye_eval_command_resumes_and_reports_bad_input(videos, nano, tmp_path, capsys):
     ckpt = str(nano[0])
     base = ["eval", str(FIXTURES / "videomme.yaml"), "--model", ckpt, "--out", str(tmp_path), "--device", "cpu",
