@@ -128,6 +128,13 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) 
         raise ConfigError("rollout.group_size must be >= 2: advantages are normalised within a group")
     if cfg.minibatch_size < 1 or cfg.run.micro_batch < 1 or cfg.epochs < 1:
         raise ConfigError("minibatch_size, run.micro_batch and epochs must be >= 1")
+    # The supervised runner's batch options have no meaning here: prompts are built per rollout, and the
+    # clipped ratio (GSPO clips at 3e-4) needs fp32 log-probs. Say so rather than ignore them.
+    if cfg.run.precision != "fp32":
+        raise ConfigError(f"run.precision: the RL stage runs in fp32 (got {cfg.run.precision!r}): its clipped "
+                          "importance ratios need fp32 log-probs")
+    if cfg.run.num_workers:
+        raise ConfigError("run.num_workers: the RL stage builds its prompts per rollout; leave it at 0")
     return cfg
 
 

@@ -135,6 +135,15 @@ def test_gspo_moves_probability_to_rewarded_completions(world, processor, monkey
     assert all(r["router_aux"] > 0 for r in rows if "router_aux" in r)
 
 
+def test_rl_rejects_the_supervised_runners_batch_options():
+    from keye.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run.precision: the RL stage runs in fp32"):
+        load_rl_config(RECIPE, TINY + ["run.precision=bf16"])
+    with pytest.raises(ConfigError, match="run.num_workers"):
+        load_rl_config(RECIPE, TINY + ["run.num_workers=2"])
+
+
 def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monkeypatch, tmp_path):
     monkeypatch.setitem(REWARDS, "vowels", vowel_share)
     (tmp_path / "world").symlink_to(world / "world")
