@@ -208,8 +208,8 @@ def _frame_objects(clip: Clip):
         for obj, centers_T2 in zip(shot.objects, tracks[s]):
             x, y = centers_T2[frame - shot.start]
             if 0 <= x < clip.width and 0 <= y < clip.height:
-                seen.append((y, x, obj))
-        yield round(frame / clip.fps, 3), [(x, y, obj) for y, x, obj in sorted(seen, key=lambda v: (v[0], v[1]))]
+                seen.append((x, y, obj))
+        yield round(frame / clip.fps, 3), sorted(seen, key=lambda v: (v[1], v[0]))  # by row, then column
 
 
 def frame_texts(clip: Clip) -> list[tuple[float, str]]:
