@@ -17,6 +17,7 @@ EXAMPLES = """examples:
 def run(args: argparse.Namespace) -> int:
     from keye.errors import ConfigError
     from keye.train.common import load_stage_config
+    from keye.train.distributed import shutdown_process_group
     from keye.train.recipe import dry_run, run_recipe, run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: no such recipe folder or stage file")
         root = Path(args.run_root or "runs/nano")
         run_stage(load_stage_config(path, args.overrides), root)
+    shutdown_process_group()  # a torchrun job's group, once every stage is done
     print(f"done: {root}")
     return 0
 

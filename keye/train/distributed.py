@@ -17,6 +17,7 @@ which is how the tests check them against a single process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -47,6 +48,22 @@ def init_process_group() -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_process_group() -> None:
+    """End a torchrun job's process group: every rank waits for the others, then destroys it.
+
+    Call it once, when the job's work is done and its models are no longer used. A group left to die at
+    interpreter exit is torn down while Python itself is being torn down, and gloo can then abort a
+    process whose work had finished ("terminate called without an active exception"). Sharded models
+    keep their device mesh in reference cycles, so those are collected first, while the group still
+    exists. Not called on an error: destroying a group while another rank is still in a collective hangs.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class Strategy:

@@ -72,6 +72,28 @@ class SiglipPair(nn.Module):
         super().__init__()
         self.visual, self.siglip_head = visual, head
 
+    def forward(self, batch: dict, region_weight: float = 0.0) -> StepLoss:
+        """SigLIP on (frame or clip, text) pairs; with ``region_weight`` > 0, plus that weight times the
+        region term: every patch against the batch's grounded phrases, positive only for the phrase whose
+        box holds it. Pooling alone lets the tower spread a frame's content over all its tokens and lose
+        which colour goes with which shape; the region term keeps each patch about what lies under it."""
+        feats_ND = self.visual(batch["pixel_values"], batch["grid_thw"])
+        per_frame = (batch["grid_thw"].prod(-1)).tolist()
+        frame_means = torch.stack([f.mean(0) for f in feats_ND.split(per_frame)])
+        clip_means = torch.stack([f.mean(0) for f in frame_means.split(batch["frames_per_clip"])])
+        head = self.siglip_head
+        image_BD = head.image_proj(clip_means)
+        text_BD = head.embed_texts(batch["text_ids"], batch["text_offsets"])
+        loss = siglip_sigmoid_loss(image_BD, text_BD, head.logit_scale, head.logit_bias)
+        metrics = {"logit_scale": float(head.logit_scale.detach().exp())}
+        if region_weight > 0 and len(batch.get("phrase_offsets", ())):
+            phrase_KD = head.embed_texts(batch["phrase_ids"], batch["phrase_offsets"])
+            region = region_sigmoid_loss(head.region_proj(feats_ND), phrase_KD, batch["patch_phrase"],
+                                         head.region_scale, head.region_bias)
+            metrics |= {"frame_loss": float(loss.detach()), "region_loss": float(region.detach())}
+            loss = loss + region_weight * region
+        return StepLoss(loss_sum=loss * len(image_BD), metrics=metrics)
+
 
 class Regions(NamedTuple):
     """A frame's grounded phrases and, per ViT patch, the index of the phrase whose box holds the
@@ -190,26 +212,8 @@ def _offsets(lengths: list[int]) -> torch.Tensor:
 
 
 def siglip_loss_fn(pair: SiglipPair, batch, region_weight: float = 0.0) -> StepLoss:
-    """SigLIP on (frame or clip, text) pairs; with ``region_weight`` > 0, plus that weight times the
-    region term: every patch against the batch's grounded phrases, positive only for the phrase whose
-    box holds it. Pooling alone lets the tower spread a frame's content over all its tokens and lose
-    which colour goes with which shape; the region term keeps each patch about what lies under it."""
-    feats_ND = pair.visual(batch["pixel_values"], batch["grid_thw"])
-    per_frame = (batch["grid_thw"].prod(-1)).tolist()
-    frame_means = torch.stack([f.mean(0) for f in feats_ND.split(per_frame)])
-    clip_means = torch.stack([f.mean(0) for f in frame_means.split(batch["frames_per_clip"])])
-    head = pair.siglip_head
-    image_BD = head.image_proj(clip_means)
-    text_BD = head.embed_texts(batch["text_ids"], batch["text_offsets"])
-    loss = siglip_sigmoid_loss(image_BD, text_BD, head.logit_scale, head.logit_bias)
-    metrics = {"logit_scale": float(head.logit_scale.detach().exp())}
-    if region_weight > 0 and len(batch.get("phrase_offsets", ())):
-        phrase_KD = head.embed_texts(batch["phrase_ids"], batch["phrase_offsets"])
-        region = region_sigmoid_loss(head.region_proj(feats_ND), phrase_KD, batch["patch_phrase"],
-                                     head.region_scale, head.region_bias)
-        metrics |= {"frame_loss": float(loss.detach()), "region_loss": float(region.detach())}
-        loss = loss + region_weight * region
-    return StepLoss(loss_sum=loss * len(image_BD), metrics=metrics)
+    """Stage 0's loss: the pair's forward (through it, so a data-parallel wrapper sees the step)."""
+    return pair(batch, region_weight)
 
 
 def run_vit(cfg: StageConfig, run_root: Path) -> Path:

@@ -51,7 +51,7 @@ from keye.eval.answers import is_correct
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
 from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
-from keye.train.distributed import build_strategy
+from keye.train.distributed import build_strategy, shutdown_process_group
 from keye.train.metrics import MetricsLog, plot_curves
 from keye.train.optim import apply_freeze_plan, build_optimizer, build_scheduler
 from keye.train.rewards import combine_rewards, format_ok
@@ -628,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run_rl(load_rl_config(args.config, args.overrides), args.run_root)
+    shutdown_process_group()
     return 0
 
 

@@ -70,6 +70,21 @@ class _Trainee(nn.Module):
         super().__init__()
         self.visual_tokenizer = tokenizer
 
+    def forward(self, features_PF: torch.Tensor) -> StepLoss:
+        tokenizer = self.visual_tokenizer
+        out = tokenizer(features_PF)
+        terms = tokenizer.losses(out, features_PF)
+        _, perplexity_N = codebook_stats(out.indices, tokenizer.config.codebook_size)
+        means = {k: float(v.detach().mean()) for k, v in terms.items()}
+        metrics = {
+            "recon_cosine": means["cosine"],
+            "recon_mse": means["mse"],
+            "codebook_loss": means["codebook"],
+            "commitment_loss": means["commitment"],
+            "batch_perplexity": float(perplexity_N.mean()),  # one micro-batch: a trend, not the report's number
+        }
+        return StepLoss(terms["total"].sum(), None, metrics)
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -141,19 +156,8 @@ def collate_features(frames: list[torch.Tensor]) -> torch.Tensor:
 
 
 def vq_loss(model: _Trainee, features_PF: torch.Tensor) -> StepLoss:
-    tokenizer = model.visual_tokenizer
-    out = tokenizer(features_PF)
-    terms = tokenizer.losses(out, features_PF)
-    _, perplexity_N = codebook_stats(out.indices, tokenizer.config.codebook_size)
-    means = {k: float(v.detach().mean()) for k, v in terms.items()}
-    metrics = {
-        "recon_cosine": means["cosine"],
-        "recon_mse": means["mse"],
-        "codebook_loss": means["codebook"],
-        "commitment_loss": means["commitment"],
-        "batch_perplexity": float(perplexity_N.mean()),  # one micro-batch: a trend, not the report's number
-    }
-    return StepLoss(terms["total"].sum(), None, metrics)
+    """The trainee's forward (through it, so a data-parallel wrapper sees the step)."""
+    return model(features_PF)
 
 
 @torch.no_grad()

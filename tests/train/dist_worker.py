@@ -11,7 +11,7 @@ import sys
 import torch
 from torch import nn
 
-from keye.train.distributed import DistConfig, build_strategy
+from keye.train.distributed import DistConfig, build_strategy, shutdown_process_group
 from keye.train.optim import OptimConfig, build_optimizer
 
 
@@ -67,12 +67,8 @@ def main(strategy: str, out: str, ds_config: str | None = None) -> None:
     if strat.is_main:
         with open(out, "w") as f:
             json.dump({"losses": losses, "state": state}, f)
-    if world > 1:
-        # every rank reaches here before any tears down: a rank destroying its gloo group while the
-        # other still uses it aborts ("terminate called without an active exception"), seen once in CI
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    shutdown_process_group()  # after main's models are released, as `keye train` ends a job

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from keye.errors import ConfigError
-from keye.train.distributed import DistConfig, build_strategy
+from keye.train.distributed import DistConfig, build_strategy, shutdown_process_group
 
 WORKER = Path(__file__).with_name("dist_worker.py")
+RUNNER_WORKER = Path(__file__).with_name("runner_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,9 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, strategy, nproc, ds_config=None):
-    out = tmp_path / f"{strategy}-{nproc}.json"
-    args = [str(WORKER), strategy, str(out)] + ([str(ROOT / ds_config)] if ds_config else [])
+def _launch(args, nproc):
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
@@ -32,6 +31,17 @@ def _run(tmp_path, strategy, nproc, ds_config=None):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _run(tmp_path, strategy, nproc, ds_config=None):
+    out = tmp_path / f"{strategy}-{nproc}.json"
+    _launch([str(WORKER), strategy, str(out)] + ([str(ROOT / ds_config)] if ds_config else []), nproc)
+    return json.loads(out.read_text())
+
+
+def _run_runner(tmp_path, strategy, nproc):
+    out = tmp_path / f"runner-{strategy}-{nproc}.json"
+    _launch([str(RUNNER_WORKER), strategy, str(tmp_path / f"run-{strategy}-{nproc}"), str(out)], nproc)
     return json.loads(out.read_text())
 
 
@@ -51,6 +61,30 @@ def test_two_processes_match_one(tmp_path, single, strategy, ds_config):
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6)
     for key, value in single["state"].items():
         torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_runner_on_two_processes_matches_one(tmp_path, strategy):
+    """The runner splits each global batch over the ranks and reduces the loss: the same run as one process
+    (which also checks that the job ends cleanly through shutdown_process_group)."""
+    single = _run_runner(tmp_path, "none", 1)
+    result = _run_runner(tmp_path, strategy, 2)
+    assert single["losses"][-1] < single["losses"][0]
+    assert result["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    for key, value in single["state"].items():
+        torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_shutdown_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    shutdown_process_group()  # no group: nothing to do
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        shutdown_process_group()
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_unknown_strategy_is_a_config_error():

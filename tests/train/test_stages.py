@@ -376,3 +376,33 @@ def test_stage_command_reads_overrides_after_run_root(tmp_path):
     # before the fix argparse stopped at --run-root and exited on the trailing overrides
     with pytest.raises(ConfigError, match="run.stepz"):
         main([str(NANO / "stage0_vit.yaml"), "--run-root", str(tmp_path), "run.steps=3", "run.stepz=1"])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank, as torchrun would leave it: the strategies then really wrap."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_stage0_and_vq_train_through_a_ddp_wrapper(run_root, chain, one_rank_group):
+    """Their losses run inside the trained module's forward, so a DDP (or FSDP2) wrapper sees the whole
+    step: the same losses as the plain runs (calling the tower and head past the wrapper used to fail)."""
+    import dataclasses
+
+    from keye.train.distributed import DistConfig
+
+    ddp = DistConfig(strategy="ddp")
+    cfg = chain["stage0_vit"]
+    run_stage(dataclasses.replace(cfg, out="stage0_ddp", run=dataclasses.replace(cfg.run, dist=ddp)), run_root)
+    assert losses(run_root, "stage0_ddp") == pytest.approx(losses(run_root, "stage0_vit"), rel=1e-5)
+
+    recipe, folder = load_recipe(ROOT / "pipelines" / "nano-discrete")
+    for out, dist in [("vq_plain", DistConfig()), ("vq_ddp", ddp)]:
+        vq = load_stage_config(folder / "vq.yaml", tiny_overrides(**{"data.eval": "[world/test.jsonl]"}))
+        vq.init_from, vq.out, vq.run.dist = "stage0_vit", out, dist
+        run_stage(vq, run_root)
+    assert losses(run_root, "vq_ddp") == pytest.approx(losses(run_root, "vq_plain"), rel=1e-5)
