@@ -9,16 +9,15 @@ from pathlib import Path
 EXAMPLES = """examples:
   keye train pipelines/nano                       # world + every stage, resumable
   keye train pipelines/nano --skip stage1_align   # ablation: the next stage starts from stage 0's output
-  keye train pipelines/nano/sft.yaml --run-root runs/nano run.steps=50
+  keye train pipelines/nano/sft.yaml --run-root runs/nano run.steps=50 out=sft_short  # from stage3_anneal
   keye train pipelines/8b --dry-run               # meta-device build, parameter counts, GiB per GPU
 """
 
 
 def run(args: argparse.Namespace) -> int:
     from keye.errors import ConfigError
-    from keye.train.common import load_stage_config
     from keye.train.distributed import shutdown_process_group
-    from keye.train.recipe import dry_run, run_recipe, run_stage
+    from keye.train.recipe import dry_run, load_recipe_stage, run_recipe, run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = Path(args.path)
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe folder or stage file")
         root = Path(args.run_root or "runs/nano")
-        run_stage(load_stage_config(path, args.overrides), root)
+        run_stage(load_recipe_stage(path, args.overrides), root)
     shutdown_process_group()  # a torchrun job's group, once every stage is done
     print(f"done: {root}")
     return 0

@@ -97,6 +97,26 @@ def stage_configs(recipe: RecipeConfig, folder: Path, overrides: list[str], skip
     return configs
 
 
+def load_recipe_stage(path: str | os.PathLike, overrides: list[str] = ()) -> StageConfig:
+    """One stage file, chained like ``run_recipe`` chains it: a stage of a recipe folder starts from the
+    stage before it in ``recipe.yaml`` (its folder in the run root) unless ``init_from`` is overridden.
+    A stage file outside a recipe, or the recipe's first stage, keeps its own ``init_from``."""
+    path = Path(path)
+    cfg = load_stage_config(path, list(overrides))
+    if cfg.init_from or any(o.split("=", 1)[0].strip() == "init_from" for o in overrides):
+        return cfg
+    if not (path.parent / "recipe.yaml").is_file():
+        return cfg
+    recipe, folder = load_recipe(path.parent)
+    names = [Path(n).name for n in recipe.stages]
+    if path.name not in names or names.index(path.name) == 0:
+        return cfg
+    previous = load_stage_config(folder / names[names.index(path.name) - 1], list(overrides)).out
+    log.info("%s: starts from %s, the stage before it in %s (override with init_from=...)", cfg.out, previous,
+             folder / "recipe.yaml")
+    return dataclasses.replace(cfg, init_from=previous)
+
+
 def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides: list[str] = (), skip: list[str] = ()) -> Path:
     """Generate the world (if the recipe has one), then run every stage not skipped. Returns the run folder."""
     recipe, folder = load_recipe(folder)

@@ -406,3 +406,25 @@ def test_stage0_and_vq_train_through_a_ddp_wrapper(run_root, chain, one_rank_gro
         vq.init_from, vq.out, vq.run.dist = "stage0_vit", out, dist
         run_stage(vq, run_root)
     assert losses(run_root, "vq_ddp") == pytest.approx(losses(run_root, "vq_plain"), rel=1e-5)
+
+
+def test_a_stage_file_of_a_recipe_starts_from_the_stage_before_it(run_root, tmp_path, capsys):
+    """`keye train pipelines/nano/sft.yaml` chains like the recipe (it used to start from a fresh model);
+    an explicit init_from wins; the first stage and files outside a recipe keep their own."""
+    from keye.cli import main
+    from keye.train.recipe import load_recipe_stage
+
+    assert load_recipe_stage(NANO / "sft.yaml").init_from == "stage3_anneal"
+    assert load_recipe_stage(NANO / "stage2_multitask.yaml").init_from == "stage1_align"
+    assert load_recipe_stage(NANO / "sft.yaml", ["init_from=stage2_multitask"]).init_from == "stage2_multitask"
+    assert load_recipe_stage(NANO / "stage0_vit.yaml").init_from is None
+    alone = tmp_path / "sft.yaml"
+    shutil.copy(NANO / "sft.yaml", alone)
+    assert load_recipe_stage(alone).init_from is None
+
+    root = tmp_path / "run"  # the world, but no stage 3 yet
+    root.mkdir()
+    (root / "world").symlink_to(run_root / "world")
+    assert main(["train", str(NANO / "sft.yaml"), "--run-root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "init_from" in err and "stage3_anneal" in err and not (root / "sft" / "done.json").exists()
