@@ -2,9 +2,10 @@
 
 A checkpoint is a folder ``run_dir/checkpoints/step_{N:08d}/`` holding
   model.safetensors      the trainable model's state dict
-  optimizer.safetensors  every tensor of the optimizer state (``state.{param}.{name}``)
+  optimizer.safetensors  every tensor of the optimizer state (``state.{i}.{name}``: the i-th parameter's)
   rng.safetensors        torch CPU (and CUDA) generator states
-  state.json             step, param groups, scheduler, python/numpy RNG, data position, anything else
+  state.json             step, param groups, the optimizer state's keys (parameter ids, or parameter names
+                         when FSDP2 gathered it), scheduler, python/numpy RNG, data position, anything else
 It is written into ``step_N.tmp/`` and renamed into place, then ``latest`` is replaced atomically, so a run
 killed mid-write leaves the previous checkpoint intact and never a half-written one under a real name.
 No pickle anywhere: a checkpoint from an untrusted source cannot execute code on load.
@@ -154,24 +155,30 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors as ``state.<i>.<name>`` for the i-th entry of ``state``; its keys (parameter ids, or names
+    for a sharded strategy's gathered state) and everything else go into JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for param_id, param_state in state_dict["state"].items():
+    keys = list(state_dict["state"])
+    for i, param_state in enumerate(state_dict["state"].values()):
         for name, value in param_state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{i}.{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(param_id), {})[name] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+                scalars.setdefault(str(i), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "keys": keys, "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(values)
+    # checkpoints from before "keys" numbered the entries by parameter id
+    keys = meta.get("keys")
+    key_of = (lambda i: keys[i]) if keys is not None else (lambda i: i)
+    state: dict[Any, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, i, field = name.split(".", 2)
+        state.setdefault(key_of(int(i)), {})[field] = value
+    for i, values in meta["scalars"].items():
+        state.setdefault(key_of(int(i)), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch import nn
 
 from keye.errors import ConfigError
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -103,6 +105,15 @@ class Strategy:
         """The whole model's state dict on every rank (CPU tensors), for saving."""
         return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
 
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+        """The optimizer's whole state for a checkpoint, or None where this strategy cannot gather it.
+        Every rank calls it (sharded strategies gather); the main rank's result is the one saved."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Restore what ``optimizer_state_dict`` returned (every rank passes the whole state)."""
+        optimizer.load_state_dict(state)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -145,6 +156,18 @@ class FSDP2Strategy(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False))
+
+    def optimizer_state_dict(self, model, optimizer):
+        """Moments gathered from every shard, keyed by parameter name (the main rank holds them)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, model, optimizer, state):
+        """Each rank keeps its own shard of the whole state."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 class DeepSpeedStrategy(Strategy):
@@ -192,6 +215,14 @@ class DeepSpeedStrategy(Strategy):
             with _gathered(model):
                 return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
         return super().full_state_dict(model)
+
+    # ZeRO partitions the moments its own way and they are not gathered yet: a DeepSpeed resume restores
+    # weights, schedule, RNG and data position, and the moments start again from zero.
+    def optimizer_state_dict(self, model, optimizer):
+        return None
+
+    def load_optimizer_state_dict(self, model, optimizer, state):
+        log.warning("deepspeed: the checkpoint's optimizer moments are not restored (ZeRO shards them its own way)")
 
 
 @contextlib.contextmanager

@@ -415,7 +415,7 @@ class RLStage:
         self.wrapped, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.run.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.run.optim, cfg.run.steps)
         if checkpoint is not None:
-            load_optimizer_state(checkpoint, resumable_optimizer(self.strategy, self.optimizer), self.scheduler)
+            load_optimizer_state(checkpoint, resumable_optimizer(self.strategy, self.wrapped, self.optimizer), self.scheduler)
         self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.strategy.world_size,
                               self.strategy.rank, cfg.run.seed)
         self.log = MetricsLog(self.out_dir, resume_step=self.state.step if checkpoint else None) \

@@ -131,7 +131,7 @@ def train(
     wrapped, optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg.optim))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
     if checkpoint is not None:
-        load_optimizer_state(checkpoint, resumable_optimizer(strategy, optimizer), scheduler)
+        load_optimizer_state(checkpoint, resumable_optimizer(strategy, wrapped, optimizer), scheduler)
     plan = BatchPlan(len(dataset), cfg.micro_batch, strategy.world_size, strategy.rank, cfg.seed)
     log = MetricsLog(run_dir, resume_step=state.step if checkpoint else None) if strategy.is_main else None
 
@@ -228,28 +228,35 @@ def _accumulate(model: nn.Module, batches: list, loss_fn: LossFn, count_units: C
     return stats
 
 
-def resumable_optimizer(strategy: Strategy, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
-    """The optimizer whose state a checkpoint can hold, or None.
+class _OptimizerRestorer:
+    """Takes a checkpoint's optimizer state and hands it to the strategy, which shards it if it must."""
 
-    Sharded strategies hold optimizer state in shards; gathering it into our safetensors layout is not
-    implemented yet, so their resumes restore weights, schedule, RNG and data position, not the moments.
-    """
-    return optimizer if strategy.cfg.strategy in ("none", "ddp") else None
+    def __init__(self, strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.strategy, self.model, self.optimizer = strategy, model, optimizer
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state)
+
+
+def resumable_optimizer(strategy: Strategy, model: nn.Module, optimizer: torch.optim.Optimizer) -> _OptimizerRestorer:
+    """What a checkpoint's optimizer state is loaded into (``model`` as the strategy wrapped it)."""
+    return _OptimizerRestorer(strategy, model, optimizer)
 
 
 def save_run(run_dir, strategy, model, optimizer, scheduler, state, keep):
-    """Checkpoint a (possibly wrapped or sharded) model: every rank takes part in gathering the state
-    dict, rank 0 writes it."""
+    """Checkpoint a (possibly wrapped or sharded) model and its optimizer: every rank takes part in
+    gathering the state dicts, rank 0 writes them."""
     full = strategy.full_state_dict(model)
+    moments = strategy.optimizer_state_dict(model, optimizer)
     if strategy.is_main:
-        holder = _StateHolder(full)
-        save_checkpoint(run_dir, holder, resumable_optimizer(strategy, optimizer), scheduler, state, keep=keep)
+        save_checkpoint(run_dir, _StateHolder(full), _StateHolder(moments) if moments is not None else None,
+                        scheduler, state, keep=keep)
     if strategy.world_size > 1:
         torch.distributed.barrier()
 
 
 class _StateHolder(nn.Module):
-    """Lets save_checkpoint write an already-gathered state dict."""
+    """Lets save_checkpoint write an already-gathered state dict (a model's or an optimizer's)."""
 
     def __init__(self, state: dict[str, torch.Tensor]):
         super().__init__()

@@ -32,11 +32,17 @@ class SeqModel(TokenModel):
                    for seq in batch)
 
 
-def loss_fn(model, batch):
-    return StepLoss(loss_sum=model(batch))
+def main(strategy: str, run_dir: str, out: str, die_at_call: str = "0") -> None:
+    """``die_at_call`` > 0: every rank is killed in that call of the loss (after the step-3 checkpoint)."""
+    calls = 0
 
+    def loss_fn(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == int(die_at_call):
+            raise KeyboardInterrupt
+        return StepLoss(loss_sum=model(batch))
 
-def main(strategy: str, run_dir: str, out: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = RunConfig(steps=6, micro_batch=GLOBAL_BATCH // world, accum_steps=2, save_every=3,
                     optim=OptimConfig(lr=0.05, warmup_steps=2), dist=DistConfig(strategy=strategy))

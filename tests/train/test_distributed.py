@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args, nproc):
+def _launch(args, nproc, fails=False):
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
@@ -30,7 +30,7 @@ def _launch(args, nproc):
                "--master_port", str(_free_port()), *args]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode != 0) if fails else (proc.returncode == 0), proc.stderr[-3000:]
 
 
 def _run(tmp_path, strategy, nproc, ds_config=None):
@@ -39,10 +39,11 @@ def _run(tmp_path, strategy, nproc, ds_config=None):
     return json.loads(out.read_text())
 
 
-def _run_runner(tmp_path, strategy, nproc):
-    out = tmp_path / f"runner-{strategy}-{nproc}.json"
-    _launch([str(RUNNER_WORKER), strategy, str(tmp_path / f"run-{strategy}-{nproc}"), str(out)], nproc)
-    return json.loads(out.read_text())
+def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0):
+    out = tmp_path / f"{name}-{strategy}-{nproc}.json"
+    args = [str(RUNNER_WORKER), strategy, str(tmp_path / f"{name}-{strategy}-{nproc}"), str(out), str(die_at_call)]
+    _launch(args, nproc, fails=die_at_call > 0)
+    return None if die_at_call else json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +65,20 @@ def test_two_processes_match_one(tmp_path, single, strategy, ds_config):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_runner_on_two_processes_matches_one(tmp_path, strategy):
+def test_runner_on_two_processes_matches_one_and_resumes(tmp_path, strategy):
     """The runner splits each global batch over the ranks and reduces the loss: the same run as one process
-    (which also checks that the job ends cleanly through shutdown_process_group)."""
+    (the job ends cleanly through shutdown_process_group). Killed after its step-3 checkpoint and resumed,
+    the 2-process run is the same again: weights, schedule and the optimizer's moments (gathered from the
+    FSDP2 shards into the checkpoint, sharded again on load) come back."""
     single = _run_runner(tmp_path, "none", 1)
     result = _run_runner(tmp_path, strategy, 2)
     assert single["losses"][-1] < single["losses"][0]
-    assert result["losses"] == pytest.approx(single["losses"], rel=1e-5)
-    for key, value in single["state"].items():
-        torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
+    _run_runner(tmp_path, strategy, 2, name="cut", die_at_call=9)  # accumulation 2: call 9 is in step 5
+    resumed = _run_runner(tmp_path, strategy, 2, name="cut")
+    for run in (result, resumed):
+        assert run["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        for key, value in single["state"].items():
+            torch.testing.assert_close(torch.tensor(run["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_shutdown_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
