@@ -328,8 +328,8 @@ class SkipBadSamples(Dataset, Generic[T]):
     index, so one undecodable file never crashes a long run. Raises only when ``max_tries``
     consecutive samples fail, which means the data, not one file, is broken.
 
-    With DataLoader workers each worker counts its own skips; read ``skipped`` with num_workers=0
-    or aggregate from the workers' logs.
+    With DataLoader workers each worker counts its own skips; the training runner sends them back to
+    the main process's copy with each batch (``keye.train.runner``).
     """
 
     def __init__(self, dataset: Dataset, load: Callable[[Any], T], max_tries: int = 16, keep_errors: int = 20):

@@ -185,6 +185,19 @@ class LMDataset:
     def __getitem__(self, index: int):
         return self.safe[index]
 
+    @property
+    def skipped(self):
+        """Skipped samples by reason (counted in the DataLoader workers too, see the runner)."""
+        return self.safe.skipped
+
+    @property
+    def errors(self) -> list[str]:
+        return self.safe.errors
+
+    @property
+    def keep_errors(self) -> int:
+        return self.safe.keep_errors
+
 
 def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
     """Summed assistant-token cross-entropy; the MoE router losses ride along as ``aux_loss``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -179,13 +180,38 @@ class _PlanSampler(torch.utils.data.Sampler):
 
 def _micro_batches(dataset: Sequence, collate: Callable[[list], Any], plan: BatchPlan, position: int, num_workers: int):
     """Collated micro-batches in plan order from ``position`` on. With workers a DataLoader builds them
-    ahead in other processes (the same batches: the order is the plan's, not the workers'); a bad sample
-    is then counted in the worker that met it, and its warning names it."""
+    ahead in other processes (the same batches: the order is the plan's, not the workers'). A dataset
+    that counts the bad samples it skipped (``skipped``, ``errors``, as ``SkipBadSamples``) gets the
+    workers' counts back with each batch, so its totals are the same as without workers."""
     if num_workers <= 0:
         return (collate([dataset[i] for i in indices]) for indices in _PlanSampler(plan, position))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_PlanSampler(plan, position), collate_fn=collate,
+    reports = isinstance(getattr(dataset, "skipped", None), Counter)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_PlanSampler(plan, position),
+                                         collate_fn=_CollateReportingSkips(collate) if reports else collate,
                                          num_workers=num_workers, prefetch_factor=4)
-    return iter(loader)
+    return _merge_skips(iter(loader), dataset) if reports else iter(loader)
+
+
+class _CollateReportingSkips:
+    """Runs in a worker: the batch, and what the worker's copy of the dataset skipped since its last batch
+    (the samples of a batch are loaded just before it is collated, so those are this batch's skips)."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate, self.seen, self.errors_seen = collate, Counter(), 0
+
+    def __call__(self, samples: list):
+        dataset = torch.utils.data.get_worker_info().dataset
+        skipped = dataset.skipped - self.seen
+        errors = dataset.errors[self.errors_seen:]
+        self.seen, self.errors_seen = Counter(dataset.skipped), len(dataset.errors)
+        return self.collate(samples), dict(skipped), errors
+
+
+def _merge_skips(batches, dataset):
+    for batch, skipped, errors in batches:
+        dataset.skipped.update(skipped)
+        dataset.errors.extend(errors[: max(0, getattr(dataset, "keep_errors", 20) - len(dataset.errors))])
+        yield batch
 
 
 def _device_of(model: nn.Module) -> torch.device:

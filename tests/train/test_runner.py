@@ -138,3 +138,23 @@ def test_dataloader_workers_give_the_same_run(tmp_path):
     assert [r["loss"] for r in rows] == [r["loss"] for r in inline_rows]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, inline[key], rtol=0, atol=0)
+
+
+def test_dataloader_workers_report_the_samples_they_skipped(tmp_path):
+    """Bad samples skipped in the workers are counted in the main process as without workers."""
+    from keye.data.conversations import SkipBadSamples
+    from keye.errors import KeyeInputError
+
+    def load(seq):
+        if int(seq[0]) == 3:  # about one sample in eleven: "undecodable"
+            raise KeyeInputError(f"sample starting with {int(seq[0])}: cannot decode")
+        return seq
+
+    counts = {}
+    for workers in (0, 2):
+        dataset = SkipBadSamples(make_dataset(), load)
+        cfg = RunConfig(steps=6, micro_batch=4, num_workers=workers, optim=OptimConfig(lr=0.05, warmup_steps=2))
+        train(TokenModel(), dataset, collate, loss_fn, count_units, cfg, tmp_path / f"w{workers}")
+        counts[workers] = (dict(dataset.skipped), len(dataset.errors))
+    assert counts[0][0].get("KeyeInputError", 0) > 0
+    assert counts[2] == counts[0]
