@@ -135,6 +135,11 @@ def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) 
                           "importance ratios need fp32 log-probs")
     if cfg.run.num_workers:
         raise ConfigError("run.num_workers: the RL stage builds its prompts per rollout; leave it at 0")
+    if cfg.run.dist.strategy not in ("none", "ddp"):
+        # sharded parameters make every forward a collective, and each rank's rollouts decode for as many
+        # steps as its own completions need: the ranks would wait on each other for ever
+        raise ConfigError(f"run.dist.strategy: the RL stage runs with 'none' or 'ddp' (got {cfg.run.dist.strategy!r}); "
+                          "sharded rollouts need rank-synchronous decoding, which is not built yet")
     return cfg
 
 
@@ -452,40 +457,75 @@ class RLStage:
     # ------------------------------------------------------------------ update
 
     def update(self, groups: list[Group], step: int) -> dict[str, float]:
-        """Minibatched policy-gradient steps over one rollout batch; returns averaged stats."""
+        """Minibatched policy-gradient steps over one rollout batch; returns averaged stats.
+
+        Ranks keep different numbers of groups (zero-variance groups are dropped per rank), but DDP needs
+        every rank in the same collectives: all ranks take the step count of the largest batch and the
+        same micro-batches per step, a rank that has run out forwarding a zero-weight stand-in, and every
+        loss is divided by the step's sequence count over all ranks."""
         cfg = self.cfg
         seqs = [Completion(g.prompt, c, float(a))
                 for g in groups for c, a in zip(g.completions, group_advantages(g.rewards_G))]
-        if not seqs:
+        if not self._sync_max(len(seqs)):
             return {}
         temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
         self.wrapped.train()
         # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
-        # several, later minibatches see a moved policy and the ratio does its job.
-        _fill_logps(self.wrapped, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress, self.device)
+        # several, later minibatches see a moved policy and the ratio does its job. No gradient: the
+        # unwrapped policy, outside the wrapper's collectives.
+        policy = self.strategy.unwrap(self.wrapped)
+        _fill_logps(policy, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         if self.reference is not None:
             _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         totals: dict[str, float] = {}
         updates = 0
+        minibatches = -(-self._sync_max(len(seqs)) // cfg.minibatch_size)
         for epoch in range(cfg.epochs):
             # the shuffle is a function of (seed, step, epoch) alone, so a resumed run replays it
             gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + epoch)
             order = torch.randperm(len(seqs), generator=gen)
             shuffled = [seqs[i] for i in order.tolist()]
-            for start in range(0, len(shuffled), cfg.minibatch_size):
-                stats = self._minibatch(shuffled[start : start + cfg.minibatch_size])
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
+            for k in range(minibatches):
+                chunk = shuffled[k * cfg.minibatch_size : (k + 1) * cfg.minibatch_size]
+                stats = self._minibatch(chunk, stand_in=seqs[0] if seqs else None)
+                for key, v in stats.items():
+                    totals[key] = totals.get(key, 0.0) + v
                 updates += 1
         return {k: v / updates for k, v in totals.items()} | {"updates": updates}
 
-    def _minibatch(self, seqs: list[Completion]) -> dict[str, float]:
-        """One optimizer step: sum of per-sequence losses / sequences, over micro-batches."""
-        cfg, n = self.cfg, len(seqs)
+    def _sync_max(self, value: int) -> int:
+        """The largest ``value`` over the ranks."""
+        if self.strategy.world_size == 1:
+            return value
+        t = torch.tensor(value, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    def _minibatch(self, seqs: list[Completion], stand_in: Completion | None = None) -> dict[str, float]:
+        """One optimizer step: the sum of per-sequence losses / the step's sequences on all ranks, over
+        micro-batches (as many on every rank; ``stand_in`` fills a rank's missing ones at weight 0)."""
+        cfg, world = self.cfg, self.strategy.world_size
         micro = list(_micro_batches(seqs, cfg.run.micro_batch, self.pad_id))
+        n = len(seqs)
+        if world > 1:
+            counts = torch.tensor([n, len(micro)], device=self.device)
+            torch.distributed.all_reduce(counts[:1])
+            torch.distributed.all_reduce(counts[1:], op=torch.distributed.ReduceOp.MAX)
+            n_all, n_micro = int(counts[0]), int(counts[1])
+            if len(micro) < n_micro:
+                if stand_in is None:
+                    raise RuntimeError("RL: this rank kept no sequences at all while another did; nothing to stand in with")
+                micro += [([stand_in], None)] * (n_micro - len(micro))
+        else:
+            n_all = n
+        # DDP averages gradients over the ranks: world / n_all makes the result sum(losses) / n_all
+        scale = world / n_all
         sums: dict[str, float] = {}
         router = cfg.router_aux and _config_of(self.wrapped).is_moe
         for k, (chunk, batch) in enumerate(micro):
+            weight = 1.0 if batch is not None else 0.0  # a stand-in takes part in the collectives only
+            if batch is None:
+                _, batch = next(_micro_batches(chunk, 1, self.pad_id))
             with self.strategy.accumulating(self.wrapped, boundary=k == len(micro) - 1):
                 batch = to_device(batch, self.device)
                 logps_BT, entropy_BT, aux = completion_logps(
@@ -496,12 +536,12 @@ class RLStage:
                 ref_BT = _pad_stack([s.ref_logps for s in chunk], T).to(self.device) if self.reference is not None else None
                 adv_B = torch.tensor([s.advantage for s in chunk], device=self.device)
                 loss_B, stats = sequence_loss(logps_BT, old_BT, adv_B, mask_BT, cfg.loss, ref_BT)
-                share = len(chunk) / n
-                self.strategy.backward(loss_B.sum() / n + aux * share)
+                share = weight * len(chunk) / max(n, 1)
+                self.strategy.backward(weight * (loss_B.sum() * scale + aux * len(chunk) * scale))
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
-            sums["loss"] = sums.get("loss", 0.0) + float(loss_B.detach().sum()) / n
-            sums["entropy"] = sums.get("entropy", 0.0) + float(masked_mean_B(entropy_BT, mask_BT).sum()) / n
+            sums["loss"] = sums.get("loss", 0.0) + weight * float(loss_B.detach().sum()) / max(n, 1)
+            sums["entropy"] = sums.get("entropy", 0.0) + weight * float(masked_mean_B(entropy_BT, mask_BT).sum()) / max(n, 1)
             if router:
                 sums["router_aux"] = sums.get("router_aux", 0.0) + float(aux.detach()) * share
         sums["grad_norm"] = self.strategy.step(self.wrapped, self.optimizer)

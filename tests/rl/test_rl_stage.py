@@ -142,6 +142,9 @@ def test_rl_rejects_the_supervised_runners_batch_options():
         load_rl_config(RECIPE, TINY + ["run.precision=bf16"])
     with pytest.raises(ConfigError, match="run.num_workers"):
         load_rl_config(RECIPE, TINY + ["run.num_workers=2"])
+    for strategy in ("fsdp2", "deepspeed"):  # would hang: sharded forwards in rank-local decoding
+        with pytest.raises(ConfigError, match=f"got '{strategy}'.*rank-synchronous decoding"):
+            load_rl_config(RECIPE, TINY + [f"run.dist.strategy={strategy}"])
 
 
 def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monkeypatch, tmp_path):
@@ -224,3 +227,35 @@ def test_micro_batching_does_not_change_the_update(world, processor, monkeypatch
     assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ddp_ranks_with_unequal_rollouts_stay_in_step(world, tmp_path):
+    """Rank 1 keeps one group fewer than rank 0 (as zero-variance dropping does): both ranks still take the
+    same optimizer steps (the old loop let rank 0 take one more and wait for ever), the replicas end
+    identical and they trained."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "world").symlink_to(world / "world")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = TINY + [
+        "rewards={vowels: 1.0}", "hints.enabled=false", "zero_variance=keep", "rollout.prompts_per_step=2",
+        "rollout.group_size=3", "minibatch_size=3", "run.micro_batch=2", "run.steps=2", "run.save_every=0",
+        "run.optim={lr: 1.0e-2}", "run.dist.strategy=ddp",
+    ]
+    root = Path(__file__).parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(Path(__file__).with_name("rl_worker.py")), str(tmp_path), *overrides]
+    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert int(ranks[0].pop("moved")) > 0 and int(ranks[1].pop("moved")) > 0
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key

@@ -1,0 +1,46 @@
+"""Run by tests/rl/test_rl_stage.py under torchrun: the RL stage with DDP on two ranks that keep
+different numbers of groups (rank 1 drops one), which must neither hang nor let the replicas drift."""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from keye.train.distributed import shutdown_process_group
+from keye.train.rewards import REWARDS
+from keye.train.rl import RLStage, load_rl_config
+
+RECIPE = Path(__file__).parents[2] / "pipelines" / "nano" / "rl.yaml"
+
+
+def vowel_share(prompts, completions, **_):
+    out = []
+    for c in completions:
+        letters = [ch for ch in c.lower() if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
+
+
+def main(run_root: str, *overrides: str) -> None:
+    REWARDS["vowels"] = vowel_share
+    rank = int(os.environ.get("RANK", 0))
+    real_rollout = RLStage.rollout
+
+    def uneven_rollout(self, position):
+        groups, position, stats = real_rollout(self, position)
+        return (groups[:-1] if rank == 1 else groups), position, stats
+
+    RLStage.rollout = uneven_rollout
+    stage = RLStage(load_rl_config(RECIPE, list(overrides)), Path(run_root))
+    before = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+    policy = stage.run()
+    after = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    moved = sum(not torch.equal(before[k], after[k]) for k in after)
+    save_file(after | {"moved": torch.tensor(moved)}, str(Path(run_root) / f"rank{rank}.safetensors"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+    shutdown_process_group()
