@@ -108,10 +108,10 @@ def load_recipe_stage(path: str | os.PathLike, overrides: list[str] = ()) -> Sta
     if not (path.parent / "recipe.yaml").is_file():
         return cfg
     recipe, folder = load_recipe(path.parent)
-    names = [Path(n).name for n in recipe.stages]
-    if path.name not in names or names.index(path.name) == 0:
+    files = [(folder / name).resolve() for name in recipe.stages]  # names may reach into other folders
+    if path.resolve() not in files or files.index(path.resolve()) == 0:
         return cfg
-    previous = load_stage_config(folder / names[names.index(path.name) - 1], list(overrides)).out
+    previous = load_stage_config(files[files.index(path.resolve()) - 1]).out  # its own name: out= renames this one
     log.info("%s: starts from %s, the stage before it in %s (override with init_from=...)", cfg.out, previous,
              folder / "recipe.yaml")
     return dataclasses.replace(cfg, init_from=previous)
