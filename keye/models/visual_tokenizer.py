@@ -168,6 +168,15 @@ class ParallelSimVQ(nn.Module):
         return Quantized(quantized, indices_PN, codebook_P, commitment_P)
 
     @torch.no_grad()
+    def restart_codes(self, codebook: int, codes_k: torch.Tensor, z_kd: torch.Tensor) -> None:
+        """Move codes ``codes_k`` of one codebook onto the latent slices ``z_kd`` (dead-code restart,
+        Jukebox / ``threshold_ema_dead_code`` style): their frozen rows become W^-1 z, so W C = z."""
+        q = self.quantizers[codebook]
+        W = q.code_transform.weight.float()  # code = C @ W.T
+        rows = torch.linalg.solve(W, F.normalize(z_kd.float(), dim=-1).T).T
+        q.frozen_codebook[codes_k] = rows.to(q.frozen_codebook.dtype)
+
+    @torch.no_grad()
     def kmeans_init(self, z_PL: torch.Tensor, iters: int = 10) -> None:
         """Set each frozen table to k-means centroids of its (normalised) latent slice, W to the identity.
 

@@ -76,6 +76,7 @@ class StageConfig:
     # vq stage: overrides of the visual_tokenizer_config (e.g. {codebook_size: 512}) and its k-means init
     tokenizer: dict[str, Any] = field(default_factory=dict)
     kmeans_iters: int = 10
+    restart_dead_codes: float = 0.0  # vq stage: see keye.train.vq.VQTrainConfig
 
 
 def load_stage_config(path: str | os.PathLike, overrides: list[str] | None = None) -> StageConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,19 +61,33 @@ class VQTrainConfig:
     data: VQDataConfig = field(default_factory=VQDataConfig)
     kmeans_iters: int = 10
     kmeans_max_tokens: int = 65536  # k-means runs on at most this many cached features
+    # a code whose usage (moving average over steps) falls below this share of a uniformly used code's is
+    # moved onto a latent of the current batch; 0 turns restarts off
+    restart_dead_codes: float = 0.0
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=200, micro_batch=8))
 
 
 class _Trainee(nn.Module):
-    """Holds the tokenizer under ``visual_tokenizer`` so parameter names fall in the ``vq`` group."""
+    """Holds the tokenizer under ``visual_tokenizer`` so parameter names fall in the ``vq`` group, and the
+    codes' usage for dead-code restarts (a buffer, so a checkpoint resumes it)."""
 
-    def __init__(self, tokenizer: KeyeVisualTokenizer):
+    def __init__(self, tokenizer: KeyeVisualTokenizer, restart_below: float = 0.0, decay: float = 0.9):
         super().__init__()
         self.visual_tokenizer = tokenizer
+        c = tokenizer.config
+        self.restart_below, self.decay = restart_below, decay
+        self.register_buffer("usage_NK", torch.full((c.num_codebooks, c.codebook_size), 1.0 / c.codebook_size))
 
     def forward(self, features_PF: torch.Tensor) -> StepLoss:
         tokenizer = self.visual_tokenizer
+        restarting = self.training and self.restart_below > 0
+        # before the forward: the frozen tables are in this step's graph and must not change under it
+        restarted = self._restart_dead_codes(features_PF) if restarting else 0
         out = tokenizer(features_PF)
+        if restarting:
+            with torch.no_grad():
+                shares_NK = F.one_hot(out.indices.T, self.usage_NK.shape[1]).float().mean(1)
+                self.usage_NK.mul_(self.decay).add_(shares_NK, alpha=1 - self.decay)
         terms = tokenizer.losses(out, features_PF)
         _, perplexity_N = codebook_stats(out.indices, tokenizer.config.codebook_size)
         means = {k: float(v.detach().mean()) for k, v in terms.items()}
@@ -83,7 +98,29 @@ class _Trainee(nn.Module):
             "commitment_loss": means["commitment"],
             "batch_perplexity": float(perplexity_N.mean()),  # one micro-batch: a trend, not the report's number
         }
+        if self.restart_below > 0:
+            metrics["restarted_codes"] = float(restarted)
         return StepLoss(terms["total"].sum(), None, metrics)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, features_PF: torch.Tensor) -> int:
+        """Codes whose usage average fell under ``restart_below / K`` move onto randomly picked latents of
+        this batch (their own slice) and start again from a uniform share. Returns how many moved."""
+        N, K = self.usage_NK.shape
+        dead_NK = self.usage_NK < self.restart_below / K
+        if not dead_NK.any():
+            return 0
+        tokenizer = self.visual_tokenizer
+        z_NPd = tokenizer.quantizer.slices(tokenizer.encoder(features_PF))
+        restarted = 0
+        for i in range(N):
+            dead_k = dead_NK[i].nonzero().squeeze(-1)
+            if len(dead_k):
+                picks = torch.randint(0, z_NPd.shape[1], (len(dead_k),))
+                tokenizer.quantizer.restart_codes(i, dead_k, z_NPd[i, picks])
+                self.usage_NK[i, dead_k] = 1.0 / K
+                restarted += len(dead_k)
+        return restarted
 
 
 # ----------------------------------------------------------------------------- data
@@ -216,7 +253,7 @@ def run(cfg: VQTrainConfig, out_dir: str | Path, model: nn.Module | None = None)
     tokenizer.kmeans_init(all_features[pick], cfg.kmeans_iters)
     before = evaluate(tokenizer, eval_features)
 
-    trainee = _Trainee(tokenizer)
+    trainee = _Trainee(tokenizer, cfg.restart_dead_codes)
     apply_freeze_plan(trainee, ["vq"])
     train(trainee, train_frames, collate_features, vq_loss, lambda batch: batch.shape[0], cfg.run, out, desc="vq")
 
@@ -269,6 +306,7 @@ def run_vq_stage(cfg, run_root: Path) -> Path:
             slow_fast=cfg.video.slow_fast, video_options=cfg.video.part_defaults(),
         ),
         kmeans_iters=cfg.kmeans_iters,
+        restart_dead_codes=cfg.restart_dead_codes,
         run=cfg.run,
     )
     model, processor = load_start(cfg, run_root)  # loaded once: its ViT feeds the tokenizer, then the twin is built from it

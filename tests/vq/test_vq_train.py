@@ -52,3 +52,42 @@ def test_keye_vq_train_trains_reports_and_saves(tmp_path):
         cosine = torch.cosine_similarity(tokenizer(feats).reconstruction, feats, dim=-1).mean()
     assert [round(float(u), 4) for u in usage] == final["usage"]
     assert abs(float(cosine) - final["recon_cosine"]) < 1e-5
+
+
+def test_dead_code_restarts_bring_unused_codes_back():
+    """Codes pushed where no latent lies are never picked; with restarts on they are moved onto latents
+    of the batch (exactly: W C = z) and the held-out features use more codes than without restarts."""
+    import torch.nn.functional as F
+
+    from keye.models.configuration import KeyeVisualTokenizerConfig
+    from keye.models.visual_tokenizer import KeyeVisualTokenizer
+    from keye.train.optim import OptimConfig
+    from keye.train.runner import RunConfig, train
+    from keye.train.vq import _Trainee, collate_features, vq_loss
+
+    def trained(restart_below, tmp):
+        torch.manual_seed(0)
+        centres = F.normalize(torch.randn(32, 24), dim=-1)
+        features = centres[torch.randint(0, 32, (4096,))] + 0.05 * torch.randn(4096, 24)
+        tok = KeyeVisualTokenizer(KeyeVisualTokenizerConfig(num_codebooks=2, codebook_size=16, code_dim=4, hidden_size=32), 24)
+        tok.kmeans_init(features)
+        with torch.no_grad():  # half of each codebook far from every latent: dead from the start
+            for q in tok.quantizer.quantizers:
+                q.frozen_codebook[8:] = -q.frozen_codebook[:8].mean(0) * 100
+        used_before = codebook_stats(tok.encode(features), 16)[0]
+        trainee = _Trainee(tok, restart_below)
+        cfg = RunConfig(steps=40, micro_batch=64, save_every=0, optim=OptimConfig(lr=1e-3, warmup_steps=0))
+        train(trainee, list(features.split(4)), collate_features, vq_loss, lambda b: b.shape[0], cfg, tmp)
+        return used_before, codebook_stats(tok.encode(features), 16)[0], tok
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        before, without, _ = trained(0.0, a)
+        _, with_restarts, tok = trained(0.5, b)
+    # the 8 pushed-away codes are one point: at most one of them is ever nearest
+    assert (before <= 9 / 16).all() and (without <= 9 / 16).all()
+    assert (with_restarts == 1).all()
+
+    z = F.normalize(torch.randn(3, 4), dim=-1)
+    tok.quantizer.restart_codes(1, torch.tensor([0, 5, 9]), z)
+    torch.testing.assert_close(tok.quantizer.codebooks()[1][[0, 5, 9]], z, atol=1e-5, rtol=1e-5)
