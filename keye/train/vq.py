@@ -329,8 +329,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    from keye.train.distributed import shutdown_process_group
+
     cfg = load_config(VQTrainConfig, args.config, args.overrides)
     report = run(cfg, args.out)
+    shutdown_process_group()  # a torchrun job's group, once training is done
     print(format_report(report["final"]))
     print(f"saved {Path(args.out) / 'visual_tokenizer.safetensors'}")
     return 0
