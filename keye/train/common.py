@@ -139,16 +139,35 @@ def apply_lora(model, lora: LoraSettings):
 
 def save_model(model, processor, out_dir: Path) -> Path:
     """``save_pretrained`` into ``out_dir/model`` through a temporary folder, so a crash never leaves a
-    half-written model where the next stage would load it. LoRA adapters are merged first."""
+    half-written model where the next stage would load it. LoRA adapters are merged first.
+
+    Under torchrun every rank calls it: sharded (FSDP2) weights are gathered on all ranks, rank 0 writes,
+    and the others wait until the folder is in place (the next stage loads it on every rank)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    state = _gathered_state(model)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     final, tmp = out_dir / MODEL_DIR, out_dir / f".{MODEL_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if not distributed or torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    if distributed:
+        torch.distributed.barrier()
     return final
+
+
+def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict when some weights are sharded (DTensors: every rank must call this, in the
+    same order), else None (save_pretrained reads the model itself)."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return None
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- data

@@ -654,8 +654,7 @@ def run_rl(cfg: RLConfig, run_root: str | Path, model=None, processor=None, resu
         result = stage.evaluate(eval_rows)
         (stage.out_dir / "eval.json").write_text(json.dumps(result, indent=1))
         log.info("%s: held-out %s", cfg.out, result)
-    if stage.strategy.is_main:
-        save_model(policy, stage.processor, stage.out_dir)
+    save_model(policy, stage.processor, stage.out_dir)  # every rank: rank 0 writes, the others wait
     return stage.out_dir
 
 
