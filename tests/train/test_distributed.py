@@ -101,8 +101,9 @@ def test_unknown_strategy_is_a_config_error():
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy):
-    """`torchrun -m keye.cli train <stage>` end to end on the real model: every rank trains its share,
-    rank 0 saves (sharded weights gathered first) while the others wait, and the job ends cleanly; the
+    """`torchrun -m keye.cli train <stage>` end to end on the real model, with stage 3 (two seeds trained,
+    then averaged): every rank trains its share, the seed models are averaged (sharded under FSDP2),
+    rank 0 saves (sharded weights gathered first) while the others wait, and the job ends cleanly. The
     losses and the saved model equal a one-process run of the same global batch."""
     from safetensors.torch import load_file
 
@@ -110,19 +111,20 @@ def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy)
 
     generate_world(tmp_path / "world", WorldConfig.from_dict({"seed": 3, "clips": {"train": 8, "val": 0, "test": 0},
                    "scene": {"height": 56, "width": 56}, "crop_size": 56}), progress=False)
-    stage = ROOT / "pipelines" / "nano" / "stage2_multitask.yaml"
-    common = ["init_from=null", "video.min_pixels=3136", "video.max_pixels=3136", "run.steps=4", "run.optim.warmup_steps=0",
-              "run.optim.schedule=constant", "data.max_samples=8"]
+    stage = ROOT / "pipelines" / "nano" / "stage3_anneal.yaml"
+    common = ["init_from=null", "video.min_pixels=3136", "video.max_pixels=3136", "run.steps=3", "run.optim.warmup_steps=0",
+              "data.max_samples=8"]
     runs = {}
     for name, nproc, extra in [("one", 1, ["run.micro_batch=4"]), ("two", 2, ["run.micro_batch=2", f"run.dist.strategy={strategy}"])]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "world").symlink_to(tmp_path / "world")
         _launch(["-m", "keye.cli", "train", str(stage), "--run-root", str(tmp_path / name), *common, *extra], nproc)
-        runs[name] = ([r["loss"] for r in read_metrics(tmp_path / name / "stage2_multitask" / "metrics.jsonl")],
-                      load_file(tmp_path / name / "stage2_multitask" / "model" / "model.safetensors"))
-    assert runs["two"][0] == pytest.approx(runs["one"][0], rel=1e-5)
+        out = tmp_path / name / "stage3_anneal"
+        runs[name] = ([r["loss"] for seed in ("seed_0", "seed_1") for r in read_metrics(out / seed / "metrics.jsonl")],
+                      load_file(out / "model" / "model.safetensors"))
+    assert len(runs["one"][0]) == 6 and runs["two"][0] == pytest.approx(runs["one"][0], rel=1e-5)
     assert runs["two"][1].keys() == runs["one"][1].keys()
     # Adam turns reduction-order noise in near-zero gradients (and an occasional flipped expert choice)
-    # into whole-step differences: up to ~1e-3 here at LR 3e-3, far below a wrong or missing shard
+    # into whole-step differences: up to ~1e-3 at LR 3e-3, far below a wrong, missing or unaveraged shard
     for key, value in runs["one"][1].items():
         torch.testing.assert_close(runs["two"][1][key], value, rtol=0, atol=2e-3, msg=key)
