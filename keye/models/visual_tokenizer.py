@@ -82,14 +82,19 @@ def split_code_ids(ids_PN: torch.Tensor, text_vocab: int, codebook_size: int) ->
     return local_PN - book_PN * codebook_size
 
 
+def code_shares(indices_PN: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Share of the P tokens that picked each code, per codebook: (P, N) indices -> (N, K)."""
+    counts_NK = torch.stack([torch.bincount(col, minlength=codebook_size) for col in indices_PN.T.long()]).float()
+    return counts_NK / counts_NK.sum(-1, keepdim=True).clamp(min=1)
+
+
 def codebook_stats(indices_PN: torch.Tensor, codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-codebook usage (share of codes used at least once) and perplexity (exp of the code entropy).
 
     indices_PN: (P, N). Returns two (N,) float tensors. Perplexity K means all codes equally used.
     """
-    counts_NK = torch.stack([torch.bincount(col, minlength=codebook_size) for col in indices_PN.T.long()]).float()
-    usage_N = (counts_NK > 0).float().mean(-1)
-    probs_NK = counts_NK / counts_NK.sum(-1, keepdim=True).clamp(min=1)
+    probs_NK = code_shares(indices_PN, codebook_size)
+    usage_N = (probs_NK > 0).float().mean(-1)
     entropy_N = -(probs_NK * probs_NK.clamp(min=1e-12).log()).sum(-1)
     return usage_N, entropy_N.exp()
 

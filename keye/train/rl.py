@@ -466,7 +466,8 @@ class RLStage:
         cfg = self.cfg
         seqs = [Completion(g.prompt, c, float(a))
                 for g in groups for c, a in zip(g.completions, group_advantages(g.rewards_G))]
-        if not self._sync_max(len(seqs)):
+        most = self._sync_max(len(seqs))  # sequences on the fullest rank
+        if not most:
             return {}
         temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
         self.wrapped.train()
@@ -479,7 +480,7 @@ class RLStage:
             _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         totals: dict[str, float] = {}
         updates = 0
-        minibatches = -(-self._sync_max(len(seqs)) // cfg.minibatch_size)
+        minibatches = -(-most // cfg.minibatch_size)
         for epoch in range(cfg.epochs):
             # the shuffle is a function of (seed, step, epoch) alone, so a resumed run replays it
             gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step * 101 + epoch)

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from keye.config import load_config, save_config
 from keye.errors import ConfigError, KeyeInputError
 from keye.models.configuration import KeyeVisualTokenizerConfig
-from keye.models.visual_tokenizer import KeyeVisualTokenizer, codebook_stats, merged_vit_features, save_visual_tokenizer
+from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, merged_vit_features,
+                                         save_visual_tokenizer)
 from keye.processing import patchify
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import RunConfig, StepLoss, train
@@ -85,9 +85,7 @@ class _Trainee(nn.Module):
         restarted = self._restart_dead_codes(features_PF) if restarting else 0
         out = tokenizer(features_PF)
         if restarting:
-            with torch.no_grad():
-                shares_NK = F.one_hot(out.indices.T, self.usage_NK.shape[1]).float().mean(1)
-                self.usage_NK.mul_(self.decay).add_(shares_NK, alpha=1 - self.decay)
+            self.usage_NK.mul_(self.decay).add_(code_shares(out.indices, self.usage_NK.shape[1]), alpha=1 - self.decay)
         terms = tokenizer.losses(out, features_PF)
         _, perplexity_N = codebook_stats(out.indices, tokenizer.config.codebook_size)
         means = {k: float(v.detach().mean()) for k, v in terms.items()}
