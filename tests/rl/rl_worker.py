@@ -12,15 +12,10 @@ from keye.train.distributed import shutdown_process_group
 from keye.train.rewards import REWARDS
 from keye.train.rl import RLStage, load_rl_config
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_rl_stage import vowel_share  # noqa: E402  (the reward the single-process tests use)
+
 RECIPE = Path(__file__).parents[2] / "pipelines" / "nano" / "rl.yaml"
-
-
-def vowel_share(prompts, completions, **_):
-    out = []
-    for c in completions:
-        letters = [ch for ch in c.lower() if ch.isalpha()]
-        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
-    return out
 
 
 def main(run_root: str, *overrides: str) -> None:

@@ -233,28 +233,16 @@ def test_ddp_ranks_with_unequal_rollouts_stay_in_step(world, tmp_path):
     """Rank 1 keeps one group fewer than rank 0 (as zero-variance dropping does): both ranks still take the
     same optimizer steps (the old loop let rank 0 take one more and wait for ever), the replicas end
     identical and they trained."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
+    from dist_launch import launch
 
     (tmp_path / "world").symlink_to(world / "world")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     overrides = TINY + [
         "rewards={vowels: 1.0}", "hints.enabled=false", "zero_variance=keep", "rollout.prompts_per_step=2",
         "rollout.group_size=3", "minibatch_size=3", "run.micro_batch=2", "run.steps=2", "run.save_every=0",
         "run.optim={lr: 1.0e-2}", "run.dist.strategy=ddp",
     ]
-    root = Path(__file__).parents[2]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(Path(__file__).with_name("rl_worker.py")), str(tmp_path), *overrides]
-    proc = subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch([str(Path(__file__).with_name("rl_worker.py")), str(tmp_path), *overrides], nproc=2, timeout=240)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     assert int(ranks[0].pop("moved")) > 0 and int(ranks[1].pop("moved")) > 0
     for key, value in ranks[0].items():

@@ -1,12 +1,9 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_launch import ROOT, launch
 
 from keye.errors import ConfigError
 from keye.train.distributed import DistConfig, build_strategy, shutdown_process_group
@@ -14,36 +11,18 @@ from keye.train.metrics import read_metrics
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 RUNNER_WORKER = Path(__file__).with_name("runner_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(args, nproc, fails=False):
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), *args]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert (proc.returncode != 0) if fails else (proc.returncode == 0), proc.stderr[-3000:]
 
 
 def _run(tmp_path, strategy, nproc, ds_config=None):
     out = tmp_path / f"{strategy}-{nproc}.json"
-    _launch([str(WORKER), strategy, str(out)] + ([str(ROOT / ds_config)] if ds_config else []), nproc)
+    launch([str(WORKER), strategy, str(out)] + ([str(ROOT / ds_config)] if ds_config else []), nproc)
     return json.loads(out.read_text())
 
 
 def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0):
     out = tmp_path / f"{name}-{strategy}-{nproc}.json"
     args = [str(RUNNER_WORKER), strategy, str(tmp_path / f"{name}-{strategy}-{nproc}"), str(out), str(die_at_call)]
-    _launch(args, nproc, fails=die_at_call > 0)
+    launch(args, nproc, fails=die_at_call > 0)
     return None if die_at_call else json.loads(out.read_text())
 
 
@@ -118,7 +97,7 @@ def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy)
     for name, nproc, extra in [("one", 1, ["run.micro_batch=4"]), ("two", 2, ["run.micro_batch=2", f"run.dist.strategy={strategy}"])]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "world").symlink_to(tmp_path / "world")
-        _launch(["-m", "keye.cli", "train", str(stage), "--run-root", str(tmp_path / name), *common, *extra], nproc)
+        launch(["-m", "keye.cli", "train", str(stage), "--run-root", str(tmp_path / name), *common, *extra], nproc)
         out = tmp_path / name / "stage3_anneal"
         runs[name] = ([r["loss"] for seed in ("seed_0", "seed_1") for r in read_metrics(out / seed / "metrics.jsonl")],
                       load_file(out / "model" / "model.safetensors"))
