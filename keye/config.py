@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from keye.errors import ConfigError
+from keye.fileio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -61,12 +62,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config into ``run_dir`` atomically; returns the file's path."""
-    path = Path(run_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run_dir) / name, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

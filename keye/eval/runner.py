@@ -26,6 +26,7 @@ from tqdm import tqdm
 from keye.errors import KeyeInputError
 from keye.eval.answers import LETTERS, extract_choice, final_answer, is_correct, normalize
 from keye.eval.formats import EvalDefinition, EvalItem, check_definition, read_items
+from keye.fileio import atomic_write_text
 
 # A batch of conversations (qwen-vl-utils messages) -> one raw generation each.
 Predictor = Callable[[list[list[dict]]], list[str]]
@@ -91,12 +92,6 @@ class PredictionStore:
         self.done[record["id"]] = record
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_run(out_dir: Path, meta: dict) -> None:
     """Refuse to mix predictions of different definitions, models or modes in one folder."""
     path = out_dir / "run.json"
@@ -107,7 +102,7 @@ def _check_run(out_dir: Path, meta: dict) -> None:
             k = changed[0]
             raise KeyeInputError(f"{out_dir}: holds predictions for {k}={old[k]!r}, not {meta[k]!r}; "
                                  "use another --out folder (or delete this one)")
-    _write_atomic(path, json.dumps(meta, indent=2))
+    atomic_write_text(path, json.dumps(meta, indent=2))
 
 
 # ----------------------------------------------------------------------------- metrics and reports
@@ -208,8 +203,8 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
         **accuracy_table([records[item.id] for item in items], definition.breakdown),
     }
     if out_dir is not None:
-        _write_atomic(Path(out_dir) / "results.json", json.dumps(results, indent=2))
-        _write_atomic(Path(out_dir) / "results.md", markdown_report(results))
+        atomic_write_text(Path(out_dir) / "results.json", json.dumps(results, indent=2))
+        atomic_write_text(Path(out_dir) / "results.md", markdown_report(results))
     return results
 
 

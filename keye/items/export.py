@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from keye.errors import KeyeInputError
+from keye.fileio import atomic_path
 from keye.items.catalogue import BadRow, Item, iter_catalogue
 from keye.items.encoders import ItemEncoder
 
@@ -84,11 +84,8 @@ class _ShardWriter:
         meta = {**self.provenance, "dim": dim, "rows": len(self.pids), "inputs_used": dict(self.inputs)}
         table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(meta).encode()})
         path = self.out_dir / f"part-{self.index:05d}.parquet"
-        tmp = self.out_dir / f".{path.name}.tmp{os.getpid()}"
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a reader sees no shard or the whole shard
+        with atomic_path(path, fsync=True) as tmp:  # a reader sees no shard or the whole shard
+            pq.write_table(table, tmp)
         self.index += 1
         self.pids, self.rows, self.inputs = [], [], Counter()
         return path.name

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from keye.errors import KeyeInputError
+from keye.fileio import atomic_write_text
 
 RECBOLE = "recbole==1.2.1"
 ITEM_FILE = "recbole/dataset_example/ml-100k/ml-100k.item"
@@ -55,9 +56,4 @@ def movielens_items(wheel: str | Path) -> list[dict]:
 
 
 def write_catalogue(records: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

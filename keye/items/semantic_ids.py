@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keye.errors import ConfigError, KeyeInputError
+from keye.fileio import atomic_path
 from keye.items.kmeans import distance_blocks, kmeans, nearest
 
 
@@ -125,14 +126,11 @@ class ResidualKMeans:
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write the ``centroids.{l}`` state dict (OpenOneRec ``ResKmeans`` keys) as safetensors."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"n_layers": str(self.levels), "codebook_size": json.dumps(self.codebook_sizes), "dim": str(self.dim)}
         meta.update({k: str(v) for k, v in (metadata or {}).items()})
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.state_dict(), str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        with atomic_path(path) as tmp:
+            save_file(self.state_dict(), str(tmp), metadata=meta)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ResidualKMeans":

@@ -18,7 +18,6 @@ only, so ``ResKmeans().load_state_dict(safetensors.torch.load_file("model.safete
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 
 from keye.config import save_config
 from keye.errors import KeyeInputError
+from keye.fileio import atomic_path, atomic_write_text
 from keye.items.collisions import SemanticIds, apply_collision_policy, sid_groups
 from keye.items.metrics import semantic_id_metrics
 from keye.items.semantic_ids import ResidualKMeans, SemanticIdConfig
@@ -101,20 +101,13 @@ def lcrec_tokens(codes: list[int]) -> list[str]:
     return [f"<{chr(ord('a') + level)}_{code}>" for level, code in enumerate(codes)]
 
 
-def _atomic(path: Path):
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = _atomic(path)
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = _atomic(path)
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def write_outputs(out_dir: str | Path, pids: list, result: TokenizeResult, config: SemanticIdConfig) -> Path:

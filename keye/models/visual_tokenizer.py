@@ -44,6 +44,7 @@ from vector_quantize_pytorch import SimVQ
 from vector_quantize_pytorch.vector_quantize_pytorch import kmeans, straight_through
 
 from keye.errors import ConfigError, KeyeInputError
+from keye.fileio import atomic_path, atomic_write_text
 from keye.models.configuration import KeyeVisualTokenizerConfig
 from keye.models.projector import merge_patches
 
@@ -279,11 +280,10 @@ def save_visual_tokenizer(tokenizer: KeyeVisualTokenizer, out_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
-    tmp = out / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_NAME)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     meta = {"feature_dim": tokenizer.feature_dim, "config": tokenizer.config.to_diff_dict()}
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True))
     return out / WEIGHTS_NAME
 
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keye.errors import KeyeInputError
+from keye.fileio import atomic_write_text
 
 _LATEST = "latest"
 
@@ -75,7 +76,7 @@ def save_checkpoint(
 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic(root / _LATEST, final.name)
+    atomic_write_text(root / _LATEST, final.name)
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -180,12 +181,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     for i, values in meta["scalars"].items():
         state.setdefault(key_of(int(i)), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _jsonable_python_rng(state: tuple) -> list:

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from keye.fileio import atomic_write_text
+
 
 class MetricsLog:
     """Append-only jsonl log. On resume, rows past the checkpoint's step are dropped so the curve has no repeats."""
@@ -17,9 +19,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [r for r in self.rows() if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None:
             self.path.write_text("")
 

@@ -22,6 +22,7 @@ import torch
 
 from keye.config import load_config
 from keye.errors import ConfigError
+from keye.fileio import atomic_write_text
 from keye.train.common import StageConfig, load_stage_config
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,4 @@ def _print_estimates(rows: list[dict[str, Any]], recipe: RecipeConfig) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from keye.config import load_config, save_config
 from keye.errors import ConfigError, KeyeInputError
+from keye.fileio import atomic_write_text
 from keye.models.configuration import KeyeVisualTokenizerConfig
 from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, merged_vit_features,
                                          save_visual_tokenizer)
@@ -258,7 +259,7 @@ def run(cfg: VQTrainConfig, out_dir: str | Path, model: nn.Module | None = None)
     after = evaluate(tokenizer, eval_features)
     save_visual_tokenizer(tokenizer, out)
     report = {"after_kmeans_init": before, "final": after}
-    (out / "vq_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "vq_report.json", json.dumps(report, indent=2))
     return report
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from keye.fileio import atomic_path
+
 
 def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: float = 25.0, crf: int = 18,
                 gop: int | None = None) -> Path:
@@ -25,21 +27,15 @@ def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: float = 2
     _, height, width, _ = frames_THWC.shape
     if height % 2 or width % 2:
         raise ValueError(f"write_video({path}): height and width must be even for yuv420p, got {height}x{width}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=_as_fraction(fps))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-            if gop is not None:
-                stream.options["x264-params"] = f"keyint={gop}:min-keyint={min(gop, 25)}"
-            for frame in frames_THWC:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=_as_fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        if gop is not None:
+            stream.options["x264-params"] = f"keyint={gop}:min-keyint={min(gop, 25)}"
+        for frame in frames_THWC:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
 
 

@@ -44,6 +44,7 @@ from keye.data.world.render import object_box, render_clip, zoom_crop
 from keye.data.world.scene import STILL, Clip, SceneConfig, sample_clip, where
 from keye.config import from_dict
 from keye.errors import ConfigError
+from keye.fileio import atomic_path, atomic_write_text
 from keye.video.writer import write_video
 
 SPLITS = ("train", "val", "test")
@@ -356,18 +357,14 @@ def _build_clip(args: tuple[WorldConfig, str, str, str]) -> dict:
 
 
 def _write_png(path: Path, image_HWC: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image_HWC).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image_HWC).save(tmp, format="PNG")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None, progress: bool = True, num_workers: int = 0) -> dict:
@@ -413,9 +410,7 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
             for split, rs in by_split.items()
         },
     }
-    tmp = world_json.with_name(f".world.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, world_json)
+    atomic_write_text(world_json, json.dumps(info, indent=2, sort_keys=True) + "\n")
     written = sum(r["wrote_video"] for r in results)
     return {**info, "videos_written": written, "seconds": seconds, "clips_per_second": len(results) / max(seconds, 1e-9)}
 
