@@ -48,6 +48,7 @@ from keye.data.collate import SampleBuilder, VideoOptions
 from keye.data.modes import assign_modes, with_hint
 from keye.errors import ConfigError
 from keye.eval.answers import is_correct
+from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
 from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
@@ -575,11 +576,15 @@ class RLStage:
 
     @torch.no_grad()
     def evaluate(self, rows: list[dict], batch_size: int = 16) -> dict[str, float]:
-        """Greedy accuracy and format pass rate on ``rows`` (rendered in the training modes)."""
+        """Greedy accuracy and format pass rate on ``rows`` (rendered in the training modes). Under
+        torchrun each rank scores every world_size-th row and the counts are summed, so every rank
+        returns the same figures for the whole list."""
         self.model.eval()
+        world, rank = self.strategy.world_size, self.strategy.rank
+        mine = rows[rank::world]
         correct = formatted = 0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
             prompts = [self.prompts(r) for r in chunk]
             batch = to_device(collate_prompts(prompts, self.pad_id), self.device)
             generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
@@ -589,6 +594,10 @@ class RLStage:
                                                 skip_special_tokens=True)
             correct += sum(is_correct(t, r["answer"], r.get("options")) for t, r in zip(texts, chunk))
             formatted += sum(format_ok(t, r.get("think_mode")) for t, r in zip(texts, chunk))
+        if world > 1:
+            counts = torch.tensor([correct, formatted], device=self.device)
+            torch.distributed.all_reduce(counts)
+            correct, formatted = (int(c) for c in counts)
         n = max(len(rows), 1)
         return {"accuracy": correct / n, "format_pass": formatted / n, "n": len(rows)}
 
@@ -652,8 +661,9 @@ def run_rl(cfg: RLConfig, run_root: str | Path, model=None, processor=None, resu
     if cfg.data.eval:
         eval_rows, _ = read_rows(cfg.data.eval, stage.run_root)
         eval_rows = _select_rows(eval_rows, cfg.data, cfg.data.max_eval_samples)
-        result = stage.evaluate(eval_rows)
-        (stage.out_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        result = stage.evaluate(eval_rows)  # rows split over the ranks, counts summed
+        if stage.strategy.is_main:
+            atomic_write_text(stage.out_dir / "eval.json", json.dumps(result, indent=1))
         log.info("%s: held-out %s", cfg.out, result)
     save_model(policy, stage.processor, stage.out_dir)  # every rank: rank 0 writes, the others wait
     return stage.out_dir

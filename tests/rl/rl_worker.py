@@ -1,6 +1,8 @@
 """Run by tests/rl/test_rl_stage.py under torchrun: the RL stage with DDP on two ranks that keep
-different numbers of groups (rank 1 drops one), which must neither hang nor let the replicas drift."""
+different numbers of groups (rank 1 drops one), which must neither hang nor let the replicas drift;
+then the held-out eval, split over the ranks, against the same eval of all rows on one rank."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,6 +36,16 @@ def main(run_root: str, *overrides: str) -> None:
     after = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
     moved = sum(not torch.equal(before[k], after[k]) for k in after)
     save_file(after | {"moved": torch.tensor(moved)}, str(Path(run_root) / f"rank{rank}.safetensors"))
+
+    scored = []
+    build_prompt = stage.prompts
+    stage.prompts = lambda row: scored.append(row["id"]) or build_prompt(row)
+    split = stage.evaluate(stage.rows)
+    mine = list(scored)
+    stage.strategy.world_size, stage.strategy.rank = 1, 0  # this rank alone, every row (no collective)
+    whole = stage.evaluate(stage.rows)
+    (Path(run_root) / f"eval{rank}.json").write_text(json.dumps({"split": split, "whole": whole, "scored": mine,
+                                                                          "rows": [r["id"] for r in stage.rows]}))
 
 
 if __name__ == "__main__":

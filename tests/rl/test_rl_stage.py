@@ -247,3 +247,11 @@ def test_ddp_ranks_with_unequal_rollouts_stay_in_step(world, tmp_path):
     assert int(ranks[0].pop("moved")) > 0 and int(ranks[1].pop("moved")) > 0
     for key, value in ranks[0].items():
         assert torch.equal(value, ranks[1][key]), key
+    # held-out eval: each rank generated for its own half of the rows, and the summed counts equal
+    # one rank scoring every row
+    evals = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in (0, 1)]
+    assert len(evals[0]["rows"]) > 1 and evals[0]["rows"] == evals[1]["rows"]
+    assert sorted(evals[0]["scored"] + evals[1]["scored"]) == sorted(evals[0]["rows"])
+    assert evals[0]["scored"] and evals[1]["scored"]
+    for e in evals:
+        assert e["split"] == e["whole"]
