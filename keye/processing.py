@@ -19,8 +19,10 @@ which is what the ``mlp_AR`` 2x2 merge expects.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -229,8 +231,11 @@ def nano_corpus(seed: int = 0, lines: int = 6000) -> list[str]:
     return out
 
 
-def build_nano_tokenizer(out_dir: str | Path = NANO_TOKENIZER_DIR, bpe_size: int = 2000):
-    """Train the keye-nano byte-level BPE and save it (tokenizer.json + config with the chat template)."""
+def build_nano_tokenizer(out_dir: str | Path = NANO_TOKENIZER_DIR, bpe_size: int = 2000, whole_words: Sequence[str] = ()):
+    """Train the keye-nano byte-level BPE and save it (tokenizer.json + config with the chat template).
+    ``whole_words`` (byte-level, ``Ġ`` for a leading space) become single tokens at the same vocabulary
+    size (``add_whole_words``); the shipped tokenizer holds the synthetic world's words
+    (``keye.data.world.vocab``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -243,6 +248,8 @@ def build_nano_tokenizer(out_dir: str | Path = NANO_TOKENIZER_DIR, bpe_size: int
     tok.train_from_iterator(nano_corpus(), trainer=trainer)
     if tok.get_vocab_size() != bpe_size:
         raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} tokens, expected {bpe_size}")
+    if whole_words:
+        tok = Tokenizer.from_str(json.dumps(add_whole_words(json.loads(tok.to_str()), list(whole_words))[0]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})  # ids bpe_size + index, in order
     fast.add_tokens(REASONING_TOKENS)
@@ -250,6 +257,68 @@ def build_nano_tokenizer(out_dir: str | Path = NANO_TOKENIZER_DIR, bpe_size: int
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """``word`` (byte-level characters) split by BPE with merge ``ranks``."""
+    parts = list(word)
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def _merges_for(words: list[str], merges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """New merges, in order, that make each of ``words`` one token on top of ``merges``: each word's
+    pieces are joined left to right (later words reuse the prefixes earlier ones built)."""
+    ranks = {m: r for r, m in enumerate(merges)}
+    added: list[tuple[str, str]] = []
+    for word in words:
+        parts = _bpe(word, ranks)
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in ranks:
+                ranks[pair] = len(ranks)
+                added.append(pair)
+            parts[:2] = [parts[0] + parts[1]]
+    return added
+
+
+def add_whole_words(tokenizer_json: dict, words: list[str]) -> tuple[dict, int]:
+    """``tokenizer_json`` (a byte-level BPE ``tokenizer.json``) with ``words`` made whole tokens, at the
+    same vocabulary size: the last merges give way to the new ones. Returns (new json, merges swapped)."""
+    if not words:
+        return tokenizer_json, 0
+    model = tokenizer_json["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    n_base = len(model["vocab"]) - len(merges)  # the byte alphabet
+    # Dropping k merges can split a word differently, which may need another merge: grow k until the
+    # new merges fit in the room the dropped ones leave.
+    drop = 0
+    while True:
+        kept = merges[: len(merges) - drop]
+        added = _merges_for(words, kept)
+        if len(added) <= drop:
+            break
+        drop = len(added)
+        if drop > len(merges):
+            raise ValueError(f"{len(words)} words need {drop} merges; the tokenizer has only {len(merges)}")
+    # Any room left goes back to the next old merges, ranked after the new ones so that they cannot
+    # fire inside a world word before its own merges do.
+    new_merges = kept + added + merges[len(kept) : len(kept) + drop - len(added)]
+    by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    vocab = {tok: i for tok, i in by_id[:n_base]}
+    for a, b in new_merges:
+        vocab.setdefault(a + b, len(vocab))
+    if len(vocab) != len(model["vocab"]):
+        raise ValueError(f"vocabulary changed size: {len(model['vocab'])} -> {len(vocab)}")
+    out = json.loads(json.dumps(tokenizer_json))
+    out["model"]["vocab"] = vocab
+    out["model"]["merges"] = [[a, b] for a, b in new_merges]
+    return out, len(added)
 
 
 def load_nano_processor() -> KeyeProcessor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from keye.data.world.vocab import world_words
 from keye.errors import KeyeInputError
 from keye.processing import (
     NANO_TOKENIZER_DIR, PIXEL_MEAN, PIXEL_STD, REASONING_TOKENS, SPECIAL_TOKENS, build_nano_tokenizer,
@@ -110,6 +111,6 @@ def test_nano_tokenizer_files_load_and_rebuild_identically(tmp_path):
     for t in SPECIAL_TOKENS + REASONING_TOKENS:
         assert len(shipped.tokenize(t)) == 1, t
     assert shipped.chat_template and "/' + think_mode" in shipped.chat_template
-    rebuilt = build_nano_tokenizer(tmp_path)
+    rebuilt = build_nano_tokenizer(tmp_path, whole_words=world_words())
     assert rebuilt.get_vocab() == shipped.get_vocab()
     assert shipped.decode(shipped("A blue cube at 12.5 s.")["input_ids"]) == "A blue cube at 12.5 s."
