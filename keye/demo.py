@@ -40,10 +40,13 @@ def run(args: argparse.Namespace) -> int:
     clip = rows[args.clip % len(rows)]["clip_id"]
     questions = [r for r in rows if r["clip_id"] == clip]
     path = root / "world" / questions[0]["videos"][0]
+    # room for the longest chain the recipe's own think eval allows
+    max_new_tokens = max((spec.max_new_tokens for spec in recipe.eval), default=320)
     print(f"\nvideo: {path}  (held out: never seen in training)")
     for row in questions:
         for mode in args.modes:
-            answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=448, **video.part_defaults())
+            answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=max_new_tokens,
+                              **video.part_defaults())
             mark = "ok " if answer.text.strip().lower() == str(row["answer"]).lower() else "-- "
             print(f"\n{mark}[{mode}] Q: {row['question']}\n    reference: {row['answer']}\n    answer:    {answer.text}")
             if answer.thinking:
