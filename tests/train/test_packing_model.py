@@ -15,9 +15,13 @@ from keye.models.modeling import mrope_positions
 from keye.processing import load_nano_processor
 from keye.train.common import StageConfig, lm_collate, lm_loss_fn
 
-# lengths 188, 87, 321, 124 tokens (56 x 56 frames, 4 LM tokens each); first-fit decreasing into rows of
-# 400 gives [321] and [188, 124, 87]: one row of three samples, one padded row
-PACK_LENGTH = 400
+
+def pack_length(samples) -> int:
+    """Rows as long as the longest, second and shortest samples together: first-fit decreasing then puts
+    those three in one row and the third longest alone in a padded one (lengths are 238, 144, 116 and
+    83 tokens with 56 x 56 frames; derived here so a tokenizer change keeps the layout)."""
+    n = sorted((len(s.input_ids) for s in samples), reverse=True)
+    return n[0] + n[1] + n[3]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def nano():
 
 
 def packed_batch(samples, processor):
-    batch = collate_packed(samples, processor.tokenizer.pad_token_id, PACK_LENGTH)
+    batch = collate_packed(samples, processor.tokenizer.pad_token_id, pack_length(samples))
     per_row = batch["segment_ids"].max(-1).values + 1
     assert len(per_row) < len(samples) and per_row.max() >= 3  # really packed: several samples share a row
     assert (batch["attention_mask"] == 0).any()  # and one row is padded
@@ -68,7 +72,7 @@ def test_packed_positions_restart_per_sample(nano, samples, processor):
     batch = packed_batch(samples, processor)
     positions, _ = mrope_positions(batch["input_ids"], batch["attention_mask"], nano.config,
                                    video_grid_thw=batch["video_grid_thw"], segment_ids=batch["segment_ids"])
-    plan = plan_packs([len(s.input_ids) for s in samples], PACK_LENGTH)  # the rows collate_packed built
+    plan = plan_packs([len(s.input_ids) for s in samples], pack_length(samples))  # the rows collate_packed built
     for b, members in enumerate(plan):
         for k, i in enumerate(members):
             one = alone(samples[i], processor)
@@ -114,7 +118,8 @@ def test_changing_one_packed_sample_leaves_the_others_untouched(nano, samples, p
 
 
 def test_samples_longer_than_the_pack_length_are_named(samples, processor):
-    with pytest.raises(KeyeInputError, match=r"pack length 200 .*'train-00002-caption', 321"):
-        collate_packed(samples, processor.tokenizer.pad_token_id, 200)
+    longest, second = sorted((len(s.input_ids) for s in samples), reverse=True)[:2]
+    with pytest.raises(KeyeInputError, match=rf"pack length {second} .*'train-00002-caption', {longest}\)\]"):
+        collate_packed(samples, processor.tokenizer.pad_token_id, second)
     with pytest.raises(ConfigError, match="max_length"):
         lm_collate(processor, StageConfig(packing=True))
