@@ -25,6 +25,7 @@ from keye.config import load_config, save_config
 from keye.data.collate import SampleBuilder, VideoOptions, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.errors import ConfigError, KeyeInputError
+from keye.train.distributed import gathered_state_dict
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import RunConfig, StepLoss
 
@@ -145,7 +146,7 @@ def save_model(model, processor, out_dir: Path) -> Path:
     and the others wait until the folder is in place (the next stage loads it on every rank)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    state = _gathered_state(model)
+    state = gathered_state_dict(model)  # collective under FSDP2: every rank gathers, rank 0 writes
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     final, tmp = out_dir / MODEL_DIR, out_dir / f".{MODEL_DIR}.tmp"
     if not distributed or torch.distributed.get_rank() == 0:
@@ -157,17 +158,6 @@ def save_model(model, processor, out_dir: Path) -> Path:
     if distributed:
         torch.distributed.barrier()
     return final
-
-
-def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full state dict when some weights are sharded (DTensors: every rank must call this, in the
-    same order), else None (save_pretrained reads the model itself)."""
-    from torch.distributed.tensor import DTensor
-
-    state = model.state_dict()
-    if not any(isinstance(v, DTensor) for v in state.values()):
-        return None
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------- data

@@ -52,6 +52,15 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s whole state dict as CPU tensors, its sharded (FSDP2 DTensor) entries gathered, so
+    every rank must call it, in the same order. Works on a model that is only partly sharded too (stage
+    0's tower inside the SigLIP pair)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
+
+
 def shutdown_process_group() -> None:
     """End a torchrun job's process group: every rank waits for the others, then destroys it.
 
@@ -103,7 +112,7 @@ class Strategy:
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (CPU tensors), for saving."""
-        return {k: v.detach().cpu() for k, v in self.unwrap(model).state_dict().items()}
+        return gathered_state_dict(self.unwrap(model))
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
         """The optimizer's whole state for a checkpoint, or None where this strategy cannot gather it.
@@ -151,11 +160,6 @@ class FSDP2Strategy(Strategy):
     def accumulating(self, model, boundary):
         model.set_requires_gradient_sync(boundary)
         yield
-
-    def full_state_dict(self, model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False))
 
     def optimizer_state_dict(self, model, optimizer):
         """Moments gathered from every shard, keyed by parameter name (the main rank holds them)."""
