@@ -25,7 +25,7 @@ from keye.config import load_config, save_config
 from keye.data.collate import SampleBuilder, VideoOptions, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.errors import ConfigError, KeyeInputError
-from keye.train.distributed import gathered_state_dict
+from keye.train.distributed import gathered_state_dict, has_sharded_weights
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import RunConfig, StepLoss
 
@@ -146,7 +146,9 @@ def save_model(model, processor, out_dir: Path) -> Path:
     and the others wait until the folder is in place (the next stage loads it on every rank)."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    state = gathered_state_dict(model)  # collective under FSDP2: every rank gathers, rank 0 writes
+    # sharded weights: a collective, every rank gathers and rank 0 writes; otherwise save_pretrained reads
+    # the model itself (no full CPU copy on every rank)
+    state = gathered_state_dict(model) if has_sharded_weights(model) else None
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     final, tmp = out_dir / MODEL_DIR, out_dir / f".{MODEL_DIR}.tmp"
     if not distributed or torch.distributed.get_rank() == 0:

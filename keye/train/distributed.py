@@ -52,6 +52,13 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def has_sharded_weights(model: nn.Module) -> bool:
+    """Whether some of ``model``'s state is sharded (FSDP2 DTensors) and must be gathered to be saved."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in model.state_dict().values())
+
+
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s whole state dict as CPU tensors, its sharded (FSDP2 DTensor) entries gathered, so
     every rank must call it, in the same order. Works on a model that is only partly sharded too (stage
