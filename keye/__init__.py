@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # `import keye` stays cheap (no torch); `keye.load` imports the pipeline on first use (PEP 562).
-_LAZY = {"load": "keye.api", "KeyePipeline": "keye.api", "Answer": "keye.eval.answers"}
+_LAZY = {"load": "keye.api", "KeyePipeline": "keye.api", "Answer": "keye.data.answers"}
 
 
 def __getattr__(name: str):

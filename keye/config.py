@@ -25,16 +25,50 @@ T = TypeVar("T")
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
     """Build ``cls`` from its defaults, then the YAML file at ``path``, then ``overrides`` (``a.b=value``)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = _read_yaml(Path(path))
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     source = str(path) if path is not None else "overrides"
-    return from_dict(cls, data, source=source)
+    return from_dict(cls, read_config_data(path, overrides), source=source)
+
+
+def read_config_data(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML file at ``path`` (empty without one) as a mapping, with ``overrides`` (``a.b=value``) set
+    in it; nothing validated yet (``from_dict`` does that)."""
+    return apply_overrides(_read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Set each ``a.b=value`` override in ``data`` (values parsed as YAML); returns ``data``."""
+    for item in overrides or []:
+        key, raw = split_override(item)
+        _set_dotted(data, key, yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """``"a.b=value"`` -> ``("a.b", "value")``; anything else is a ``ConfigError``."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+    return key.strip(), raw
+
+
+def has_key(cls: type, dotted: str) -> bool:
+    """Whether config class ``cls`` takes the dotted key (any key below a mapping-typed field counts)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = _optional_inner(tp)
+        if get_origin(tp) is dict or tp is Any:
+            return True
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp) if f.init}:
+            return False
+        tp = get_type_hints(tp)[part]
+    return True
+
+
+def _optional_inner(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:

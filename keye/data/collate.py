@@ -21,25 +21,9 @@ import torch
 
 from keye.data.conversations import Conversation, RowFormat, parse_row
 from keye.data.packing import IGNORE_INDEX, pack, segment_ids
-from keye.video import VisionInputs, process_vision_info
+from keye.video import VideoOptions, VisionInputs, process_vision_info
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
-
-@dataclass
-class VideoOptions:
-    """Defaults merged into every video part that does not set them (qwen-vl-utils / keye-vl-utils keys)."""
-
-    fps: float = 2.0
-    max_frames: int | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    video_total_pixels: int | None = None
-    slow_fast: bool = True
-
-    def part_defaults(self) -> dict[str, Any]:
-        keys = ("fps", "max_frames", "min_pixels", "max_pixels", "video_total_pixels")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -66,7 +50,7 @@ class SampleBuilder:
         for message in messages:
             for part in message["content"]:
                 if part["type"] == "video":
-                    for key, value in self.video.part_defaults().items():
+                    for key, value in self.video.message().items():
                         part.setdefault(key, value)
         return messages, meta
 

@@ -21,12 +21,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from keye.config import load_config
 from keye.errors import ConfigError, KeyeInputError
-from keye.eval.answers import LETTERS, option_text
+from keye.data.answers import LETTERS, option_text
 from keye.registry import registrar
+from keye.video import VideoOptions
 
 # the repository's eval/ folder (benchmark definitions are data, next to the package)
 DEFINITIONS_DIR = Path(__file__).resolve().parents[2] / "eval"
@@ -47,7 +47,8 @@ class EvalDefinition:
     """A benchmark run. Relative paths resolve against the definition file's folder.
 
     prompt: template with ``{question}`` and ``{options}`` (the options as "A. text" lines).
-    video: message options for every video (fps, max_frames, max_pixels, total_pixels, ...).
+    video: options for every video (``keye.video.VideoOptions``: fps, max_frames, max_pixels, ...; and
+        ``slow_fast``, the sampling mode the command line uses unless its flags say otherwise).
     breakdown: item fields to report accuracy by, besides the overall number.
     """
 
@@ -58,10 +59,13 @@ class EvalDefinition:
     prompt: str = "{question}\n{options}"
     mode: str = "no_think"
     max_new_tokens: int = 32
-    video: dict[str, Any] = field(default_factory=dict)
+    video: VideoOptions = field(default_factory=VideoOptions)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     breakdown: list[str] = field(default_factory=list)
     base_dir: str = ""  # set by load_definition: the folder relative paths start from
+
+    def __post_init__(self):
+        self.video.validated(f"definition {self.name}: video")
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()

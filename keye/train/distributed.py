@@ -1,7 +1,7 @@
 """Data parallelism applied from the outside: one place, one small class per strategy.
 
-Model code is written for one device (STYLE.md principle 2). A loop asks ``build_strategy(cfg)`` for a
-strategy, hands it the model and an optimizer factory, and from then on only calls:
+Model code is written for one device. A loop asks ``build_strategy(cfg)`` for a strategy, hands it the
+model and an optimizer factory, and from then on only calls:
 
     with strategy.accumulating(model, boundary):   # no gradient sync until the accumulation boundary
         loss = compute(model, batch)

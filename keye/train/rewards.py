@@ -6,7 +6,7 @@ keyword holding one value per completion (``answer``, ``options``, ``think_mode`
 ignores the columns it does not need (``**_``), so any TRL-style reward function plugs in by
 registering it. ``combine_rewards`` weights several of them into one scalar per completion.
 
-Answer reading is ``keye.eval.answers`` (reasoning blocks dropped, ``<answer>`` and ``\\boxed{}``
+Answer reading is ``keye.data.answers`` (reasoning blocks dropped, ``<answer>`` and ``\\boxed{}``
 unwrapped, option letters and option text matched), the same code that scores the benchmarks, so
 the policy is rewarded for exactly what evaluation counts as correct.
 """
@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 
 from keye.errors import ConfigError
-from keye.eval.answers import is_correct
+from keye.data.answers import is_correct
 from keye.registry import registrar
 
 RewardFn = Callable[..., list[float]]

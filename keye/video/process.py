@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from keye.errors import VideoError
 from keye.video.decode import DEFAULT_CHUNK, source_name
-from keye.video.options import MEDIA_KEYS, MediaOptions
+from keye.video.options import MEDIA_KEYS, VideoOptions
 from keye.video.reader import _read_image, read_video
 from keye.video.types import ImageInput, VideoClip
 
@@ -62,7 +62,7 @@ def process_vision_info(conversations: list[dict] | list[list[dict]], *, slow_fa
         if "image" in part or "image_url" in part:
             image = part.get("image", part.get("image_url"))
             name = f"image #{len(result.images) + 1} ({where}{_describe(image)})"
-            result.images.append(_read_image(image, MediaOptions.from_message(part, name), name))
+            result.images.append(_read_image(image, VideoOptions.from_message(part, name), name))
         elif "video" in part:
             video = part["video"]
             name = f"video #{len(result.videos) + 1} ({where}{_describe(video)})"

@@ -38,7 +38,7 @@ from keye.errors import VideoError
 from keye.video import sizing
 from keye.video.decode import (DEFAULT_CHUNK, DecodeError, OpenedVideo, VideoSource, available_backends, open_video,
                                read_frames, source_name)
-from keye.video.options import MediaOptions
+from keye.video.options import VideoOptions
 from keye.video.slowfast import MIN_FRAME_SIMILARITY, SlowFastSelector, select_slow_fast
 from keye.video.types import SLOW, ImageInput, VideoClip
 
@@ -110,10 +110,10 @@ def _pil_resize(pil: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def read_image(image: Frame, *, name: str = "image", **options) -> ImageInput:
     """One image, resized with qwen-vl-utils semantics (smart_resize, factor 28, min/max_pixels)."""
-    return _read_image(image, MediaOptions.from_message(options, name), name)
+    return _read_image(image, VideoOptions.from_message(options, name), name)
 
 
-def _read_image(image: Frame, opts: MediaOptions, name: str) -> ImageInput:
+def _read_image(image: Frame, opts: VideoOptions, name: str) -> ImageInput:
     pil = load_image(image, name)
     if opts.resized is not None:
         size = sizing.smart_resize(*opts.resized)
@@ -131,7 +131,7 @@ def _default(value, default):
 # ----------------------------------------------------------------------------- frame choice
 
 
-def frame_range(opts: MediaOptions, total_frames: int, fps: float, name: str) -> tuple[int, int]:
+def frame_range(opts: VideoOptions, total_frames: int, fps: float, name: str) -> tuple[int, int]:
     """First and last source frame inside [video_start, video_end] seconds (qwen-vl-utils 0.0.14 rule)."""
     if opts.video_start is None and opts.video_end is None:
         return 0, total_frames - 1
@@ -151,7 +151,7 @@ def _linspace_indices(start: int, end: int, count: int) -> list[int]:
     return torch.linspace(start, end, count).round().long().tolist()
 
 
-def _keye_count(opts: MediaOptions, total: int, fps: float, height: int, width: int, name: str) -> int:
+def _keye_count(opts: VideoOptions, total: int, fps: float, height: int, width: int, name: str) -> int:
     if opts.nframes is not None:
         if opts.nframes > total:
             raise VideoError(f"{name}: nframes={opts.nframes} is more than the {total} frames available")
@@ -171,7 +171,7 @@ def _keye_count(opts: MediaOptions, total: int, fps: float, height: int, width: 
     return max(1, min(count, cap))
 
 
-def _budget(opts: MediaOptions, height: int, width: int, num_slow: int, num_fast: int) -> sizing.SlowFastBudget:
+def _budget(opts: VideoOptions, height: int, width: int, num_slow: int, num_fast: int) -> sizing.SlowFastBudget:
     if opts.resized is not None:
         slow = sizing.smart_resize(*opts.resized)
         fast = sizing.smart_resize(height, width, sizing.FACTOR, sizing.VIDEO_MIN_PIXELS,
@@ -190,7 +190,7 @@ def _timestamps(indices: Sequence[int], fps: float) -> torch.Tensor:
     return torch.tensor([(1 / fps) * i for i in indices], dtype=torch.float32)
 
 
-def _sample_slow_fast(video: OpenedVideo, opts: MediaOptions, chunk: int) -> VideoClip:
+def _sample_slow_fast(video: OpenedVideo, opts: VideoOptions, chunk: int) -> VideoClip:
     start, end = frame_range(opts, video.num_frames, video.fps, video.name)
     count = _keye_count(opts, end - start + 1, video.fps, video.height, video.width, video.name)
     indices = _linspace_indices(start, end, count)
@@ -250,7 +250,7 @@ def _resize_typed(pending, slow_size, fast_size) -> list[torch.Tensor]:
     return out
 
 
-def _sample_uniform(video: OpenedVideo, opts: MediaOptions, chunk: int) -> VideoClip:
+def _sample_uniform(video: OpenedVideo, opts: VideoOptions, chunk: int) -> VideoClip:
     start, end = frame_range(opts, video.num_frames, video.fps, video.name)
     if opts.nframes is not None and opts.nframes > end - start + 1:
         raise VideoError(f"{video.name}: nframes={opts.nframes} is more than the {end - start + 1} frames available")
@@ -272,7 +272,7 @@ def _sample_uniform(video: OpenedVideo, opts: MediaOptions, chunk: int) -> Video
     )
 
 
-def _uniform_size(opts: MediaOptions, height: int, width: int, count: int) -> tuple[int, int]:
+def _uniform_size(opts: VideoOptions, height: int, width: int, count: int) -> tuple[int, int]:
     if opts.resized is not None:
         return sizing.smart_resize(*opts.resized)
     min_pixels = _default(opts.min_pixels, sizing.UNIFORM_MIN_PIXELS)
@@ -283,7 +283,7 @@ def _uniform_size(opts: MediaOptions, height: int, width: int, count: int) -> tu
                                total_pixels=opts.total_pixels)
 
 
-SAMPLERS: dict[str, Callable[[OpenedVideo, MediaOptions, int], VideoClip]] = {
+SAMPLERS: dict[str, Callable[[OpenedVideo, VideoOptions, int], VideoClip]] = {
     "slow_fast": _sample_slow_fast,
     "uniform": _sample_uniform,
 }
@@ -292,7 +292,7 @@ SAMPLERS: dict[str, Callable[[OpenedVideo, MediaOptions, int], VideoClip]] = {
 # ----------------------------------------------------------------------------- frame lists
 
 
-def _frame_list_slow_fast(items: Sequence[Frame], opts: MediaOptions, name: str) -> VideoClip:
+def _frame_list_slow_fast(items: Sequence[Frame], opts: VideoOptions, name: str) -> VideoClip:
     """keye-vl-utils 1.5.2 frame lists: each frame first resized like a video frame (PIL), ``fps``
     (if given) dates them, then sampling, typing and sizing as for a file."""
     frames_TCHW = _stack_frames(items, opts, name, sizing.VIDEO_MIN_PIXELS, sizing.VIDEO_MAX_PIXELS)
@@ -315,7 +315,7 @@ def _frame_list_slow_fast(items: Sequence[Frame], opts: MediaOptions, name: str)
     )
 
 
-def _frame_list_uniform(items: Sequence[Frame], opts: MediaOptions, name: str) -> VideoClip:
+def _frame_list_uniform(items: Sequence[Frame], opts: VideoOptions, name: str) -> VideoClip:
     """qwen-vl-utils 0.0.14 frame lists: frames resized like images, padded to an even count by
     repeating the last one, then resized to one video size."""
     # qwen-vl-utils 0.0.14 passes its 28-pixel factor where fetch_image expects the 14-pixel patch
@@ -335,7 +335,7 @@ def _frame_list_uniform(items: Sequence[Frame], opts: MediaOptions, name: str) -
     )
 
 
-def _stack_frames(items: Sequence[Frame], opts: MediaOptions, name: str, min_pixels: int, max_pixels: int,
+def _stack_frames(items: Sequence[Frame], opts: VideoOptions, name: str, min_pixels: int, max_pixels: int,
                   factor: int = sizing.FACTOR) -> torch.Tensor:
     if not items:
         raise VideoError(f"{name}: the frame list is empty")
@@ -379,9 +379,9 @@ def read_video(source: VideoSource | Sequence[Frame], *, slow_fast: bool = True,
     mode = "slow_fast" if slow_fast else "uniform"
     if isinstance(source, (list, tuple)):
         name = name or f"frame list of {len(source)}"
-        return FRAME_LIST_SAMPLERS[mode](source, MediaOptions.from_message(options, name), name)
+        return FRAME_LIST_SAMPLERS[mode](source, VideoOptions.from_message(options, name), name)
     name = name or source_name(source)
-    opts = MediaOptions.from_message(options, f"video {name!r}")
+    opts = VideoOptions.from_message(options, f"video {name!r}")
     video = open_video(source, backend)
     try:
         return SAMPLERS[mode](video, opts, chunk)

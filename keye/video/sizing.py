@@ -120,6 +120,9 @@ def qwen_nframes(total_frames: int, video_fps: float, *, fps: float | None = Non
     return count
 
 
+smart_nframes = qwen_nframes  # the qwen-vl-utils name; keye_nframes is Keye-VL-1.5's variant
+
+
 # ----------------------------------------------------------------------------- Slow-Fast budget
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keye.eval.answers import extract_choice, final_answer, is_correct, normalize, option_text, split_reasoning
+from keye.data.answers import extract_choice, final_answer, is_correct, normalize, option_text, split_reasoning
 
 OPTIONS = ["A. a red ball", "B. a white square", "C. a blue car", "D. nothing moves"]
 

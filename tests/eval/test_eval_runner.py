@@ -69,10 +69,10 @@ def test_mvbench_rows_map_answers_to_letters_and_trim(videos):
     items = read_items(d)
     assert [(i.id, i.answer) for i in items] == [("Action Sequence/0", "A"), ("Action Sequence/1", "B"),
                                                  ("Scene Transition/0", "A")]
-    messages = item_messages(items[0], d.prompt, d.video)
+    messages = item_messages(items[0], d.prompt, d.video.message())
     video = messages[0]["content"][0]
     assert (video["video_start"], video["video_end"], video["fps"]) == (1.0, 3.5, 1.0)
-    assert "video_start" not in item_messages(items[2], d.prompt, d.video)[0]["content"][0]
+    assert "video_start" not in item_messages(items[2], d.prompt, d.video.message())[0]["content"][0]
     assert "A. A new scene started.\nB. The video ended.\nC. A person waved." in question_of(messages)
 
 
@@ -163,8 +163,9 @@ def test_evaluate_world_per_kind_accuracy(world, nano, tmp_path):
     n_count = sum(r["kind"] == "count" for r in rows)
     assert results["overall"]["correct"] == n_count and oracle.calls == len(rows)
 
+    pipe = KeyePipeline(model, processor)
     model.train()
-    real = evaluate_world(model, world, processor=processor, limit=2, max_new_tokens=3,
+    real = evaluate_world(pipe, world, limit=2, max_new_tokens=3,
                           video_options={"max_pixels": 56 * 56, "nframes": 4})
     assert real["overall"]["n"] == 2 and model.training  # the training loop gets its model back in train mode
 

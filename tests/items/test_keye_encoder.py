@@ -1,6 +1,5 @@
 """The Keye-checkpoint item encoder on a seeded keye-nano: export, fusion across items, unreadable media."""
 
-import argparse
 import json
 
 import pyarrow.parquet as pq
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keye.items import cli
+from keye.cli import main
 from keye.items.export import PROVENANCE_KEY
 from keye.items.tokenize import read_embeddings
 
@@ -41,13 +40,10 @@ def test_keye_export_through_the_cli(tmp_path, checkpoint):
     ]
     catalogue = tmp_path / "cat.jsonl"
     catalogue.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args([
+    assert main([
         "items", "export", str(catalogue), str(tmp_path / "emb"), "--encoder", "keye", "--checkpoint", str(checkpoint),
-        "--media", "fps=2", "--media", "max_frames=4", "--media", "max_pixels=12544", "--quiet", "--batch-size", "4",
-    ])  # fmt: skip
-    assert args.func(args) == 0
+        "--fps", "2", "--max-frames", "4", "--max-pixels", "12544", "--quiet", "--batch-size", "4",
+    ]) == 0  # fmt: skip
     pids, x = read_embeddings(tmp_path / "emb")
     assert pids == [1, 2, 3] and x.shape == (3, 128)
     problems = [json.loads(line) for line in (tmp_path / "emb" / "problems.jsonl").read_text().splitlines()]

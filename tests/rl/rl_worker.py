@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from keye.train.distributed import shutdown_process_group
 from keye.train.rewards import REWARDS
-from keye.train.rl import RLStage, load_rl_config
+from keye.recipe import load_stage_config
+from keye.train.stages.rl import RLStage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rl_stage import vowel_share  # noqa: E402  (the reward the single-process tests use)
@@ -30,10 +31,10 @@ def main(run_root: str, *overrides: str) -> None:
         return (groups[:-1] if rank == 1 else groups), position, stats
 
     RLStage.rollout = uneven_rollout
-    stage = RLStage(load_rl_config(RECIPE, list(overrides)), Path(run_root))
+    stage = RLStage(load_stage_config(RECIPE, list(overrides)), Path(run_root))
     before = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
-    policy = stage.run()
-    after = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    stage.run()
+    after = {k: v.detach().contiguous() for k, v in stage.model.state_dict().items()}
     moved = sum(not torch.equal(before[k], after[k]) for k in after)
     save_file(after | {"moved": torch.tensor(moved)}, str(Path(run_root) / f"rank{rank}.safetensors"))
 
@@ -42,7 +43,7 @@ def main(run_root: str, *overrides: str) -> None:
     stage.prompts = lambda row: scored.append(row["id"]) or build_prompt(row)
     split = stage.evaluate(stage.rows)
     mine = list(scored)
-    stage.strategy.world_size, stage.strategy.rank = 1, 0  # this rank alone, every row (no collective)
+    stage.session.strategy.world_size, stage.session.strategy.rank = 1, 0  # this rank alone, every row (no collective)
     whole = stage.evaluate(stage.rows)
     (Path(run_root) / f"eval{rank}.json").write_text(json.dumps({"split": split, "whole": whole, "scored": mine,
                                                                           "rows": [r["id"] for r in stage.rows]}))

@@ -6,7 +6,7 @@ import torch
 from keye.data.modes import with_hint
 from keye.errors import ConfigError
 from keye.train.rewards import REWARDS, accuracy_reward, combine_rewards, format_reward, repetition_penalty
-from keye.train.rl import Group, Prompt, RLConfig, collect_rollouts, group_advantages, progressive_hints
+from keye.train.stages.rl import Group, Prompt, RLConfig, collect_rollouts, group_advantages, progressive_hints
 
 
 def test_accuracy_reads_answer_tags_boxed_and_option_letters():

@@ -8,16 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from keye.data.collate import VideoOptions
 from keye.data.world import SceneConfig, WorldConfig, generate_world
 from keye.models import build_model
 from keye.processing import load_nano_processor
 from keye.train.metrics import read_metrics
 from keye.train.rewards import REWARDS
-import keye.train.rl as rl_module
-from keye.train.rl import (PromptBuilder, RLStage, collate_prompts, completion_logps, cut_at_eos, group_advantages,
-                           load_rl_config, main)
+from keye.cli import main
+from keye.recipe import load_stage_config
 from keye.train.rl_losses import masked_mean_B
+from keye.train.session import TrainSession
+from keye.train.stages.rl import PromptBuilder, RLStage, collate_prompts, completion_logps, cut_at_eos, group_advantages
+from keye.video import VideoOptions
 
 RECIPE = Path(__file__).parents[2] / "pipelines" / "nano" / "rl.yaml"
 TINY = [  # small enough for two shared CPU cores; the rest comes from the nano recipe
@@ -92,7 +93,7 @@ def test_gspo_moves_probability_to_rewarded_completions(world, processor, monkey
     """A few GSPO steps through the real loop: the completions it was rewarded for became more
     likely, the penalised ones less; frozen groups did not move; the MoE router loss took part."""
     monkeypatch.setitem(REWARDS, "vowels", vowel_share)
-    cfg = load_rl_config(RECIPE, TINY + [
+    cfg = load_stage_config(RECIPE, TINY + [
         "rewards={vowels: 1.0}", "hints.enabled=false", "zero_variance=filter", "rollout.prompts_per_step=2",
         "rollout.group_size=4", "minibatch_size=4", "run.steps=3", "run.save_every=0",
         "run.optim={lr: 3.0e-3, schedule: constant}", f"out=learn_{device}", f"run.device={device}",
@@ -139,12 +140,12 @@ def test_rl_rejects_the_supervised_runners_batch_options():
     from keye.errors import ConfigError
 
     with pytest.raises(ConfigError, match="run.precision: the RL stage runs in fp32"):
-        load_rl_config(RECIPE, TINY + ["run.precision=bf16"])
+        load_stage_config(RECIPE, TINY + ["run.precision=bf16"])
     with pytest.raises(ConfigError, match="run.num_workers"):
-        load_rl_config(RECIPE, TINY + ["run.num_workers=2"])
+        load_stage_config(RECIPE, TINY + ["run.num_workers=2"])
     for strategy in ("fsdp2", "deepspeed"):  # would hang: sharded forwards in rank-local decoding
         with pytest.raises(ConfigError, match=f"got '{strategy}'.*rank-synchronous decoding"):
-            load_rl_config(RECIPE, TINY + [f"run.dist.strategy={strategy}"])
+            load_stage_config(RECIPE, TINY + [f"run.dist.strategy={strategy}"])
 
 
 def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monkeypatch, tmp_path):
@@ -155,23 +156,23 @@ def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monk
         "rollout.prompts_per_step=1", "rollout.group_size=3", "minibatch_size=3", "run.optim={lr: 1.0e-2}",
         "lora={enabled: true, r: 2, alpha: 4}", "run.save_every=1", "run.keep_checkpoints=3",
     ]
-    args = ["--config", str(RECIPE), "--run-root", str(tmp_path), *common, "run.steps=2", "data.eval=[world/train.jsonl]"]
-    main(args + ["out=straight"])
+    args = ["train", str(RECIPE), "--run-root", str(tmp_path), *common, "run.steps=2", "data.eval=[world/train.jsonl]"]
+    assert main(args + ["out=straight"]) == 0
 
     class Killed(Exception):
         pass
 
-    def save_then_die(run_dir, strategy, model, optimizer, scheduler, state, keep):
-        real_save(run_dir, strategy, model, optimizer, scheduler, state, keep)
-        if state.step == 1:
+    def save_then_die(session):
+        real_save(session)
+        if session.state.step == 1:
             raise Killed  # the process dies right after its first checkpoint
 
-    real_save = rl_module.save_run
-    monkeypatch.setattr(rl_module, "save_run", save_then_die)
+    real_save = TrainSession.save
+    monkeypatch.setattr(TrainSession, "save", save_then_die)
     with pytest.raises(Killed):
         main(args + ["out=resumed"])
-    monkeypatch.setattr(rl_module, "save_run", real_save)
-    main(args + ["out=resumed"])  # the same command again picks up the step-1 checkpoint
+    monkeypatch.setattr(TrainSession, "save", real_save)
+    assert main(args + ["out=resumed"]) == 0  # the same command again picks up the step-1 checkpoint
 
     straight = load_file(tmp_path / "straight/checkpoints/step_00000002/model.safetensors")
     resumed = load_file(tmp_path / "resumed/checkpoints/step_00000002/model.safetensors")
@@ -204,7 +205,7 @@ def test_micro_batching_does_not_change_the_update(world, processor, monkeypatch
     eight forwards of 1 give the same gradient (left padding differs, so up to float tolerance). The MoE
     router loss is off here: it is a per-forward mean of a non-linear statistic, not a sum over sequences."""
     monkeypatch.setitem(REWARDS, "vowels", vowel_share)
-    cfg = load_rl_config(RECIPE, TINY + [
+    cfg = load_stage_config(RECIPE, TINY + [
         "rewards={vowels: 1.0}", "hints.enabled=false", "zero_variance=keep", "rollout.prompts_per_step=2",
         "rollout.group_size=4", "minibatch_size=8", "router_aux=false", "out=micro",
         "video={fps: 2.0, max_frames: 2, slow_fast: true, max_pixels: 3136}",  # a slow and a fast frame
@@ -219,7 +220,7 @@ def test_micro_batching_does_not_change_the_update(world, processor, monkeypatch
         optimizer.zero_grad(set_to_none=True)
         return 0.0
 
-    monkeypatch.setattr(stage.strategy, "step", capture)
+    monkeypatch.setattr(stage.session.strategy, "step", capture)
     for micro_batch in (8, 1):
         stage.cfg.run.micro_batch = micro_batch
         stage.update(groups, step=0)

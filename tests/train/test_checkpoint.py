@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from keye.errors import KeyeInputError
-from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from keye.train.checkpoint import Checkpoint, TrainState, latest_checkpoint, load_model_state, save_checkpoint
 
 
 def _setup(seed=0):
@@ -14,6 +14,19 @@ def _setup(seed=0):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     return model, opt, sched
+
+
+def _save(tmp_path, model, opt, sched, state, **kwargs):
+    return save_checkpoint(tmp_path, model.state_dict(), opt.state_dict(), sched.state_dict(), state, **kwargs)
+
+
+def _restore(checkpoint, model, opt, sched):
+    """What a training session does on resume: weights, RNG, then optimizer and schedule."""
+    load_model_state(model, checkpoint.model_state(), checkpoint.path)
+    checkpoint.restore_rng()
+    opt.load_state_dict(checkpoint.optimizer_state())
+    sched.load_state_dict(checkpoint.scheduler_state)
+    return checkpoint.train_state
 
 
 def _step(model, opt, sched):
@@ -35,12 +48,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     torch.manual_seed(1)
     first = [_step(model, opt, sched) for _ in range(3)]
     random.random(), np.random.rand()
-    save_checkpoint(tmp_path, model, opt, sched, TrainState(step=3, data_position={"epoch": 0, "index": 48}))
+    _save(tmp_path, model, opt, sched, TrainState(step=3, data_position={"epoch": 0, "index": 48}))
     expected_py, expected_np = random.random(), np.random.rand()
 
     model, opt, sched = _setup(seed=123)  # fresh, different weights: everything must come from the checkpoint
     torch.manual_seed(999)
-    state = load_checkpoint(latest_checkpoint(tmp_path), model, opt, sched)
+    state = _restore(latest_checkpoint(tmp_path), model, opt, sched)
     assert state.step == 3 and state.data_position == {"epoch": 0, "index": 48}
     assert random.random() == expected_py and np.random.rand() == expected_np
     resumed = first + [_step(model, opt, sched) for _ in range(3)]
@@ -49,23 +62,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path):
     model, opt, sched = _setup()
-    save_checkpoint(tmp_path, model, opt, sched, TrainState(step=1))
+    _save(tmp_path, model, opt, sched, TrainState(step=1))
     (tmp_path / "checkpoints" / "step_00000002.tmp").mkdir()  # a write killed half-way
-    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert latest_checkpoint(tmp_path).path.name == "step_00000001"
 
 
 def test_prunes_old_checkpoints(tmp_path):
     model, opt, sched = _setup()
     for step in range(1, 5):
-        save_checkpoint(tmp_path, model, opt, sched, TrainState(step=step), keep=2)
+        _save(tmp_path, model, opt, sched, TrainState(step=step), keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_00000003", "step_00000004"]
 
 
 def test_mismatched_model_is_a_clear_error(tmp_path):
     model, opt, sched = _setup()
-    path = save_checkpoint(tmp_path, model, opt, sched, TrainState(step=1))
+    path = _save(tmp_path, model, opt, sched, TrainState(step=1))
     with pytest.raises(KeyeInputError, match="does not match the model"):
-        load_checkpoint(path, torch.nn.Linear(4, 1))
+        _restore(Checkpoint(path), torch.nn.Linear(4, 1), opt, sched)
     with pytest.raises(KeyeInputError, match="not a checkpoint folder"):
-        load_checkpoint(tmp_path, model)
+        Checkpoint(tmp_path)

@@ -80,7 +80,7 @@ def test_unknown_strategy_is_a_config_error():
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy):
-    """`torchrun -m keye.cli train <stage>` end to end on the real model, with stage 3 (two seeds trained,
+    """`torchrun -m keye train <stage>` end to end on the real model, with stage 3 (two seeds trained,
     then averaged): every rank trains its share, the seed models are averaged (sharded under FSDP2),
     rank 0 saves (sharded weights gathered first) while the others wait, and the job ends cleanly. The
     losses and the saved model equal a one-process run of the same global batch."""
@@ -97,7 +97,7 @@ def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy)
     for name, nproc, extra in [("one", 1, ["run.micro_batch=4"]), ("two", 2, ["run.micro_batch=2", f"run.dist.strategy={strategy}"])]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "world").symlink_to(tmp_path / "world")
-        launch(["-m", "keye.cli", "train", str(stage), "--run-root", str(tmp_path / name), *common, *extra], nproc)
+        launch(["-m", "keye", "train", str(stage), "--run-root", str(tmp_path / name), *common, *extra], nproc)
         out = tmp_path / name / "stage3_anneal"
         runs[name] = ([r["loss"] for seed in ("seed_0", "seed_1") for r in read_metrics(out / seed / "metrics.jsonl")],
                       load_file(out / "model" / "model.safetensors"))

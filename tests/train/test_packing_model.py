@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from keye.data.collate import SampleBuilder, VideoOptions, collate, collate_packed, count_label_tokens
+from keye.data.collate import SampleBuilder, collate, collate_packed, count_label_tokens
 from keye.data.packing import plan_packs
 from keye.data.world import WorldConfig, generate_world
 from keye.errors import ConfigError, KeyeInputError
 from keye.models import build_model
 from keye.models.modeling import mrope_positions
 from keye.processing import load_nano_processor
-from keye.train.common import StageConfig, lm_collate, lm_loss_fn
+from keye.train.stages.lm import LMStageConfig, lm_loss_fn
+from keye.video import VideoOptions
 
 
 def pack_length(samples) -> int:
@@ -122,4 +123,4 @@ def test_samples_longer_than_the_pack_length_are_named(samples, processor):
     with pytest.raises(KeyeInputError, match=rf"pack length {second} .*'train-00002-caption', {longest}\)\]"):
         collate_packed(samples, processor.tokenizer.pad_token_id, second)
     with pytest.raises(ConfigError, match="max_length"):
-        lm_collate(processor, StageConfig(packing=True))
+        LMStageConfig(packing=True)

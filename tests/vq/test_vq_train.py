@@ -1,4 +1,5 @@
-"""`keye vq train` end to end on two tiny clips: loss falls, the report is honest, the files load."""
+"""The vq stage alone (`keye train tokenizers/visual/...`) end to end on two tiny clips: loss falls, the
+report is honest, the files load."""
 
 import json
 
@@ -6,8 +7,10 @@ import torch
 import yaml
 
 from keye.cli import main
+from keye.models import build_model
 from keye.models.visual_tokenizer import codebook_stats, load_visual_tokenizer
-from keye.train.vq import VQDataConfig, frame_features, load_vision_tower, video_paths
+from keye.train.stages.vq import frame_features, video_paths, vision_tower
+from keye.video import VideoOptions
 from keye.video.synthetic import write_cut_clip
 
 
@@ -17,15 +20,20 @@ def test_keye_vq_train_trains_reports_and_saves(tmp_path):
     for seed in range(2):
         write_cut_clip(videos / f"clip{seed}.mp4", num_frames=8, height=112, width=112, cuts=(3, 6), seed=seed)
     recipe = tmp_path / "vq.yaml"
+    video = {"fps": 2.0, "max_frames": 8, "max_pixels": 12544}
     recipe.write_text(yaml.safe_dump({
+        "stage": "vq",
         "model": "keye-nano",
+        "discrete_model": False,
         "tokenizer": {"codebook_size": 32, "hidden_size": 64},
-        "data": {"videos": [str(videos)], "video_options": {"fps": 2.0, "max_frames": 8, "max_pixels": 12544}},
+        "data": {"videos": ["../videos"]},  # relative to the run folder
+        "video": video,
         "kmeans_iters": 5,
         "run": {"steps": 40, "micro_batch": 4, "log_every": 1, "optim": {"lr": 3e-3}},
     }))
-    out = tmp_path / "run"
-    assert main(["vq", "train", "--config", str(recipe), "--out", str(out)]) == 0
+    assert main(["train", str(recipe), "--run-root", str(tmp_path / "run")]) == 0
+    out = tmp_path / "run" / "vq" / "tokenizer"
+    assert not (tmp_path / "run" / "vq" / "model").exists()  # discrete_model: false, the tokenizer alone
 
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = steps[0], steps[-1]
@@ -40,12 +48,11 @@ def test_keye_vq_train_trains_reports_and_saves(tmp_path):
     # the saved tokenizer reproduces the report from the same frames
     tokenizer = load_visual_tokenizer(out).eval()
     assert tokenizer.config.codebook_size == 32 and tokenizer.config.num_codebooks == 8
-    # run() seeds with run.seed before building the variant, so its random ViT is rebuilt exactly here
-    data = VQDataConfig(videos=[str(videos)], video_options={"fps": 2.0, "max_frames": 8, "max_pixels": 12544})
+    # the stage seeds with run.seed before building the variant, so its random ViT is rebuilt exactly here
     torch.manual_seed(0)
-    visual, merge, feature_dim, _ = load_vision_tower("keye-nano")
+    visual, merge, feature_dim, _ = vision_tower(build_model("keye-nano"))
     assert feature_dim == tokenizer.feature_dim
-    feats = torch.cat(frame_features(visual, merge, video_paths(data.videos), data))
+    feats = torch.cat(frame_features(visual, merge, video_paths([str(videos)]), VideoOptions(**video)))
     assert feats.shape[0] == final["tokens"]
     with torch.no_grad():
         usage, perplexity = codebook_stats(tokenizer.encode(feats), 32)
@@ -63,7 +70,7 @@ def test_dead_code_restarts_bring_unused_codes_back():
     from keye.models.visual_tokenizer import KeyeVisualTokenizer
     from keye.train.optim import OptimConfig
     from keye.train.runner import RunConfig, train
-    from keye.train.vq import _Trainee, collate_features, vq_loss
+    from keye.train.stages.vq import _Trainee, collate_features, vq_loss
 
     def trained(restart_below, tmp):
         torch.manual_seed(0)

@@ -5,7 +5,7 @@ several kinds with reference answers, chains of thought and hints, and think-wit
     generate_world("runs/world", WorldConfig(seed=0, clips={"train": 400, "val": 50, "test": 100}))
 
 ``scene.py`` draws what happens, ``render.py`` draws the pixels, ``questions.py`` asks about it,
-``generate.py`` writes mp4 + jsonl. Or from the shell: ``python -m keye.data.world --out DIR``.
+``generate.py`` writes mp4 + jsonl. Or from the shell: ``keye world --out DIR``.
 """
 
 from keye.data.world.generate import SPLITS, WorldConfig, answer_spaces, caption, generate_world, guess_baselines, make_clip

@@ -9,15 +9,13 @@ words whole. ``world_words`` lists the words that the world's texts use often, p
 reference chains 26%, so steps and think answers are cheaper; held-out accuracy did not change
 (model card).
 
-    python -m keye.data.world.vocab            # rebuild keye/models/assets/keye-nano-tokenizer
-    python -m keye.data.world.vocab --check    # exit 1 if the committed tokenizer differs from a rebuild
+    keye nano-vocab            # rebuild keye/models/assets/keye-nano-tokenizer
+    keye nano-vocab --check    # exit 1 if the committed tokenizer differs from a rebuild
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -83,29 +81,21 @@ def world_words(clips: int = 200, min_count: int = 20) -> list[str]:
     return frequent + [w for w in answer_words() if w not in frequent]
 
 
-def main(argv: list[str] | None = None) -> int:
+def nano_tokenizer_is_current(words: list[str] | None = None) -> bool:
+    """Whether the committed keye-nano tokenizer equals a rebuild holding ``words`` (default: the world's) whole."""
     from transformers import AutoTokenizer
 
     from keye.processing import NANO_TOKENIZER_DIR, build_nano_tokenizer
 
-    parser = argparse.ArgumentParser(prog="python -m keye.data.world.vocab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only report whether the committed tokenizer is current")
-    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        rebuilt = build_nano_tokenizer(tmp, whole_words=words or world_words()).get_vocab()
+    return rebuilt == AutoTokenizer.from_pretrained(str(NANO_TOKENIZER_DIR)).get_vocab()
+
+
+def rebuild_nano_tokenizer() -> list[str]:
+    """Write keye-nano's tokenizer with the world's words whole into the package; returns the words."""
+    from keye.processing import NANO_TOKENIZER_DIR, build_nano_tokenizer
+
     words = world_words()
-    if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            rebuilt = build_nano_tokenizer(tmp, whole_words=words).get_vocab()
-        current = AutoTokenizer.from_pretrained(str(NANO_TOKENIZER_DIR)).get_vocab()
-        if rebuilt != current:
-            print("keye-nano tokenizer: differs from a rebuild; run python -m keye.data.world.vocab")
-            return 1
-        print("keye-nano tokenizer: current")
-        return 0
     build_nano_tokenizer(NANO_TOKENIZER_DIR, whole_words=words)
-    print(f"keye-nano tokenizer rebuilt with {len(words)} world words whole: {' '.join(w.lstrip('Ġ') for w in words[:24])} ...")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return words

@@ -1,8 +1,9 @@
-"""Speed of keye-nano on CPU: one training step and greedy decoding on a Slow-Fast clip.
+"""``python -m keye.bench model``: speed of keye-nano on CPU, one training step and greedy decoding on a
+Slow-Fast clip.
 
-    python -m keye.models.bench [--frames 16] [--slow 224] [--fast 112] [--steps 5]
+    python -m keye.bench model [--frames 16] [--slow 224] [--fast 112] [--steps 5]
 
-Target (issue 3): keye-nano trains on 2 CPU cores in minutes on 10-30 frames of 112-224 px video.
+Target: keye-nano trains on 2 CPU cores in minutes on 10-30 frames of 112-224 px video.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
-from keye.models import build_model
-from keye.processing import load_nano_processor
-from keye.video.types import FAST, SLOW, VideoClip
+def synthetic_clip(frames: int, slow: int, fast: int):
+    """A ``VideoClip`` of random frames, every fourth slow."""
+    import torch
 
+    from keye.video.types import FAST, SLOW, VideoClip
 
-def synthetic_clip(frames: int, slow: int, fast: int) -> VideoClip:
     types = [SLOW if i % 4 == 0 else FAST for i in range(frames)]
     pixels = [torch.randint(0, 256, (3, slow, slow) if t == SLOW else (3, fast, fast), dtype=torch.uint8) for t in types]
     return VideoClip(frames=pixels, frame_types=torch.tensor(types, dtype=torch.int32),
@@ -25,14 +25,20 @@ def synthetic_clip(frames: int, slow: int, fast: int) -> VideoClip:
                      slow_size=(slow, slow), fast_size=(fast, fast), source_fps=2.0)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--slow", type=int, default=224)
     parser.add_argument("--fast", type=int, default=112)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from keye.models import build_model
+    from keye.processing import load_nano_processor
+
 
     torch.manual_seed(0)
     processor = load_nano_processor()
@@ -65,8 +71,4 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_tok_per_s": (out.shape[1] - prompt["input_ids"].shape[1]) / gen_s,
     }
     print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from keye.video.decode import BACKENDS
-from keye.video.reader import read_video
-from keye.video.types import SLOW, VideoClip
-
-_TYPE_NAMES = {SLOW: "slow", 1: "fast"}
+from keye.cli.options import add_video_flags, video_options_from
 
 
-def format_plan(clip: VideoClip, name: str, *, slow_fast: bool = True, seconds: float | None = None) -> str:
-    """The per-frame table (frame #, source index, timestamp, type, size, tokens) and a summary."""
+def format_plan(clip, name: str, *, slow_fast: bool = True, seconds: float | None = None) -> str:
+    """The per-frame table (frame #, source index, timestamp, type, size, tokens) of a ``VideoClip``
+    and a summary."""
+    from keye.video.types import FAST, SLOW
+
+    type_names = {SLOW: "slow", FAST: "fast"}
     lines = []
     source = ""
     if clip.source_size is not None:
@@ -29,7 +29,7 @@ def format_plan(clip: VideoClip, name: str, *, slow_fast: bool = True, seconds: 
     for i, (frame, index, ts, kind) in enumerate(zip(clip.frames, clip.indices.tolist(), clip.timestamps.tolist(),
                                                       clip.frame_types.tolist())):
         h, w = frame.shape[-2:]
-        lines.append(f"{i:>5}  {index:>6}  {ts:>8.2f}  {_TYPE_NAMES[kind]:<4}  {f'{h}x{w}':>9}  {h * w // 784:>6}")
+        lines.append(f"{i:>5}  {index:>6}  {ts:>8.2f}  {type_names[kind]:<4}  {f'{h}x{w}':>9}  {h * w // 784:>6}")
     num_slow = int((clip.frame_types == SLOW).sum())
     num_fast = len(clip) - num_slow
     summary = f"summary: {len(clip)} frames ({num_slow} slow, {num_fast} fast); "
@@ -46,30 +46,13 @@ def format_plan(clip: VideoClip, name: str, *, slow_fast: bool = True, seconds: 
     return "\n".join(lines)
 
 
-def add_video_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fps", type=float, help="frames per second to sample (default 2)")
-    parser.add_argument("--nframes", type=int, help="sample exactly this many frames (instead of --fps)")
-    parser.add_argument("--max-frames", type=int, dest="max_frames")
-    parser.add_argument("--min-pixels", type=int, dest="min_pixels")
-    parser.add_argument("--max-pixels", type=int, dest="max_pixels")
-    parser.add_argument("--total-pixels", type=int, dest="total_pixels", help="token budget x 784 (video_total_pixels)")
-    parser.add_argument("--start", type=float, dest="video_start", help="seconds")
-    parser.add_argument("--end", type=float, dest="video_end", help="seconds")
-    parser.add_argument("--min-frame-similarity", type=float, dest="min_frame_similarity")
-    parser.add_argument("--no-slow-fast", action="store_false", dest="slow_fast",
-                        help="uniform sampling with qwen-vl-utils rules")
-    parser.add_argument("--backend", default="auto", choices=["auto", *BACKENDS])
-
-
-_OPTION_KEYS = ("fps", "nframes", "max_frames", "min_pixels", "max_pixels", "total_pixels", "video_start",
-                "video_end", "min_frame_similarity")
-
-
 def video_info(args: argparse.Namespace) -> int:
-    options = {k: getattr(args, k) for k in _OPTION_KEYS if getattr(args, k) is not None}
+    from keye.video import read_video
+
+    video = video_options_from(args)
     start = time.perf_counter()
-    clip = read_video(args.video, slow_fast=args.slow_fast, backend=args.backend, **options)
-    print(format_plan(clip, args.video, slow_fast=args.slow_fast, seconds=time.perf_counter() - start))
+    clip = read_video(args.video, slow_fast=video.slow_fast, backend=args.backend, **video.message())
+    print(format_plan(clip, args.video, slow_fast=video.slow_fast, seconds=time.perf_counter() - start))
     return 0
 
 
@@ -78,5 +61,5 @@ def register(subparsers) -> None:
                                    description="Print the frames the model would see: sampled frames, slow/fast "
                                                "types, timestamps, sizes and token counts.")
     parser.add_argument("video", help="path to a video file")
-    add_video_options(parser)
+    add_video_flags(parser)
     parser.set_defaults(func=video_info)

@@ -1,7 +1,7 @@
 """``keye items export | tokenize | movielens``.
 
     keye items export catalogue.jsonl runs/emb                      # text-only (MiniLM) embeddings, resumable
-    keye items export catalogue.jsonl runs/emb --encoder keye --checkpoint ckpt --media fps=2
+    keye items export catalogue.jsonl runs/emb --encoder keye --checkpoint ckpt --fps 2
     keye items tokenize runs/emb runs/sid codes=256 collision=suffix  # semantic IDs + all output files
     keye items movielens                                            # ML-100K: text -> IDs -> metrics
 """
@@ -12,13 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
-
-from keye.config import load_config
+from keye.cli.options import add_overrides, add_video_flags, video_options_from
 from keye.errors import ConfigError
-from keye.items.catalogue import TEXT_FIELDS
-from keye.items.metrics import format_metrics
-from keye.items.semantic_ids import SemanticIdConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO_ROOT / "tokenizers" / "semantic_ids" / "default.yaml"
@@ -36,9 +31,10 @@ def _key_values(pairs: list[str], flag: str, cast) -> dict:
 
 
 def _build_encoder(args: argparse.Namespace):
+    from keye.items.catalogue import TEXT_FIELDS
     from keye.items.encoders import SentenceTextEncoder, text_item_encoder
 
-    fields = [f.strip() for f in args.text_fields.split(",") if f.strip()]
+    fields = [f.strip() for f in args.text_fields.split(",") if f.strip()] if args.text_fields else list(TEXT_FIELDS)
     if args.encoder == "minilm":
         text = SentenceTextEncoder(args.text_model, fields=fields, pooling=args.pooling)
         return text_item_encoder(text, normalize=not args.no_normalize)
@@ -55,7 +51,7 @@ def _build_encoder(args: argparse.Namespace):
     return KeyeItemEncoder(
         model, processor, checkpoint=str(args.checkpoint), fusion=args.fusion, normalize=not args.no_normalize,
         weights=_key_values(args.weight, "--weight", float), text_fields=fields,
-        media_options=_key_values(args.media, "--media", yaml.safe_load),
+        media_options=video_options_from(args).message(),
     )
 
 
@@ -75,6 +71,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_result(result, out: Path) -> None:
+    from keye.items.metrics import format_metrics
+
     print(f"semantic IDs written to {out} (codebook sizes {result.ids.codebook_sizes})")
     print("-- quantizer codes (before the collision policy) --")
     print(format_metrics(result.metrics["codes"]))
@@ -83,6 +81,8 @@ def _print_result(result, out: Path) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    from keye.config import load_config
+    from keye.items.semantic_ids import SemanticIdConfig
     from keye.items.tokenize import run_tokenize
 
     config = load_config(SemanticIdConfig, args.config, args.overrides)
@@ -93,7 +93,9 @@ def _tokenize(args: argparse.Namespace) -> int:
 def _movielens(args: argparse.Namespace) -> int:
     from keye.items.encoders import text_item_encoder
     from keye.items.export import export_embeddings
+    from keye.config import load_config
     from keye.items.movielens import movielens_items, recbole_wheel, write_catalogue
+    from keye.items.semantic_ids import SemanticIdConfig
     from keye.items.tokenize import run_tokenize
 
     out = Path(args.out)
@@ -120,30 +122,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", help="keye: checkpoint folder (config.json, model.safetensors, tokenizer)")
     export.add_argument("--fusion", default="mean", choices=["mean", "weighted", "concat"], help="keye: fusion rule")
     export.add_argument("--weight", action="append", default=[], metavar="MODALITY=W", help="keye: weighted fusion")
-    export.add_argument("--media", action="append", default=[], metavar="KEY=VALUE",
-                        help="keye: video/image message keys, e.g. fps=2 max_frames=16 max_pixels=200704")
     export.add_argument("--text-model", default=None, help="minilm: sentence-encoder folder (default: bundled)")
-    export.add_argument("--text-fields", default=",".join(TEXT_FIELDS), help="comma list, in join order")
+    export.add_argument("--text-fields", default=None,
+                        help="comma list, in join order (default: every text field, keye.items.catalogue.TEXT_FIELDS)")
     export.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     export.add_argument("--no-normalize", action="store_true", help="skip the final L2 normalisation")
     export.add_argument("--batch-size", type=int, default=32)
     export.add_argument("--shard-size", type=int, default=4096)
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_video_flags(export)  # keye encoder: how its videos and images are sampled
     export.set_defaults(func=_export)
 
     tok = sub.add_parser("tokenize", help="residual k-means semantic IDs from an embeddings parquet / shard folder")
     tok.add_argument("embeddings")
     tok.add_argument("out")
+    add_overrides(tok, example="kmeans.iters=10")
     tok.add_argument("--config", default=str(DEFAULT_RECIPE), help="recipe yaml (default: %(default)s)")
-    tok.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",
-                     help="override, e.g. kmeans.iters=10 (bare KEY=VALUE after the options works too)")
     tok.set_defaults(func=_tokenize)
 
     ml = sub.add_parser("movielens", help="MovieLens-100K: MiniLM text embeddings -> semantic IDs -> metrics")
     ml.add_argument("--out", default="runs/items/movielens")
     ml.add_argument("--cache", default=None, help="where the recbole wheel is downloaded (default: OUT/cache)")
+    add_overrides(ml, example="kmeans.iters=10")
     ml.add_argument("--config", default=str(MOVIELENS_RECIPE), help="recipe yaml (default: %(default)s)")
-    ml.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE")
     ml.add_argument("--json", action="store_true", help="also print the metrics as one JSON line")
     ml.add_argument("--quiet", action="store_true")
     ml.set_defaults(func=_movielens)

@@ -1,7 +1,8 @@
-"""The ``keye`` command.
+"""The ``keye`` command (also ``python -m keye``).
 
-Each subcommand lives beside the code it drives and exposes ``register(subparsers)``; this file
-only collects them, so adding a subcommand is one line in ``_SUBCOMMANDS``.
+Each subcommand is a module of this package with ``register(subparsers)``, which adds its parser with
+``set_defaults(func=...)``; the module imports the library inside ``func``, so building the parser (and
+``keye --help``) loads no model code. Adding a subcommand is one module and one name in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,7 @@ import sys
 
 from keye.errors import KeyeInputError
 
-# module path -> each defines register(subparsers) which adds its parser with set_defaults(func=...)
-_SUBCOMMANDS = [
-    "keye.video.cli",
-    "keye.demo",
-    "keye.items.cli",
-    "keye.data.world.cli",
-    "keye.train.vq",
-    "keye.train.cli",
-    "keye.api",
-    "keye.eval.cli",
-]
+COMMANDS = ("ask", "video", "train", "eval", "world", "items", "demo", "vocab")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in _SUBCOMMANDS:
-        importlib.import_module(module).register(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"keye.cli.{name}").register(subparsers)
     return parser
 
 

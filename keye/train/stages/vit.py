@@ -1,24 +1,15 @@
-"""Pretraining, stages 0-3 of Keye-VL-1.5 (report sec. 3): one loop per stage family, sharing the runner.
+"""Stage 0 of Keye-VL-1.5 (report sec. 3.1): ViT continued pretraining with SigLIP's sigmoid loss.
 
-* ``vit``: ViT continued pretraining with SigLIP's sigmoid loss on clip/caption pairs. The text side
-  is a stage-local bag-of-words tower (``siglip_head``), discarded afterwards: the point of the stage
-  is a vision encoder adapted to the domain, not the text tower.
-* ``align``: projector alignment: ViT and LM frozen, ``mlp_AR`` learns to map visual features into the
-  LM's input space, on captions.
-* ``multitask``: everything trains on captions and question answering.
-* ``anneal``: a short, low-LR pass over higher-quality data with a larger RoPE base (context
-  extension), run once per seed in ``merge_seeds`` and averaged into one model (model soup; the
-  report merges models trained on different data mixtures).
-
-Run a stage with ``python -m keye.train.pretrain STAGE.yaml [--run-root DIR] [key=value ...]``.
+Pairs are a frame with its own text (rows with ``frame_texts``) or a clip with its caption. The text side
+is a stage-local bag-of-words tower (``siglip_head``), discarded afterwards: the point of the stage is a
+vision encoder adapted to the domain, not the text tower.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,12 +19,8 @@ from torch.utils.data import ConcatDataset
 
 from keye.errors import ConfigError, KeyeInputError
 from keye.processing import patchify
-from keye.train.common import (
-    LMDataset, StageConfig, count_label_tokens, lm_collate, lm_loss_fn, prepare, read_rows, save_model,
-    stage_main,
-)
 from keye.data.collate import SampleBuilder
-from keye.data.modes import assign_modes
+from keye.train.base import StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.losses import region_sigmoid_loss, siglip_sigmoid_loss
 from keye.train.optim import apply_freeze_plan
 from keye.train.runner import StepLoss, train
@@ -41,7 +28,13 @@ from keye.train.runner import StepLoss, train
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- stage 0: ViT + SigLIP
+@dataclass
+class VitConfig(StageConfig):
+    train: list[str] = field(default_factory=lambda: ["vision", "heads"])
+    siglip_frames: int = 2  # frames per clip paired with its caption (rows without frame_texts)
+    # weight of the region term (each patch vs the phrase of the box holding it; rows need frame_boxes, as
+    # the world's frames.jsonl has); 0 turns it off
+    siglip_regions: float = 0.0
 
 
 class SiglipHead(nn.Module):
@@ -216,9 +209,12 @@ def siglip_loss_fn(pair: SiglipPair, batch, region_weight: float = 0.0) -> StepL
     return pair(batch, region_weight)
 
 
-def run_vit(cfg: StageConfig, run_root: Path) -> Path:
+@register_stage("vit", VitConfig)
+def run_vit(cfg: VitConfig, run_root: Path) -> Path:
     model, processor, out_dir = prepare(cfg, run_root)
     rows, base = read_rows(cfg.data.train, run_root)
+    if cfg.data.max_samples:
+        rows = rows[: cfg.data.max_samples]
     builder = SampleBuilder(processor, cfg.video, base_dir=base)
     head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
     pair = SiglipPair(model.visual, head)
@@ -234,52 +230,3 @@ def run_vit(cfg: StageConfig, run_root: Path) -> Path:
           functools.partial(siglip_loss_fn, region_weight=cfg.siglip_regions),
           lambda batch: len(batch["frames_per_clip"]), cfg.run, out_dir, desc=cfg.out)
     return save_model(model, processor, out_dir)
-
-
-# ----------------------------------------------------------------------------- stages 1-3 (and SFT)
-
-
-def train_lm(cfg: StageConfig, run_root: Path, out_dir: Path | None = None, rows: list[dict] | None = None):
-    """Next-token training on assistant turns; returns (model, processor). ``rows`` lets SFT hand in rows
-    rendered per mode; ``out_dir`` (default: the stage folder) receives checkpoints and metrics."""
-    model, processor, stage_dir = prepare(cfg, run_root)
-    loaded, base = read_rows(cfg.data.train, run_root)
-    if rows is None:  # rendered per data.modes (e.g. an anneal on thinking-mode chains), or as written
-        rows = assign_modes(loaded, cfg.data.modes, seed=cfg.data.seed) if cfg.data.modes else loaded
-    if cfg.data.max_samples:
-        rows = rows[: cfg.data.max_samples]
-    dataset = LMDataset(rows, SampleBuilder(processor, cfg.video, base_dir=base), cfg.max_length)
-    model = train(model, dataset, lm_collate(processor, cfg), lm_loss_fn, count_label_tokens, cfg.run,
-                  out_dir or stage_dir, desc=cfg.out)
-    if dataset.safe.skipped:
-        log.warning("%s: skipped samples %s; first: %s", cfg.out, dict(dataset.safe.skipped), dataset.safe.errors[:1])
-    return model, processor
-
-
-def run_lm(cfg: StageConfig, run_root: Path) -> Path:
-    model, processor = train_lm(cfg, run_root)
-    return save_model(model, processor, run_root / cfg.out)
-
-
-def run_anneal(cfg: StageConfig, run_root: Path) -> Path:
-    """Train once per seed from the same start, then average the weights (uniform model soup)."""
-    seeds = cfg.merge_seeds or [cfg.run.seed]
-    merged: dict[str, torch.Tensor] = {}
-    for seed in seeds:
-        seed_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=seed))
-        model, processor = train_lm(seed_cfg, run_root, out_dir=run_root / cfg.out / f"seed_{seed}")
-        for key, value in model.state_dict().items():
-            merged[key] = merged.get(key, 0) + value.detach().float() / len(seeds)
-    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in merged.items()})
-    return save_model(model, processor, run_root / cfg.out)
-
-
-PRETRAIN_STAGES = {"vit": run_vit, "align": run_lm, "multitask": run_lm, "anneal": run_anneal}
-
-
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, prog="python -m keye.train.pretrain", description=__doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

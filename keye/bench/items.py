@@ -1,7 +1,7 @@
 """Residual k-means benchmark: this toolkit against faiss and scikit-learn on the same embeddings, in one run.
 
-    python -m keye.items.bench                       # synthetic clustered data, 20k x 64, 3 levels x 256 codes
-    python -m keye.items.bench --embeddings runs/items/movielens/embeddings --codes 64
+    python -m keye.bench items                       # synthetic clustered data, 20k x 64, 3 levels x 256 codes
+    python -m keye.bench items --embeddings runs/items/movielens/embeddings --codes 64
 
 Peers (every one trains L levels of K codes greedily on the residual, with the same iteration budget):
 - ``keye``: ``keye.items.semantic_ids.ResidualKMeans`` (k-means++ init, Lloyd, tol=0 so all iterations run);
@@ -149,8 +149,7 @@ def _child(args) -> None:
     print(json.dumps({"peer": args.one, "mse": mse, "seconds": seconds, "peak_mb": peak_mb}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keye.items.bench", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embeddings", help="parquet file / shard folder (pid, embedding); default synthetic")
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--dim", type=int, default=64)
@@ -163,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--one", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.one:
         _child(args)
         return 0
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         data = Path(tmp) / "x.npy"
         np.save(data, x)
         for peer in args.peers.split(","):
-            cmd = [sys.executable, "-m", "keye.items.bench", "--one", peer, "--data", str(data),
+            cmd = [sys.executable, "-m", "keye.bench", "items", "--one", peer, "--data", str(data),
                    "--levels", str(args.levels), "--codes", str(args.codes), "--iters", str(args.iters),
                    "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -208,7 +209,3 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "within" if gap <= 0.02 else "NOT within"
         print(f"keye MSE vs best peer ({best['peer']}): {gap:+.2%} -> {verdict} 2%")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``keye train``: run a recipe folder (every stage in order) or one stage file."""
+"""``keye train``: run a recipe folder (the world, every stage in order, the held-out eval) or one stage file."""
 
 from __future__ import annotations
 
@@ -6,18 +6,24 @@ import argparse
 import logging
 from pathlib import Path
 
+from keye.cli.options import add_overrides
+from keye.errors import ConfigError
+
 EXAMPLES = """examples:
-  keye train pipelines/nano                       # world + every stage, resumable
+  keye train pipelines/nano                       # world + every stage + held-out eval, resumable
+  keye train pipelines/nano run.steps=5 sft.run.steps=20   # every stage's steps, then the sft stage's alone
   keye train pipelines/nano --skip stage1_align   # ablation: the next stage starts from stage 0's output
-  keye train pipelines/nano/sft.yaml --run-root runs/nano run.steps=50 out=sft_short  # from stage3_anneal
+  keye train pipelines/nano/sft.yaml run.steps=50 out=sft_short   # one stage, from stage3_anneal's model
+  keye train pipelines/nano/rl.yaml               # GSPO after SFT
+  keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit   # a visual tokenizer
   keye train pipelines/8b --dry-run               # meta-device build, parameter counts, GiB per GPU
+  torchrun --nproc_per_node 2 -m keye train pipelines/nano run.dist.strategy=fsdp2
 """
 
 
 def run(args: argparse.Namespace) -> int:
-    from keye.errors import ConfigError
+    from keye.recipe import dry_run, load_recipe_stage, run_recipe, run_stage, stage_run_root
     from keye.train.distributed import shutdown_process_group
-    from keye.train.recipe import dry_run, load_recipe_stage, run_recipe, run_stage
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = Path(args.path)
@@ -31,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe folder or stage file")
-        root = Path(args.run_root or "runs/nano")
+        if args.skip:
+            raise ConfigError("--skip: leaves stages of a recipe folder out; a stage file is one stage")
+        root = Path(args.run_root) if args.run_root else stage_run_root(path)
         run_stage(load_recipe_stage(path, args.overrides), root)
     shutdown_process_group()  # a torchrun job's group, once every stage is done
     print(f"done: {root}")
@@ -44,7 +52,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="a recipe folder (pipelines/nano) or a stage YAML file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage, e.g. run.steps=10")
+    add_overrides(parser)
     parser.add_argument("--run-root", help="output folder (default: the recipe's run_root)")
     parser.add_argument("--skip", action="append", default=[], metavar="STAGE", help="leave a stage out (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes and memory")

@@ -1,4 +1,5 @@
-"""Train the discrete visual tokenizer on frozen ViT features (``keye vq train``).
+"""The ``vq`` stage: train the discrete visual tokenizer on a model's frozen ViT features, and switch the
+model to the discrete (Kelix) path.
 
 The tokenizer learns to reconstruct the frozen, 2x2-merged ViT features of a Keye model through its
 N parallel codebooks (``keye.models.visual_tokenizer``): loss per merged token =
@@ -8,16 +9,20 @@ a corpus beyond that needs a sharded feature store, not done yet). Codebooks are
 those features before the first step, then the shared loop (``keye.train.runner.train``) trains the
 ``vq`` parameter group only.
 
-Writes into ``--out``: ``visual_tokenizer.safetensors`` + ``visual_tokenizer.json`` (load with
-``KeyeForConditionalGeneration.load_visual_tokenizer``), ``vq_report.json`` (per-codebook usage,
-perplexity, reconstruction cosine on the eval frames), ``config.yaml``, ``metrics.jsonl`` and checkpoints.
+Frames come from the videos that the rows of ``data.train`` name and from ``data.videos`` (files, folders
+or glob patterns), sampled and resized as ``video`` says, so the codes match what later stages see; the
+usage report is measured on the videos of ``data.eval`` / ``data.eval_videos`` (default: the training
+frames). Writes into ``<run>/<out>/tokenizer``: ``visual_tokenizer.safetensors`` + ``visual_tokenizer.json``
+(load with ``KeyeForConditionalGeneration.load_visual_tokenizer``), ``vq_report.json`` (per-codebook usage,
+perplexity, reconstruction cosine), ``metrics.jsonl`` and checkpoints; and, with ``discrete_model`` (the
+default), the discrete twin of the start model (same ViT and LM, ``mlp_AR`` dropped, fresh code embeddings)
+as the stage's model, which the next stages start from. A tokenizer alone, outside a recipe::
 
-    keye vq train --config tokenizers/visual/nano.yaml --out runs/vq data.videos=[runs/world/videos]
+    keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import logging
@@ -29,42 +34,45 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from keye.config import load_config, save_config
+from keye.config import save_config
 from keye.errors import ConfigError, KeyeInputError
 from keye.fileio import atomic_write_text
 from keye.models.configuration import KeyeVisualTokenizerConfig
 from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, merged_vit_features,
                                          save_visual_tokenizer)
 from keye.processing import patchify
+from keye.train.base import DataConfig, StageConfig, load_start, read_rows, register_stage, save_model
 from keye.train.optim import apply_freeze_plan
-from keye.train.runner import RunConfig, StepLoss, train
-from keye.video import read_video
+from keye.train.runner import StepLoss, train
+from keye.train.session import RunConfig
+from keye.video import VideoOptions, read_video
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 
-@dataclass
-class VQDataConfig:
-    """Frames to learn from. ``videos`` / ``eval_videos``: files, folders (their videos) or glob patterns."""
-
-    videos: list[str] = field(default_factory=list)
-    eval_videos: list[str] = field(default_factory=list)  # empty: report on the training frames
-    slow_fast: bool = True  # sample as the LM will see them (slow and fast frames)
-    video_options: dict[str, Any] = field(default_factory=lambda: {"fps": 2.0, "max_frames": 16})
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
-class VQTrainConfig:
-    model: str = "keye-nano"  # a registered variant or a saved Keye checkpoint folder: the frozen ViT
-    tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of the model's visual_tokenizer_config
+class VQDataConfig(DataConfig):
+    eval: list[str] = field(default_factory=list)  # held-out jsonl files: the usage report is measured on their videos
+    videos: list[str] = field(default_factory=list)  # video files, folders or glob patterns, besides data.train's
+    eval_videos: list[str] = field(default_factory=list)  # the same for the report
+
+
+@dataclass
+class VQConfig(StageConfig):
+    train: list[str] = field(default_factory=lambda: ["vq"])
     data: VQDataConfig = field(default_factory=VQDataConfig)
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # overrides of the model's visual_tokenizer_config
     kmeans_iters: int = 10
     kmeans_max_tokens: int = 65536  # k-means runs on at most this many cached features
     # a code whose usage (moving average over steps) falls below this share of a uniformly used code's is
     # moved onto a latent of the current batch; 0 turns restarts off
     restart_dead_codes: float = 0.0
+    discrete_model: bool = True  # save the start model's discrete twin as this stage's model (false: the tokenizer only)
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=200, micro_batch=8))
 
 
@@ -125,21 +133,35 @@ class _Trainee(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 
-def video_paths(patterns: list[str]) -> list[Path]:
-    """Expand files, folders and glob patterns into a sorted, de-duplicated list of video files."""
+def video_paths(patterns: list[str], root: Path = Path(".")) -> list[Path]:
+    """Expand files, folders and glob patterns (relative ones under ``root``) into a sorted, de-duplicated
+    list of video files."""
     found: list[Path] = []
     for pattern in patterns:
-        path = Path(pattern)
+        path = root / pattern
         if path.is_dir():
             found += [p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES]
         elif path.is_file():
             found.append(path)
         else:
-            matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+            matches = [Path(p) for p in glob.glob(str(path), recursive=True)]
             if not matches:
-                raise KeyeInputError(f"data videos: {pattern!r} is no file, folder or matching glob pattern")
+                raise KeyeInputError(f"data videos: {str(path)!r} is no file, folder or matching glob pattern")
             found += [p for p in matches if p.is_file()]
     return sorted(set(found))
+
+
+def videos_of(paths: list[str], run_root: Path) -> list[Path]:
+    """The distinct videos that jsonl rows name, as paths (rows name them relative to their file)."""
+    found: dict[Path, None] = {}
+    for rel in paths:
+        rows, base = read_rows([rel], run_root)
+        for row in rows:
+            for video in row.get("videos") or []:
+                found[base / video] = None
+    if not found:
+        raise ConfigError(f"data: the rows of {paths} name no videos")
+    return list(found)
 
 
 def vision_tower(model: nn.Module) -> tuple[nn.Module, int, int, KeyeVisualTokenizerConfig]:
@@ -151,27 +173,12 @@ def vision_tower(model: nn.Module) -> tuple[nn.Module, int, int, KeyeVisualToken
         config.visual_tokenizer_config
 
 
-def load_vision_tower(name_or_path: str) -> tuple[nn.Module, int, int, KeyeVisualTokenizerConfig]:
-    """``vision_tower`` of a registered variant (random weights) or of a saved Keye checkpoint folder."""
-    import keye.models  # noqa: F401  (registers the Auto classes)
-    from keye.models import VARIANTS, build_config
-    from keye.models.modeling import KeyeForConditionalGeneration
-
-    if name_or_path in VARIANTS:
-        return vision_tower(KeyeForConditionalGeneration(build_config(name_or_path)))
-    if Path(name_or_path).is_dir():
-        from transformers import AutoModelForImageTextToText
-
-        return vision_tower(AutoModelForImageTextToText.from_pretrained(name_or_path))
-    raise ConfigError(f"model: {name_or_path!r} is neither a variant ({', '.join(VARIANTS)}) nor a folder")
-
-
 @torch.no_grad()
-def frame_features(visual: nn.Module, merge: int, paths: list[Path], data: VQDataConfig) -> list[torch.Tensor]:
+def frame_features(visual: nn.Module, merge: int, paths: list[Path], video: VideoOptions) -> list[torch.Tensor]:
     """One (tokens, F) tensor of merged ViT features per sampled frame, in file order."""
     features = []
     for path in tqdm(paths, desc="ViT features", unit="video", disable=len(paths) < 50):
-        clip = read_video(str(path), slow_fast=data.slow_fast, **data.video_options)
+        clip = read_video(str(path), slow_fast=video.slow_fast, **video.message())
         parts = [patchify(frame) for frame in clip.frames]
         if not parts:
             continue
@@ -223,29 +230,25 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-# ----------------------------------------------------------------------------- entry
+# ----------------------------------------------------------------------------- the stage
 
 
-def run(cfg: VQTrainConfig, out_dir: str | Path, model: nn.Module | None = None) -> dict[str, Any]:
-    """Train, evaluate and save a tokenizer into ``out_dir``; returns the report (before and after).
-    ``model``: an already loaded Keye model whose ViT to use instead of loading ``cfg.model``."""
-    out = Path(out_dir)
-    save_config(cfg, out)
-    torch.manual_seed(cfg.run.seed)  # a variant's ViT is random: seed it so the run is reproducible
-    visual, merge, feature_dim, model_vq = vision_tower(model) if model is not None else load_vision_tower(cfg.model)
+def train_visual_tokenizer(cfg: VQConfig, model: nn.Module, videos: list[Path], eval_videos: list[Path],
+                           out_dir: Path) -> dict[str, Any]:
+    """Train, evaluate and save a tokenizer on ``model``'s frozen ViT into ``out_dir``; returns the report
+    (after the k-means initialisation and at the end)."""
+    visual, merge, feature_dim, model_vq = vision_tower(model)
     unknown = sorted(set(cfg.tokenizer) - set(KeyeVisualTokenizerConfig().to_dict()))
     if unknown:
         raise ConfigError(f"tokenizer: unknown field {unknown[0]!r} of visual_tokenizer_config")
     fields = {k: v for k, v in model_vq.to_dict().items() if k not in ("model_type", "transformers_version")}
     vq_config = KeyeVisualTokenizerConfig(**{**fields, **cfg.tokenizer})
 
-    if not cfg.data.videos:
-        raise ConfigError("data.videos is empty: give video files, folders or globs, e.g. data.videos=[world/videos]")
-    train_frames = frame_features(visual, merge, video_paths(cfg.data.videos), cfg.data)
-    eval_frames = (frame_features(visual, merge, video_paths(cfg.data.eval_videos), cfg.data)
-                   if cfg.data.eval_videos else train_frames)
+    train_frames = frame_features(visual, merge, videos, cfg.video)
+    eval_frames = frame_features(visual, merge, eval_videos, cfg.video) if eval_videos else train_frames
     eval_features = torch.cat(eval_frames)
 
+    torch.manual_seed(cfg.run.seed)
     tokenizer = KeyeVisualTokenizer(vq_config, feature_dim)
     all_features = torch.cat(train_frames)
     pick = torch.randperm(all_features.shape[0])[: cfg.kmeans_max_tokens]
@@ -253,94 +256,34 @@ def run(cfg: VQTrainConfig, out_dir: str | Path, model: nn.Module | None = None)
     before = evaluate(tokenizer, eval_features)
 
     trainee = _Trainee(tokenizer, cfg.restart_dead_codes)
-    apply_freeze_plan(trainee, ["vq"])
-    train(trainee, train_frames, collate_features, vq_loss, lambda batch: batch.shape[0], cfg.run, out, desc="vq")
+    apply_freeze_plan(trainee, cfg.train)
+    train(trainee, train_frames, collate_features, vq_loss, lambda batch: batch.shape[0], cfg.run, out_dir,
+          desc=cfg.out)
 
     after = evaluate(tokenizer, eval_features)
-    save_visual_tokenizer(tokenizer, out)
+    save_visual_tokenizer(tokenizer, out_dir)
     report = {"after_kmeans_init": before, "final": after}
-    atomic_write_text(out / "vq_report.json", json.dumps(report, indent=2))
+    atomic_write_text(out_dir / "vq_report.json", json.dumps(report, indent=2))
     return report
 
 
-# ----------------------------------------------------------------------------- recipe stage
-
-
-def videos_of(paths: list[str], run_root: Path) -> list[str]:
-    """The distinct videos that a stage's jsonl rows name, as paths (rows name them relative to their file)."""
-    from keye.train.common import read_rows
-
-    found: dict[str, None] = {}
-    for rel in paths:
-        rows, base = read_rows([rel], run_root)
-        for row in rows:
-            for video in row.get("videos") or []:
-                found[str(base / video)] = None
-    if not found:
-        raise ConfigError(f"data: the rows of {paths} name no videos")
-    return list(found)
-
-
-def run_vq_stage(cfg, run_root: Path) -> Path:
-    """Recipe stage ``vq``: switch the previous stage's model to the discrete (Kelix) path.
-
-    Trains the tokenizer on the frozen ViT of ``init_from`` over the videos of ``data.train`` (frames
-    sampled and resized as ``video`` says, so the codes match what later stages see), reports usage on
-    the videos of ``data.eval`` into ``<out>/tokenizer/vq_report.json``, and saves the discrete twin
-    (same ViT and LM, ``mlp_AR`` dropped, fresh code embeddings) as this stage's model, which the next
-    stages start from."""
+@register_stage("vq", VQConfig)
+def run_vq(cfg: VQConfig, run_root: Path) -> Path:
+    """Tokenizer on the start model's ViT; the discrete twin as the stage's model (``discrete_model``)."""
     from keye.models.modeling import discrete_from_continuous
-    from keye.train.common import load_start, save_model
 
-    if not cfg.init_from:
-        raise ConfigError("vq stage: init_from is empty; it discretises the ViT of a previous stage")
     out_dir = run_root / cfg.out
     save_config(cfg, out_dir)
-    vq_cfg = VQTrainConfig(
-        model=str(run_root / cfg.init_from / "model"),
-        tokenizer=dict(cfg.tokenizer),
-        data=VQDataConfig(
-            videos=videos_of(cfg.data.train, run_root),
-            eval_videos=videos_of(cfg.data.eval, run_root) if cfg.data.eval else [],
-            slow_fast=cfg.video.slow_fast, video_options=cfg.video.part_defaults(),
-        ),
-        kmeans_iters=cfg.kmeans_iters,
-        restart_dead_codes=cfg.restart_dead_codes,
-        run=cfg.run,
-    )
+    data = cfg.data
+    if not data.train and not data.videos:
+        raise ConfigError("vq stage: data.train and data.videos are both empty; name rows or videos to learn from")
+    videos = sorted({*(videos_of(data.train, run_root) if data.train else []), *video_paths(data.videos, run_root)})
+    eval_videos = sorted({*(videos_of(data.eval, run_root) if data.eval else []),
+                          *video_paths(data.eval_videos, run_root)})
     model, processor = load_start(cfg, run_root)  # loaded once: its ViT feeds the tokenizer, then the twin is built from it
-    report = run(vq_cfg, out_dir / "tokenizer", model=model)
+    report = train_visual_tokenizer(cfg, model, videos[: data.max_samples or None], eval_videos,
+                                    out_dir / TOKENIZER_DIR)
     log.info("%s: codebooks after training\n%s", cfg.out, format_report(report["final"]))
-    save_model(discrete_from_continuous(model, out_dir / "tokenizer"), processor, out_dir)
+    if cfg.discrete_model:
+        save_model(discrete_from_continuous(model, out_dir / TOKENIZER_DIR), processor, out_dir)
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keye vq train", description=__doc__.splitlines()[0])
-    _add_arguments(parser)
-    return _train_command(parser.parse_args(argv))
-
-
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="recipe YAML (e.g. tokenizers/visual/nano.yaml)")
-    parser.add_argument("--out", required=True, help="run folder: tokenizer, report, metrics, checkpoints")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. run.steps=50")
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    from keye.train.distributed import shutdown_process_group
-
-    cfg = load_config(VQTrainConfig, args.config, args.overrides)
-    report = run(cfg, args.out)
-    shutdown_process_group()  # a torchrun job's group, once training is done
-    print(format_report(report["final"]))
-    print(f"saved {Path(args.out) / 'visual_tokenizer.safetensors'}")
-    return 0
-
-
-def register(subparsers) -> None:
-    vq = subparsers.add_parser("vq", help="discrete visual tokenizer (Kelix-style)")
-    commands = vq.add_subparsers(dest="vq_command", metavar="ACTION", required=True)
-    train_parser = commands.add_parser("train", help="train a visual tokenizer on frozen ViT features")
-    _add_arguments(train_parser)
-    train_parser.set_defaults(func=_train_command)

@@ -1,6 +1,6 @@
-"""Benchmarks: ``python -m keye.bench NAME`` (``video`` for now; later issues register theirs).
+"""``python -m keye.bench video``: the video front-end against the peers.
 
-``video`` times the front-end against the peers on the same clips, each contestant in its own
+It times the front-end against the peers on the same clips, each contestant in its own
 subprocess so that peak memory is its own: the peak resident set (VmHWM, reset once the same
 libraries are imported in every worker) over a warm-up and the timed runs, minus the resident set
 at that point. That counts native buffers (decoder frames, torch tensors) that tracemalloc would
@@ -135,7 +135,7 @@ def _measure(contestant: str, path: str, runs: int, threads: int | None) -> dict
     env = dict(os.environ)
     if threads:  # e.g. 1, as inside a DataLoader worker; applies to every contestant alike
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-m", "keye.bench", "_worker", contestant, path, str(runs)],
+    out = subprocess.run([sys.executable, "-m", "keye.bench.video", contestant, path, str(runs)],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -167,7 +167,13 @@ def _bench_clips(cache: Path) -> list[tuple[str, str]]:
     return clips
 
 
-def bench_video(args: argparse.Namespace) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per contestant (median reported)")
+    parser.add_argument("--cache", default="runs/bench", help="folder for generated clips")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads for every contestant (default: untouched)")
+
+
+def run(args: argparse.Namespace) -> int:
     clips = _bench_clips(Path(args.cache))
     print(f"video front-end benchmark: median of {args.runs} warm runs per contestant, each in its own process; "
           f"wall and process CPU seconds; peak = extra resident memory during the runs (VmHWM delta).")
@@ -198,29 +204,5 @@ def bench_video(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_items(args: argparse.Namespace) -> int:
-    """Residual k-means vs faiss / scikit-learn at its defaults (options: python -m keye.items.bench --help)."""
-    from keye.items.bench import main as items_main
-
-    return items_main([])
-
-
-BENCHMARKS: dict[str, Callable[[argparse.Namespace], int]] = {"video": bench_video, "items": bench_items}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_worker":
-        _worker(argv[1], argv[2], int(argv[3]))
-        return 0
-    parser = argparse.ArgumentParser(prog="python -m keye.bench", description="Run a named benchmark.")
-    parser.add_argument("name", choices=sorted(BENCHMARKS))
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per contestant (median reported)")
-    parser.add_argument("--cache", default="runs/bench", help="folder for generated clips")
-    parser.add_argument("--threads", type=int, help="OMP/MKL threads for every contestant (default: untouched)")
-    args = parser.parse_args(argv)
-    return BENCHMARKS[args.name](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a contestant's worker process: CONTESTANT PATH RUNS
+    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -12,41 +12,41 @@ import json
 import textwrap
 from pathlib import Path
 
+from keye.cli.options import MODES, add_overrides
 from keye.errors import ConfigError
 
-RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "nano"
-MODES = ("no_think", "think", "auto")
+RECIPE = Path(__file__).resolve().parents[2] / "pipelines" / "nano"
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import keye
-    from keye.train.recipe import load_recipe, run_recipe, stage_configs
+    from keye.api import load
+    from keye.recipe import load_recipe, run_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe_dir = Path(args.recipe)
     if not (recipe_dir / "recipe.yaml").is_file():
         raise ConfigError(f"no recipe at {recipe_dir}: run the demo from a source checkout (make demo)")
-    recipe, folder = load_recipe(recipe_dir)
-    root = Path(args.run_root or recipe.run_root)
+    recipe = load_recipe(recipe_dir, args.overrides)
+    root = Path(args.run_root or recipe.config.run_root)
     print(f"keye demo: training keye-nano on the synthetic video world in {root} (reused if already trained)")
     run_recipe(recipe_dir, str(root), args.overrides)
-    last = stage_configs(recipe, folder, args.overrides)[-1]
+    last = recipe.chained()[-1]
     video = last.video
 
-    pipe = keye.load(root / last.out / "model", device="cpu", dtype="float32", slow_fast=video.slow_fast)
+    pipe = load(root / last.out / "model", device="cpu", dtype="float32", slow_fast=video.slow_fast)
     rows = [json.loads(line) for line in (root / "world" / "test.jsonl").read_text().splitlines() if line.strip()]
     clip = rows[args.clip % len(rows)]["clip_id"]
     questions = [r for r in rows if r["clip_id"] == clip]
     path = root / "world" / questions[0]["videos"][0]
     # room for the longest chain the recipe's own think eval allows
-    max_new_tokens = max((spec.max_new_tokens for spec in recipe.eval), default=320)
+    max_new_tokens = max((spec.max_new_tokens for spec in recipe.config.eval), default=320)
     print(f"\nvideo: {path}  (held out: never seen in training)")
     for row in questions:
         for mode in args.modes:
             answer = pipe.ask(str(path), row["question"], mode=mode, max_new_tokens=max_new_tokens,
-                              **video.part_defaults())
+                              **video.message())
             mark = "ok " if answer.text.strip().lower() == str(row["answer"]).lower() else "-- "
             print(f"\n{mark}[{mode}] Q: {row['question']}\n    reference: {row['answer']}\n    answer:    {answer.text}")
             if answer.thinking:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train keye-nano on the synthetic world and answer questions about a video",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage (e.g. run.steps=5 for a smoke run)")
+    add_overrides(parser, example="run.steps=5, a smoke run")
     parser.add_argument("--recipe", default=str(RECIPE), help="recipe folder (default: pipelines/nano)")
     parser.add_argument("--run-root", help="training folder (default: the recipe's, runs/nano)")
     parser.add_argument("--clip", type=int, default=0, help="which test question's clip to ask about")

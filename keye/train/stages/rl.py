@@ -19,22 +19,19 @@ One step of the loop, top to bottom:
    (``keye.train.rl_losses``: ``gspo`` by default, ``gspo_token``, ``grpo``), sequence-mean
    aggregated; KL to the starting policy only when ``loss.beta > 0``; the MoE router loss rides along.
 
-A step's checkpoint (``keye.train.checkpoint``) holds weights, optimizer, schedule, RNG and the data
-position, so a resumed run samples exactly the rollouts the uninterrupted run would have. At the end the
-policy is saved to ``<run_root>/<out>/model`` like every other stage, and, when ``data.eval`` lists
-held-out rows, greedy accuracy and format pass rate go to ``eval.json`` (``run.steps=0`` measures the
+The run's lifecycle is the shared ``TrainSession``: a step's checkpoint holds weights, optimizer, schedule,
+RNG and the data position, so a resumed run samples exactly the rollouts the uninterrupted run would have.
+At the end the policy is saved to ``<run_root>/<out>/model`` like every other stage, and, when ``data.eval``
+lists held-out rows, greedy accuracy and format pass rate go to ``eval.json`` (``run.steps=0`` measures the
 starting checkpoint the same way).
 
-Run: ``python -m keye.train.rl --config pipelines/nano/rl.yaml [--run-root runs/nano] [key=value ...]``.
+Run: ``keye train pipelines/nano/rl.yaml [--run-root runs/nano] [key=value ...]``, or as a stage of a recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,21 +40,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-from keye.config import load_config, save_config
-from keye.data.collate import SampleBuilder, VideoOptions
+from keye.data.answers import is_correct
+from keye.data.collate import SampleBuilder
 from keye.data.modes import assign_modes, with_hint
 from keye.errors import ConfigError
-from keye.eval.answers import is_correct
 from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
-from keye.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, load_optimizer_state
-from keye.train.common import LoraSettings, StageConfig, apply_lora, load_start, read_rows, save_model
-from keye.train.distributed import build_strategy, shutdown_process_group
-from keye.train.metrics import MetricsLog, plot_curves
-from keye.train.optim import apply_freeze_plan, build_optimizer, build_scheduler
+from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.rewards import combine_rewards, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
-from keye.train.runner import BatchPlan, RunConfig, resolve_device, resumable_optimizer, save_run, to_device
+from keye.train.runner import BatchPlan
+from keye.train.session import RunConfig, TrainSession, to_device
+from keye.video import VideoOptions
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +66,11 @@ _NOT_COLUMNS = ("messages", "conversations", "videos", "images")
 
 
 @dataclass
-class RLDataConfig:
-    train: list[str] = field(default_factory=list)  # jsonl files, relative to the run folder
+class RLDataConfig(DataConfig):
     eval: list[str] = field(default_factory=list)  # held-out jsonl files scored greedily at the end
     modes: dict[str, float] = field(default_factory=lambda: {"thinking": 1.0})  # keye.data.modes mixture
     kinds: list[str] = field(default_factory=list)  # keep only these question kinds; empty: all
     reasoning_only: bool = True  # keep only rows flagged ``reasoning`` (the multi-step questions)
-    max_samples: int | None = None
     max_eval_samples: int | None = None
     seed: int = 0
 
@@ -100,14 +92,9 @@ class HintConfig:
 
 
 @dataclass
-class RLConfig:
-    stage: str = "rl"
-    out: str = ""  # folder under the run folder; default: the config file's stem
-    model: str = "keye-nano"  # registered variant, used when init_from is empty
-    init_from: str | None = None  # a previous stage's folder (holding model/), relative to the run folder
+class RLConfig(StageConfig):
     train: list[str] = field(default_factory=lambda: ["lm"])  # parameter groups that train
     data: RLDataConfig = field(default_factory=RLDataConfig)
-    video: VideoOptions = field(default_factory=VideoOptions)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     hints: HintConfig = field(default_factory=HintConfig)
     loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -121,27 +108,25 @@ class RLConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=50, micro_batch=8))
     lora: LoraSettings = field(default_factory=LoraSettings)
 
-
-def load_rl_config(path: str | Path | None, overrides: list[str] | None = None) -> RLConfig:
-    cfg = load_config(RLConfig, path, overrides)
-    cfg.out = cfg.out or (Path(path).stem if path else "rl")
-    if cfg.rollout.group_size < 2:
-        raise ConfigError("rollout.group_size must be >= 2: advantages are normalised within a group")
-    if cfg.minibatch_size < 1 or cfg.run.micro_batch < 1 or cfg.epochs < 1:
-        raise ConfigError("minibatch_size, run.micro_batch and epochs must be >= 1")
-    # The supervised runner's batch options have no meaning here: prompts are built per rollout, and the
-    # clipped ratio (GSPO clips at 3e-4) needs fp32 log-probs. Say so rather than ignore them.
-    if cfg.run.precision != "fp32":
-        raise ConfigError(f"run.precision: the RL stage runs in fp32 (got {cfg.run.precision!r}): its clipped "
-                          "importance ratios need fp32 log-probs")
-    if cfg.run.num_workers:
-        raise ConfigError("run.num_workers: the RL stage builds its prompts per rollout; leave it at 0")
-    if cfg.run.dist.strategy not in ("none", "ddp"):
-        # sharded parameters make every forward a collective, and each rank's rollouts decode for as many
-        # steps as its own completions need: the ranks would wait on each other for ever
-        raise ConfigError(f"run.dist.strategy: the RL stage runs with 'none' or 'ddp' (got {cfg.run.dist.strategy!r}); "
-                          "sharded rollouts need rank-synchronous decoding, which is not built yet")
-    return cfg
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rollout.group_size < 2:
+            raise ConfigError("rollout.group_size must be >= 2: advantages are normalised within a group")
+        if self.minibatch_size < 1 or self.run.micro_batch < 1 or self.epochs < 1:
+            raise ConfigError("minibatch_size, run.micro_batch and epochs must be >= 1")
+        # The supervised runner's batch options have no meaning here: prompts are built per rollout, and the
+        # clipped ratio (GSPO clips at 3e-4) needs fp32 log-probs. Say so rather than ignore them.
+        if self.run.precision != "fp32":
+            raise ConfigError(f"run.precision: the RL stage runs in fp32 (got {self.run.precision!r}): its clipped "
+                              "importance ratios need fp32 log-probs")
+        if self.run.num_workers:
+            raise ConfigError("run.num_workers: the RL stage builds its prompts per rollout; leave it at 0")
+        if self.run.dist.strategy not in ("none", "ddp"):
+            # sharded parameters make every forward a collective, and each rank's rollouts decode for as many
+            # steps as its own completions need: the ranks would wait on each other for ever
+            raise ConfigError(f"run.dist.strategy: the RL stage runs with 'none' or 'ddp' (got "
+                              f"{self.run.dist.strategy!r}); sharded rollouts need rank-synchronous decoding, "
+                              "which is not built yet")
 
 
 # ----------------------------------------------------------------------------- prompts and batches
@@ -387,16 +372,12 @@ def _pad_stack(rows: list[torch.Tensor], T: int) -> torch.Tensor:
 
 
 class RLStage:
-    """Holds what a step needs (policy, processor, strategy, optimizer) so each phase is a short method."""
+    """Holds what a step needs (policy, processor, session) so each phase is a short method."""
 
     def __init__(self, cfg: RLConfig, run_root: Path, model=None, processor=None, resume: bool = True):
         self.cfg, self.run_root = cfg, Path(run_root)
         self.out_dir = self.run_root / cfg.out
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out_dir)
-        torch.manual_seed(cfg.run.seed)
         model, self.processor, self.reference = build_policy(cfg, self.run_root, model, processor)
-        self.model = model  # generation runs on this plain module; peft injects adapters in place
         self.pad_id = self.processor.tokenizer.pad_token_id
         self.eos_id = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
         # A sampled vision placeholder would need pixels the prompt does not have (the forward rejects it),
@@ -410,22 +391,20 @@ class RLStage:
             raise ConfigError(f"{cfg.out}: no training rows left after data.kinds / data.reasoning_only")
         self.prompts = PromptBuilder(self.processor, cfg.video, base)
 
-        self.strategy = build_strategy(cfg.run.dist, 1, cfg.run.optim.grad_clip, cfg.run.micro_batch)
-        self.device = resolve_device(cfg.run.device)
-        model.to(self.device)
+        # one optimizer step per minibatch: the strategy's accumulation window is one backward call
+        self.session = TrainSession(model, cfg.run, self.out_dir, accum_steps=1, resume=resume, desc=cfg.out,
+                                    plots={"rewards.png": ("reward_mean", "accuracy", "format_pass")},
+                                    progress=("reward_mean", "accuracy"))
+        self.device = self.session.device
         if self.reference is not None:
             self.reference.to(self.device)
-        self.state, checkpoint = TrainState(), latest_checkpoint(self.out_dir) if resume else None
-        if checkpoint is not None:  # weights + RNG into the plain model, before wrapping
-            self.state = load_checkpoint(checkpoint, model)
-        self.wrapped, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, cfg.run.optim))
-        self.scheduler = build_scheduler(self.optimizer, cfg.run.optim, cfg.run.steps)
-        if checkpoint is not None:
-            load_optimizer_state(checkpoint, resumable_optimizer(self.strategy, self.wrapped, self.optimizer), self.scheduler)
-        self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.strategy.world_size,
-                              self.strategy.rank, cfg.run.seed)
-        self.log = MetricsLog(self.out_dir, resume_step=self.state.step if checkpoint else None) \
-            if self.strategy.is_main else None
+        self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.session.world_size,
+                              self.session.rank, cfg.run.seed)
+
+    @property
+    def model(self) -> nn.Module:
+        """The plain policy: generation and the no-grad pi_old pass run on it (peft injects adapters in place)."""
+        return self.session.unwrapped
 
     # ------------------------------------------------------------------ rollouts
 
@@ -471,11 +450,11 @@ class RLStage:
         if not most:
             return {}
         temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
-        self.wrapped.train()
+        self.session.model.train()
         # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
         # several, later minibatches see a moved policy and the ratio does its job. No gradient: the
         # unwrapped policy, outside the wrapper's collectives.
-        policy = self.strategy.unwrap(self.wrapped)
+        policy = self.model
         _fill_logps(policy, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         if self.reference is not None:
             _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress, self.device)
@@ -497,7 +476,7 @@ class RLStage:
 
     def _sync_max(self, value: int) -> int:
         """The largest ``value`` over the ranks."""
-        if self.strategy.world_size == 1:
+        if self.session.strategy.world_size == 1:
             return value
         t = torch.tensor(value, device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -506,7 +485,7 @@ class RLStage:
     def _minibatch(self, seqs: list[Completion], stand_in: Completion | None = None) -> dict[str, float]:
         """One optimizer step: the sum of per-sequence losses / the step's sequences on all ranks, over
         micro-batches (as many on every rank; ``stand_in`` fills a rank's missing ones at weight 0)."""
-        cfg, world = self.cfg, self.strategy.world_size
+        cfg, world = self.cfg, self.session.strategy.world_size
         micro = list(_micro_batches(seqs, cfg.run.micro_batch, self.pad_id))
         n = len(seqs)
         if world > 1:
@@ -523,15 +502,15 @@ class RLStage:
         # DDP averages gradients over the ranks: world / n_all makes the result sum(losses) / n_all
         scale = world / n_all
         sums: dict[str, float] = {}
-        router = cfg.router_aux and _config_of(self.wrapped).is_moe
+        router = cfg.router_aux and _config_of(self.session.model).is_moe
         for k, (chunk, batch) in enumerate(micro):
             weight = 1.0 if batch is not None else 0.0  # a stand-in takes part in the collectives only
             if batch is None:
                 _, batch = next(_micro_batches(chunk, 1, self.pad_id))
-            with self.strategy.accumulating(self.wrapped, boundary=k == len(micro) - 1):
+            with self.session.strategy.accumulating(self.session.model, boundary=k == len(micro) - 1):
                 batch = to_device(batch, self.device)
                 logps_BT, entropy_BT, aux = completion_logps(
-                    self.wrapped, batch, cfg.rollout.temperature, router, self.suppress)
+                    self.session.model, batch, cfg.rollout.temperature, router, self.suppress)
                 mask_BT = batch["completion_mask"]
                 T = mask_BT.shape[1]
                 old_BT = _pad_stack([s.old_logps for s in chunk], T).to(self.device)
@@ -539,38 +518,25 @@ class RLStage:
                 adv_B = torch.tensor([s.advantage for s in chunk], device=self.device)
                 loss_B, stats = sequence_loss(logps_BT, old_BT, adv_B, mask_BT, cfg.loss, ref_BT)
                 share = weight * len(chunk) / max(n, 1)
-                self.strategy.backward(weight * (loss_B.sum() * scale + aux * len(chunk) * scale))
+                self.session.strategy.backward(weight * (loss_B.sum() * scale + aux * len(chunk) * scale))
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + float(value) * share
             sums["loss"] = sums.get("loss", 0.0) + weight * float(loss_B.detach().sum()) / max(n, 1)
             sums["entropy"] = sums.get("entropy", 0.0) + weight * float(masked_mean_B(entropy_BT, mask_BT).sum()) / max(n, 1)
             if router:
                 sums["router_aux"] = sums.get("router_aux", 0.0) + float(aux.detach()) * share
-        sums["grad_norm"] = self.strategy.step(self.wrapped, self.optimizer)
+        sums["grad_norm"] = self.session.optimizer_step()
         return sums
 
     # ------------------------------------------------------------------ loop
 
-    def run(self) -> nn.Module:
-        cfg, state = self.cfg, self.state
-        position = state.data_position.get("position", 0)
-        while state.step < cfg.run.steps:
-            started = time.perf_counter()
+    def run(self) -> None:
+        """Rollout steps until ``run.steps``, each closed (schedule, metrics, checkpoint) by the session."""
+        position = self.session.data_position.get("position", 0)
+        for step in self.session.steps():
             groups, position, stats = self.rollout(position)
-            stats |= self.update(groups, state.step)
-            stats["lr"] = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            state.step += 1
-            state.data_position = {"position": position}
-            stats["step_time"] = time.perf_counter() - started
-            if self.log is not None and state.step % cfg.run.log_every == 0:
-                self.log.log(state.step, **stats)
-            if (cfg.run.save_every and state.step % cfg.run.save_every == 0) or state.step == cfg.run.steps:
-                save_run(self.out_dir, self.strategy, self.wrapped, self.optimizer, self.scheduler, state,
-                      cfg.run.keep_checkpoints)
-        if self.strategy.is_main and self.log is not None:
-            plot_curves(self.out_dir, keys=("reward_mean", "accuracy", "format_pass"), name="rewards.png")
-        return self.strategy.unwrap(self.wrapped)
+            stats |= self.update(groups, step)
+            self.session.end_step(stats, {"position": position})
 
     # ------------------------------------------------------------------ held-out
 
@@ -580,7 +546,7 @@ class RLStage:
         torchrun each rank scores every world_size-th row and the counts are summed, so every rank
         returns the same figures for the whole list."""
         self.model.eval()
-        world, rank = self.strategy.world_size, self.strategy.rank
+        world, rank = self.session.strategy.world_size, self.session.strategy.rank
         mine = rows[rank::world]
         correct = formatted = 0
         for start in range(0, len(mine), batch_size):
@@ -613,15 +579,12 @@ def _select_rows(rows: list[dict], data: RLDataConfig, limit: int | None) -> lis
 def build_policy(cfg: RLConfig, run_root: Path, model=None, processor=None):
     """(policy, processor, reference): the starting model (``init_from`` or a fresh variant unless one is
     given) with the freeze plan and LoRA applied, and a frozen copy for the KL term when ``loss.beta``."""
-    if model is None:
-        model, processor = load_start(StageConfig(model=cfg.model, init_from=cfg.init_from, run=cfg.run), run_root)
     # the KL reference is the starting policy, frozen (TRL's default without PEFT); only kept when used
-    reference = _frozen_copy(model) if cfg.loss.beta else None
-    apply_freeze_plan(model, cfg.train)
-    if cfg.lora.enabled:  # only the adapters train; the groups' base weights stay frozen
-        model = apply_lora(model, cfg.lora)
-        apply_freeze_plan(model, [])
-    return model, processor, reference
+    reference: list[nn.Module] = []
+    keep = (lambda start: reference.append(_frozen_copy(start))) if cfg.loss.beta else None
+    model, processor, _ = prepare(cfg, run_root, cfg.lora, adapt=keep,
+                                  start=(model, processor) if model is not None else None)
+    return model, processor, reference[0] if reference else None
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -654,33 +617,18 @@ def _rollout_stats(first: list[Group], kept: list[Group]) -> dict[str, float]:
     return out
 
 
+@register_stage("rl", RLConfig)
 def run_rl(cfg: RLConfig, run_root: str | Path, model=None, processor=None, resume: bool = True) -> Path:
-    """Train, save the policy to ``<run_root>/<out>/model``, score ``data.eval``; returns the stage folder."""
+    """Train, score ``data.eval``, save the policy to ``<run_root>/<out>/model``; returns the stage folder."""
     stage = RLStage(cfg, Path(run_root), model, processor, resume)
-    policy = stage.run()
+    stage.run()
     if cfg.data.eval:
         eval_rows, _ = read_rows(cfg.data.eval, stage.run_root)
         eval_rows = _select_rows(eval_rows, cfg.data, cfg.data.max_eval_samples)
         result = stage.evaluate(eval_rows)  # rows split over the ranks, counts summed
-        if stage.strategy.is_main:
+        if stage.session.is_main:
             atomic_write_text(stage.out_dir / "eval.json", json.dumps(result, indent=1))
         log.info("%s: held-out %s", cfg.out, result)
+    policy = stage.session.finish()
     save_model(policy, stage.processor, stage.out_dir)  # every rank: rank 0 writes, the others wait
     return stage.out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keye.train.rl", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="an RL stage YAML file, e.g. pipelines/nano/rl.yaml")
-    parser.add_argument("--run-root", default="runs/nano", help="folder the stage's relative paths are read from")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. init_from=sft run.steps=10")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_rl(load_rl_config(args.config, args.overrides), args.run_root)
-    shutdown_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from keye.data.world.cli import main
-
-sys.exit(main())
