@@ -15,9 +15,10 @@ EXAMPLES = """examples:
   keye eval eval/mvbench.yaml --model ckpt/ --out runs/eval/mvbench --video-dir MVBench/video
   keye eval world --model runs/nano/sft/model --out runs/eval/world --data runs/nano/world/test.jsonl --limit 50
   keye eval videomme video.max_frames=32 mode=think --model ckpt/ --out runs/eval/videomme
+  keye eval lookup --model runs/nano/sft/model --out runs/eval/lookup   # decoder sanity check, first-listed baseline
 
 A definition is a yaml file or the name of one in eval/; a bare format name (videomme, mvbench, world)
-needs --data. KEY=VALUE overrides set fields of the definition (a bare format's too). Rerunning with the
+needs --data (lookup generates its items). KEY=VALUE overrides set fields of the definition (a bare format's too). Rerunning with the
 same --out skips the questions already answered.
 """
 
@@ -30,9 +31,9 @@ def definition_from(args: argparse.Namespace):
 
     target = args.definition
     if not Path(target).is_file() and not (DEFINITIONS_DIR / f"{target}.yaml").is_file() and target in FORMATS:
-        if not args.data:
-            raise KeyeInputError(f"format {target!r} without a definition file needs --data (the annotation file)")
-        fields = {"name": target, "format": target, "annotations": str(Path(args.data).resolve())}
+        fields = {"name": target, "format": target}
+        if args.data:
+            fields["annotations"] = str(Path(args.data).resolve())
         definition = from_dict(EvalDefinition, {**fields, **read_config_data(None, args.overrides)},
                                source=f"format {target}")
     else:
@@ -51,22 +52,23 @@ def definition_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from keye.api import load
+    from keye.eval.formats import read_items
     from keye.eval.runner import pipeline_predictor, run_eval
 
     if args.limit is not None and args.limit < 1:
         raise KeyeInputError(f"--limit must be at least 1, got {args.limit}")
     definition = definition_from(args)
-    annotations = definition.path(definition.annotations)
-    if not annotations.exists():  # before loading a model that may take minutes
-        raise KeyeInputError(f"{annotations}: annotations not found (give --data, or fix 'annotations' in the definition)")
+    read_items(definition)  # bad annotations fail before loading a model that may take minutes
     pipe = load(args.model, device=args.device, dtype=args.dtype, slow_fast=definition.video.slow_fast,
                 backend=args.backend)
     predict = pipeline_predictor(pipe, definition.mode, definition.max_new_tokens)
     results = run_eval(definition, predict, args.out, model_name=args.model, limit=args.limit,
                        batch_size=args.batch_size)
     overall = results["overall"]
+    guess = f"; the items' own guess scores {100 * overall['guess_accuracy']:.1f}%" if "guess_accuracy" in overall else ""
     print(f"{definition.name}: accuracy {100 * overall['accuracy']:.1f}% on {overall['n']} questions "
-          f"({overall['unanswered']} unanswered, {overall['errors']} failed on bad input); results in {Path(args.out) / 'results.md'}")
+          f"({overall['unanswered']} unanswered, {overall['errors']} failed on bad input){guess}; "
+          f"results in {Path(args.out) / 'results.md'}")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0

@@ -13,6 +13,9 @@ generation settings. Each format is one registered function turning the annotati
   ``tasks`` maps each task name to its json and its video folder, as MVBench's own ``data_list`` does.
 * ``world``: a split of the synthetic world (``keye.data.world``): open-ended, exact match after
   normalisation, scored per question ``kind``; rows with ``options`` are scored as multiple choice.
+* ``lookup``: the decoder sanity check (``keye.data.world.probes.lookup_probe``), generated, no annotations:
+  one frame's object listing as text and a question picking one object out of it; every item carries the
+  first-listed guess, so the report shows that baseline beside the model's accuracy.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class EvalDefinition:
 
     name: str
     format: str
-    annotations: str
+    annotations: str = ""  # the annotation file or folder; generated formats (lookup) take none
     video_dir: str = ""
     prompt: str = "{question}\n{options}"
     mode: str = "no_think"
@@ -62,6 +65,8 @@ class EvalDefinition:
     video: VideoOptions = field(default_factory=VideoOptions)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     breakdown: list[str] = field(default_factory=list)
+    items: int = 400  # generated formats: how many items
+    seed: int = 0  # generated formats: their draw (0: the format's own seed)
     base_dir: str = ""  # set by load_definition: the folder relative paths start from
 
     def __post_init__(self):
@@ -83,6 +88,7 @@ class EvalItem:
     options: list[str] | None
     media: list[dict]
     categories: dict[str, str] = field(default_factory=dict)
+    guess: str | None = None  # a trivial strategy's answer (e.g. the first-listed word), scored beside the model
 
 
 FormatReader = Callable[[EvalDefinition], list[EvalItem]]
@@ -151,6 +157,13 @@ def read_rows(path: Path) -> list[dict]:
     return data
 
 
+def _annotations(definition: EvalDefinition) -> Path:
+    if not definition.annotations:
+        raise KeyeInputError(f"definition {definition.name}: format {definition.format!r} reads annotations; "
+                             "give --data or set 'annotations'")
+    return definition.path(definition.annotations)
+
+
 def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if k not in row]
     if missing:
@@ -159,7 +172,7 @@ def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
 
 @register_format("videomme")
 def _videomme(definition: EvalDefinition) -> list[EvalItem]:
-    path = definition.path(definition.annotations)
+    path = _annotations(definition)
     video_dir = definition.path(definition.video_dir) if definition.video_dir else path.parent
     items = []
     for i, row in enumerate(read_rows(path)):
@@ -179,7 +192,7 @@ def _videomme(definition: EvalDefinition) -> list[EvalItem]:
 def _mvbench(definition: EvalDefinition) -> list[EvalItem]:
     if not definition.tasks:
         raise ConfigError(f"definition {definition.name}: the mvbench format needs 'tasks' (name -> file, video_dir)")
-    root = definition.path(definition.annotations)
+    root = _annotations(definition)
     video_root = definition.path(definition.video_dir) if definition.video_dir else root
     items = []
     for task, spec in definition.tasks.items():
@@ -200,7 +213,7 @@ def _mvbench(definition: EvalDefinition) -> list[EvalItem]:
 
 @register_format("world")
 def _world(definition: EvalDefinition) -> list[EvalItem]:
-    path = definition.path(definition.annotations)
+    path = _annotations(definition)
     base = definition.path(definition.video_dir) if definition.video_dir else path.parent
     items = []
     for i, row in enumerate(read_rows(path)):
@@ -212,3 +225,11 @@ def _world(definition: EvalDefinition) -> list[EvalItem]:
         categories = {"kind": row["kind"], "reasoning": str(bool(row.get("reasoning", False))).lower()}
         items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories))
     return items
+
+
+@register_format("lookup")
+def _lookup(definition: EvalDefinition) -> list[EvalItem]:
+    from keye.data.world.probes import PROBE_SEED, lookup_probe
+
+    return [EvalItem(p.id, p.question, p.answer, None, [], {"kind": p.kind, "objects": str(p.objects)}, p.first_listed)
+            for p in lookup_probe(definition.items, definition.seed or PROBE_SEED)]

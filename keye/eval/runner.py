@@ -110,11 +110,14 @@ def _check_run(out_dir: Path, meta: dict) -> None:
 
 
 def accuracy_table(records: list[dict], breakdown: list[str]) -> dict:
-    """Overall and per-category accuracy over prediction records."""
+    """Overall and per-category accuracy over prediction records (and the items' guess, where they have one)."""
     def acc(rs: list[dict]) -> dict:
         correct = sum(bool(r["correct"]) for r in rs)
-        return {"n": len(rs), "correct": correct, "accuracy": correct / len(rs) if rs else 0.0,
-                "unanswered": sum(r["pred"] in (None, "") for r in rs), "errors": sum("error" in r for r in rs)}
+        out = {"n": len(rs), "correct": correct, "accuracy": correct / len(rs) if rs else 0.0,
+               "unanswered": sum(r["pred"] in (None, "") for r in rs), "errors": sum("error" in r for r in rs)}
+        if rs and all("guess_correct" in r for r in rs):
+            out["guess_accuracy"] = sum(r["guess_correct"] for r in rs) / len(rs)
+        return out
 
     out = {"overall": acc(records), "by": {}}
     fields = breakdown or sorted({k for r in records for k in r.get("categories", {})})
@@ -129,16 +132,22 @@ def accuracy_table(records: list[dict], breakdown: list[str]) -> dict:
 
 
 def markdown_report(results: dict) -> str:
-    lines = [f"# {results['name']}", "", f"model: `{results.get('model', '')}`, mode: {results.get('mode', '')}", "",
-             "| split | n | accuracy |", "| --- | ---: | ---: |"]
     overall = results["overall"]
-    lines.append(f"| overall | {overall['n']} | {100 * overall['accuracy']:.1f} |")
+    guess = "guess_accuracy" in overall  # the items' trivial guess, scored beside the model
+
+    def table(title: str, groups: dict) -> list[str]:
+        head = f"| {title} | n | accuracy |" + (" guess |" if guess else "")
+        rule = "| --- | ---: | ---: |" + (" ---: |" if guess else "")
+        return [head, rule] + [f"| {value} | {g['n']} | {100 * g['accuracy']:.1f} |"
+                               + (f" {100 * g['guess_accuracy']:.1f} |" if guess else "") for value, g in groups.items()]
+
+    lines = [f"# {results['name']}", "", f"model: `{results.get('model', '')}`, mode: {results.get('mode', '')}", ""]
+    lines += table("split", {"overall": overall})
     if overall["errors"]:
         lines += ["", f"{overall['errors']} questions failed on bad input and count as wrong; see predictions.jsonl "
                       "(a rerun retries them)."]
     for name, groups in results["by"].items():
-        lines += ["", f"| {name} | n | accuracy |", "| --- | ---: | ---: |"]
-        lines += [f"| {value} | {g['n']} | {100 * g['accuracy']:.1f} |" for value, g in groups.items()]
+        lines += [""] + table(name, groups)
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +200,8 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
             pred, correct = score(item, raw) if error is None else (None, False)
             record = {"id": item.id, "answer": item.answer, "pred": pred, "correct": correct, "raw": raw or "",
                       "categories": item.categories}
+            if item.guess is not None:
+                record["guess_correct"] = is_correct(item.guess, item.answer, item.options)
             if error is not None:
                 record["error"] = error
                 bar.write(f"{definition.name}: {item.id}: {error}")

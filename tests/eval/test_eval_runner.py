@@ -14,7 +14,7 @@ from keye.cli import main
 from keye.data.world import WorldConfig, generate_world
 from keye.errors import KeyeInputError
 from keye.eval.formats import load_definition, read_items, read_rows
-from keye.eval.runner import evaluate_world, item_messages, run_eval
+from keye.eval.runner import evaluate_world, format_prompt, item_messages, run_eval
 from keye.models import build_model
 from keye.processing import load_nano_processor
 from keye.video.synthetic import write_cut_clip
@@ -247,3 +247,42 @@ def test_bad_video_is_recorded_and_retried_on_rerun(videos, tmp_path):
     asked.clear()
     results = run_eval(d, predict, tmp_path, progress=False)
     assert asked == ["clip_b.mp4", "clip_b.mp4"] and results["overall"]["errors"] == 0
+
+
+def test_lookup_probe_items_name_one_object_and_score_the_first_listed_guess(tmp_path):
+    """Each item's question names an attribute held by exactly one listed object, whose other attribute is
+    the answer; the report scores the first-listed guess beside the model, and a predictor that answers with
+    that guess scores exactly it."""
+    from keye.eval.formats import load_definition
+
+    d = load_definition("lookup", ["items=120"])
+    items = read_items(d)
+    assert len(items) == 120 and all(not item.media for item in items)
+    for item in items:
+        listing, question = item.question.rsplit(". ", 1)
+        objects = [entry.split()[:2] for entry in listing.split(", ")]  # [colour, shape] per listed object
+        named = question.split()[-1].rstrip("?") if item.categories["kind"] == "color" else question.split()[-2]
+        slot = 1 if item.categories["kind"] == "color" else 0  # the named attribute's place in "colour shape"
+        holders = [obj for obj in objects if obj[slot] == named]
+        assert len(holders) == 1 and holders[0][1 - slot] == item.answer, item
+        assert item.guess == objects[0][1 - slot] and item.categories["objects"] == str(len(objects))
+    guessed = sum(item.guess == item.answer for item in items) / len(items)
+    assert 0.4 < guessed < 0.9  # a real baseline, neither always nor never right
+
+    by_question = {format_prompt(d.prompt, item): item for item in items}
+
+    def first_listed(conversations):
+        return [by_question[question_of(c)].guess for c in conversations]
+
+    results = run_eval(d, first_listed, tmp_path, progress=False, batch_size=8)
+    assert results["overall"]["accuracy"] == pytest.approx(guessed)
+    assert results["overall"]["guess_accuracy"] == pytest.approx(guessed)
+    assert "| color |" in (tmp_path / "results.md").read_text() and " guess |" in (tmp_path / "results.md").read_text()
+
+
+def test_keye_eval_lookup_needs_no_data(nano, tmp_path, capsys):
+    assert main(["eval", "lookup", "items=4", "--model", str(nano[0]), "--out", str(tmp_path), "--device", "cpu",
+                 "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lookup: accuracy" in out and "the items' own guess scores" in out
+    assert json.loads((tmp_path / "results.json").read_text())["overall"]["n"] == 4

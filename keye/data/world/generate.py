@@ -198,7 +198,7 @@ def dense_questions(config: WorldConfig, clip: Clip, rng: np.random.Generator) -
     return [qas[i] for i in rng.permutation(len(qas))]
 
 
-def _frame_objects(clip: Clip):
+def frame_objects(clip: Clip):
     """(seconds, [(x, y, object), ...]) for every 2 fps frame: the objects whose centre is inside the
     frame, in reading order (top to bottom, then left to right, by centre)."""
     tracks = [[shot.centers_T2(obj, clip.fps) for obj in shot.objects] for shot in clip.shots]  # once per object
@@ -220,7 +220,7 @@ def frame_texts(clip: Clip) -> list[tuple[float, str]]:
     decided by the pixels, not by how the spec was drawn; a frame showing none says 'nothing'.
     """
     return [(t, ", ".join(f"{obj.name} {where(x, y, clip.width, clip.height)}" for x, y, obj in seen) or "nothing")
-            for t, seen in _frame_objects(clip)]
+            for t, seen in frame_objects(clip)]
 
 
 def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
@@ -228,7 +228,7 @@ def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
     coordinates relative to the frame (0-1), the grounding layout of region/phrase datasets. Stage 0's
     region term pairs each ViT patch with the phrase of the box its centre falls in."""
     out = []
-    for t, seen in _frame_objects(clip):
+    for t, seen in frame_objects(clip):
         boxes = []
         for x, y, obj in seen:
             box = object_box(obj.shape, x, y, obj.radius, clip.width, clip.height)
