@@ -49,18 +49,28 @@ REASONING_TOKENS = ["<think>", "</think>", "<analysis>", "</analysis>", "<answer
 
 NANO_TOKENIZER_DIR = Path(__file__).parent / "models" / "assets" / "keye-nano-tokenizer"
 
-# Qwen-style ChatML. `think_mode` = "think" | "no_think" appends Keye's mode suffix to the last user
-# text; left undefined the model chooses (auto-think, it may answer with <analysis>...</analysis>).
+# The Keye-VL release's chat template (Qwen-style ChatML): a default system turn when the conversation has
+# none, "Picture N: " / "Video N: " before each medium with add_vision_id, image / image_url / video parts and
+# typeless text parts. The toolkit adds one thing: `think_mode` = "think" | "no_think" appends Keye's mode
+# suffix to the last user turn; left undefined the model chooses (auto-think, <analysis>...</analysis>).
+DEFAULT_SYSTEM = "You are a helpful assistant."
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- set images = namespace(n=0) -%}{%- set videos = namespace(n=0) -%}{%- set ns = namespace(last_user=-1) -%}"
     "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
     "{%- for m in messages -%}"
+    "{%- if loop.first and m['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{{- '<|im_start|>' + m['role'] + '\\n' -}}"
     "{%- if m['content'] is string -%}{{- m['content'] -}}"
     "{%- else -%}{%- for c in m['content'] -%}"
-    "{%- if c['type'] == 'image' or 'image' in c -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif c['type'] == 'video' or 'video' in c -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}"
+    "{%- if c['type'] == 'image' or 'image' in c or 'image_url' in c -%}{%- set images.n = images.n + 1 -%}"
+    "{%- if add_vision_id -%}{{- 'Picture ' ~ images.n ~ ': ' -}}{%- endif -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif c['type'] == 'video' or 'video' in c -%}{%- set videos.n = videos.n + 1 -%}"
+    "{%- if add_vision_id -%}{{- 'Video ' ~ videos.n ~ ': ' -}}{%- endif -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in c -%}{{- c['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- if loop.index0 == ns.last_user and think_mode is defined and think_mode -%}{{- ' /' + think_mode -}}{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"

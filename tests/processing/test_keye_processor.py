@@ -43,7 +43,7 @@ def test_video_layout_per_frame_with_timestamps(proc):
                 + "<|frame|>1.2" + "<|video_pad|>" * 6
                 + "<|vision_end|>Why?")
     assert expected in decoded.replace(" ", "")
-    assert decoded.startswith("<|im_start|>user\n") and decoded.endswith("<|im_start|>assistant\n")
+    assert decoded.startswith("<|im_start|>system\n") and decoded.endswith("<|im_start|>assistant\n")
     pad_id = proc.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert int((batch["input_ids"] == pad_id).sum()) == c.num_tokens == 14
     assert batch["video_grid_thw"].tolist() == [[1, 4, 6], [1, 2, 4], [1, 4, 6]]
@@ -78,6 +78,37 @@ def test_bad_sizes_and_counts_are_clear_errors(proc):
         proc(text=text, videos=[])
     with pytest.raises(KeyeInputError, match="no placeholder"):
         proc(text=text, videos=[clip([((28, 28), SLOW)]), clip([((28, 28), SLOW)])])
+
+
+# Expected prompts, written from what the Keye-VL release's own chat template renders for these messages
+# (its keye-vl-8b-preview/chat_template.json; the 1.5 release ships the same text).
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+RELEASE_PROMPTS = [
+    ({}, [user({"type": "video", "video": "a.mp4"}, {"type": "text", "text": "What happens?"})],
+     SYSTEM + "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What happens?<|im_end|>\n"
+     "<|im_start|>assistant\n"),
+    ({}, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ({"add_vision_id": True}, [user({"image_url": "http://x/a.png"}, {"text": "Describe."})],
+     SYSTEM + "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n"
+     "<|im_start|>assistant\n"),
+    ({"add_vision_id": True},
+     [user({"type": "image", "image": "a.png"}, {"type": "text", "text": "What?"}), {"role": "assistant", "content": "A cat."},
+      user({"type": "video", "video": "b.mp4"}, {"type": "image", "image": "c.png"}, {"type": "text", "text": "And these?"})],
+     SYSTEM + "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>What?<|im_end|>\n"
+     "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nVideo 1: <|vision_start|><|video_pad|><|vision_end|>"
+     "Picture 2: <|vision_start|><|image_pad|><|vision_end|>And these?<|im_end|>\n<|im_start|>assistant\n"),
+    ({}, [user({"type": "image", "image": "a.png"}), user({"text": "two turns in a row"})],
+     SYSTEM + "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>user\n"
+     "two turns in a row<|im_end|>\n<|im_start|>assistant\n"),
+]
+
+
+@pytest.mark.parametrize("kwargs, messages, expected", RELEASE_PROMPTS)
+def test_prompts_equal_the_release_template(proc, kwargs, messages, expected):
+    assert proc.apply_chat_template(messages, **kwargs) == expected
+    body = expected.removesuffix("<|im_start|>assistant\n")
+    assert proc.apply_chat_template(messages, add_generation_prompt=False, **kwargs) == body
 
 
 def test_think_mode_suffix_on_last_user_text(proc):
