@@ -52,10 +52,15 @@ def split_override(item: str) -> tuple[str, str]:
 
 
 def has_key(cls: type, dotted: str) -> bool:
-    """Whether config class ``cls`` takes the dotted key (any key below a mapping-typed field counts)."""
+    """Whether config class ``cls`` takes the dotted key (any key below a mapping-typed field counts; a
+    list of sections takes its entries' keys, with or without an index)."""
     tp: Any = cls
     for part in dotted.split("."):
         tp = _optional_inner(tp)
+        if get_origin(tp) is list and get_args(tp) and dataclasses.is_dataclass(get_args(tp)[0]):
+            tp = get_args(tp)[0]
+            if part.isdigit():
+                continue
         if get_origin(tp) is dict or tp is Any:
             return True
         if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp) if f.init}:
@@ -112,13 +117,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {key}: '{part}' is not a section")
-    node[leaf] = value
+    """Set ``a.b.c`` in nested mappings. Through a list, a number picks one item (``eval.1.limit``) and
+    a name reaches every item (``eval.limit``: the limit of each entry)."""
+    _set_parts(data, key.split("."), value, key)
+
+
+def _set_parts(node: Any, parts: list[str], value: Any, key: str) -> None:
+    part, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if part.isdigit():
+            if int(part) >= len(node):
+                raise ConfigError(f"override {key}: index {part} is past the list's {len(node)} entries")
+            targets, rest = [node[int(part)]], rest
+        else:
+            targets, rest = node, parts
+        if not rest:
+            raise ConfigError(f"override {key}: give a key inside the list's entries")
+        for item in targets:
+            _set_parts(item, rest, value, key)
+        return
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {key}: '{part}' is not inside a section")
+    if not rest:
+        node[part] = value
+        return
+    _set_parts(node.setdefault(part, {}), rest, value, key)
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:

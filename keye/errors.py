@@ -16,3 +16,8 @@ class VideoError(KeyeInputError):
 
 class ConfigError(KeyeInputError):
     """A config file or override that is unknown, mistyped or out of range."""
+
+
+class RunInterrupted(Exception):
+    """A training run stopped on request (Ctrl-C) after a step, with a checkpoint of that step written.
+    The message says where it stopped; rerunning the same command resumes it."""

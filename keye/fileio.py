@@ -1,17 +1,26 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and folders one run writes at a time.
 
 Every writer goes to a hidden temporary sibling (``.name.tmpPID``) and renames it onto the target, so a
 job killed mid-write leaves the old file or the new one, never a torn mix, and two processes writing the
 same name never share a temporary. Folders (checkpoints, saved models) follow the same rule in their
-own code: written as ``name.tmp/`` and renamed.
+own code: written as ``name.tmp/`` and renamed. ``run_lock`` keeps a second run out of a folder a run is
+writing.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from keye.errors import KeyeInputError
+
+LOCK = ".lock"
 
 
 @contextmanager
@@ -37,3 +46,44 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s run lock for the block: a second run into the same folder stops at once with a
+    ``KeyeInputError`` naming the holder (pid, host, since when).
+
+    The lock is an advisory ``flock`` on ``folder/.lock``, which the kernel releases when its holder exits,
+    however it exits: a lock left by a dead process is simply taken over. The file holds the holder's
+    pid, host and start time for the message. Under torchrun only rank 0 takes it (the ranks of one job
+    write one folder together)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    path = Path(folder) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeyeInputError(f"{folder}: another run is writing here ({_holder(path)}); wait for it, stop "
+                                 "it, or give this run another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+        return f"pid {info['pid']} on {info['host']}, since {since}"
+    except (OSError, ValueError, KeyError):
+        return "its holder is starting"

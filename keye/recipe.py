@@ -29,7 +29,7 @@ import torch
 
 from keye.config import from_dict, has_key, read_config_data, split_override
 from keye.errors import ConfigError
-from keye.fileio import atomic_write_text
+from keye.fileio import atomic_write_text, run_lock
 from keye.train.base import StageConfig
 from keye.train.stages import get_stage
 
@@ -55,6 +55,9 @@ class RecipeConfig:
     gpus_per_node: int = 1  # the hardware the recipe is sized for (dry-run memory estimates)
     nodes: int = 1
     eval: list[EvalSpec] = field(default_factory=list)  # run on the last stage's model when the recipe ends
+    # what --smoke adds: overrides that run the whole recipe end to end in a few minutes on 2 CPU cores,
+    # into <run_root>-smoke
+    smoke: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -89,13 +92,18 @@ def load_stage_config(path: str | os.PathLike, overrides: list[str] = ()) -> Sta
     return cfg
 
 
-def load_recipe(folder: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
-    """Read ``recipe.yaml`` and every stage file it names, routing ``overrides`` (see the module docstring)."""
+def load_recipe(folder: str | os.PathLike, overrides: list[str] = (), smoke: bool = False) -> Recipe:
+    """Read ``recipe.yaml`` and every stage file it names, routing ``overrides`` (see the module docstring).
+    ``smoke``: the recipe's ``smoke`` overrides first (``overrides`` still win), into ``<run_root>-smoke``."""
     folder = Path(folder)
     path = folder / RECIPE_FILE
     if not path.is_file():
         raise ConfigError(f"{folder}: not a recipe folder (no {RECIPE_FILE})")
     base = from_dict(RecipeConfig, read_config_data(path), source=str(path))
+    if smoke:
+        if not base.smoke:
+            raise ConfigError(f"{path}: --smoke needs the recipe's 'smoke' overrides, and it lists none")
+        overrides = [*base.smoke, f"run_root={base.run_root}-smoke", *overrides]
     stage_files = [folder / name for name in base.stages]
     for file in stage_files:
         if not file.is_file():
@@ -117,7 +125,7 @@ def route_overrides(overrides: list[str], names: list[str], classes: list[type])
         head, _, rest = key.partition(".")
         if head in per_stage and rest:
             per_stage[head].append(f"{rest}={value}")
-        elif head != "stages" and has_key(RecipeConfig, key):
+        elif head not in ("stages", "smoke") and has_key(RecipeConfig, key):
             recipe.append(item)
         else:
             takers = [name for name, cls in zip(names, classes) if has_key(cls, key)]
@@ -177,26 +185,28 @@ def run_stage(cfg: StageConfig, run_root: Path) -> Path:
         log.info("%s: already done, skipping", cfg.out)
         return out_dir
     started = time.time()
-    stage.run(cfg, run_root)
+    with run_lock(out_dir):
+        stage.run(cfg, run_root)
     _write_json(out_dir / DONE, {"stage": cfg.stage, "seconds": round(time.time() - started, 1)})
     return out_dir
 
 
 def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides: list[str] = (),
-               skip: list[str] = ()) -> Path:
+               skip: list[str] = (), smoke: bool = False) -> Path:
     """Generate the world (if the recipe has one), then run every stage not skipped, then the recipe's
     held-out evaluations on the last stage's model. Returns the run folder."""
-    recipe = load_recipe(folder, list(overrides))  # a typo fails before any work
+    recipe = load_recipe(folder, list(overrides), smoke)  # a typo fails before any work
     configs = recipe.chained(list(skip))
     root = Path(run_root or recipe.config.run_root)
-    if recipe.config.world is not None:
-        from keye.data.world import WorldConfig, generate_world
+    with run_lock(root):  # a second run into the same folder stops here, before it writes anything
+        if recipe.config.world is not None:
+            from keye.data.world import WorldConfig, generate_world
 
-        generate_world(root / "world", WorldConfig.from_dict(recipe.config.world), progress=True)
-    for cfg in configs:
-        run_stage(cfg, root)
-    if recipe.config.eval and configs:
-        evaluate_stage(configs[-1], root, recipe.config.eval)
+            generate_world(root / "world", WorldConfig.from_dict(recipe.config.world), progress=True)
+        for cfg in configs:
+            run_stage(cfg, root)
+        if recipe.config.eval and configs:
+            evaluate_stage(configs[-1], root, recipe.config.eval)
     return root
 
 

@@ -4,6 +4,7 @@ in one run.
 * ``video``: the video front-end against keye-vl-utils, qwen-vl-utils and decord alone (time, peak memory).
 * ``items``: residual k-means semantic IDs against faiss and scikit-learn (MSE, time, peak memory).
 * ``model``: keye-nano's training step and greedy decoding speed on CPU.
+* ``cli``: start-up time and memory of the ``keye`` command beside bare Python and ``import torch``.
 
 A benchmark is a module here with ``add_arguments(parser)`` and ``run(args)``, named in ``BENCHMARKS``.
 """
@@ -14,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("video", "items", "model")
+BENCHMARKS = ("video", "items", "model", "cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
+import shutil
 import sys
 
-from keye.errors import KeyeInputError
+from keye.errors import KeyeInputError, RunInterrupted
 
 COMMANDS = ("ask", "video", "train", "eval", "world", "items", "demo", "vocab")
 
@@ -28,7 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Library chatter goes to logging (stderr), never into a command's stdout: Python warnings are
+    logged, and DeepSpeed (imported by transformers when installed) is told the accelerator instead of
+    printing its detection warning. On Linux without NVIDIA's tools that is the CPU."""
+    logging.captureWarnings(True)
+    if sys.platform == "linux" and shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     # key=value overrides may follow options (`keye train DIR --skip X run.steps=5`): argparse only
     # collects trailing positionals once, so gather the stragglers for commands that take overrides.
@@ -45,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyeInputError as err:
         print(f"keye {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as err:
+        print(f"keye {args.command}: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\nkeye {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,9 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from keye.api import load
 
     media, question = args.media, args.question
-    missing = [m for m in media if "://" not in m and not Path(m).exists()]
-    if missing:
-        raise KeyeInputError(f"{missing[0]}: no such file")
+    for m in media:  # before the model loads
+        if m.startswith(("http://", "https://")):
+            raise KeyeInputError(f"{m}: remote URLs are not fetched (no network at run time); download it first")
+        path = Path(m[len("file://"):] if m.startswith("file://") else m)
+        if not path.exists():
+            raise KeyeInputError(f"{m}: no such file")
+        if path.is_dir():
+            raise KeyeInputError(f"{m}: is a folder, not a video or image file")
     video = video_options_from(args)
     pipe = load(args.model, device=args.device, dtype=args.dtype, slow_fast=video.slow_fast, backend=args.backend)
     options = video.message()
@@ -49,7 +54,7 @@ def register(subparsers) -> None:
         description="Answer a question about one or more videos / images with a Keye checkpoint.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("media", nargs="+", metavar="MEDIA", help="one or more video / image paths or URLs")
+    parser.add_argument("media", nargs="+", metavar="MEDIA", help="one or more video / image files (paths or file:// URLs)")
     parser.add_argument("question", help="the question (quote it)")
     add_model_flags(parser)
     parser.add_argument("--stream", action="store_true", help="print the generation as it comes")

@@ -23,15 +23,17 @@ def run(args: argparse.Namespace) -> int:
 
     from keye.api import load
     from keye.recipe import load_recipe, run_recipe
+    from keye.train.session import stop_after_step
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe_dir = Path(args.recipe)
     if not (recipe_dir / "recipe.yaml").is_file():
         raise ConfigError(f"no recipe at {recipe_dir}: run the demo from a source checkout (make demo)")
-    recipe = load_recipe(recipe_dir, args.overrides)
+    recipe = load_recipe(recipe_dir, args.overrides, smoke=args.smoke)
     root = Path(args.run_root or recipe.config.run_root)
     print(f"keye demo: training keye-nano on the synthetic video world in {root} (reused if already trained)")
-    run_recipe(recipe_dir, str(root), args.overrides)
+    with stop_after_step():  # Ctrl-C: finish the step, checkpoint it, stop with one line
+        run_recipe(recipe_dir, str(root), args.overrides, smoke=args.smoke)
     last = recipe.chained()[-1]
     video = last.video
 
@@ -65,6 +67,7 @@ def register(subparsers) -> None:
     add_overrides(parser, example="run.steps=5, a smoke run")
     parser.add_argument("--recipe", default=str(RECIPE), help="recipe folder (default: pipelines/nano)")
     parser.add_argument("--run-root", help="training folder (default: the recipe's, runs/nano)")
+    parser.add_argument("--smoke", action="store_true", help="a few-minute end-to-end run of every stage (runs/nano-smoke)")
     parser.add_argument("--clip", type=int, default=0, help="which test question's clip to ask about")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["no_think", "think"], help="answer modes to show")
     parser.set_defaults(func=run)

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   keye train pipelines/nano                       # world + every stage + held-out eval, resumable
   keye train pipelines/nano run.steps=5 sft.run.steps=20   # every stage's steps, then the sft stage's alone
   keye train pipelines/nano --skip stage1_align   # ablation: the next stage starts from stage 0's output
+  keye train pipelines/nano --smoke               # the whole recipe in a few minutes (runs/nano-smoke)
   keye train pipelines/nano/sft.yaml run.steps=50 out=sft_short   # one stage, from stage3_anneal's model
   keye train pipelines/nano/rl.yaml               # GSPO after SFT
   keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit   # a visual tokenizer
@@ -24,6 +25,7 @@ EXAMPLES = """examples:
 def run(args: argparse.Namespace) -> int:
     from keye.recipe import dry_run, load_recipe_stage, run_recipe, run_stage, stage_run_root
     from keye.train.distributed import shutdown_process_group
+    from keye.train.session import stop_after_step
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = Path(args.path)
@@ -32,15 +34,16 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: --dry-run takes a recipe folder (e.g. pipelines/8b)")
         dry_run(path, args.overrides)
         return 0
-    if path.is_dir():
-        root = run_recipe(path, args.run_root, args.overrides, args.skip)
-    else:
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such recipe folder or stage file")
-        if args.skip:
-            raise ConfigError("--skip: leaves stages of a recipe folder out; a stage file is one stage")
-        root = Path(args.run_root) if args.run_root else stage_run_root(path)
-        run_stage(load_recipe_stage(path, args.overrides), root)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such recipe folder or stage file")
+    if path.is_file() and (args.skip or args.smoke):
+        raise ConfigError("--skip and --smoke take a recipe folder; a stage file is one stage (set run.steps=...)")
+    with stop_after_step():  # Ctrl-C: finish the step, checkpoint it, stop with one line
+        if path.is_dir():
+            root = run_recipe(path, args.run_root, args.overrides, args.skip, smoke=args.smoke)
+        else:
+            root = Path(args.run_root) if args.run_root else stage_run_root(path)
+            run_stage(load_recipe_stage(path, args.overrides), root)
     shutdown_process_group()  # a torchrun job's group, once every stage is done
     print(f"done: {root}")
     return 0
@@ -56,4 +59,6 @@ def register(subparsers) -> None:
     parser.add_argument("--run-root", help="output folder (default: the recipe's run_root)")
     parser.add_argument("--skip", action="append", default=[], metavar="STAGE", help="leave a stage out (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes and memory")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the recipe's smoke overrides: every stage end to end in minutes, into <run_root>-smoke")
     parser.set_defaults(func=run)

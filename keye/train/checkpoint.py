@@ -6,14 +6,19 @@ A checkpoint is a folder ``run_dir/checkpoints/step_{N:08d}/`` holding
   rng.safetensors        torch CPU (and CUDA) generator states
   state.json             step, param groups, the optimizer state's keys (parameter ids, or parameter names
                          when FSDP2 gathered it), scheduler, python/numpy RNG, data position, anything else
+  manifest.json          every other file's size and SHA-256, written last
 It is written into ``step_N.tmp/`` and renamed into place, then ``latest`` is replaced atomically, so a run
 killed mid-write leaves the previous checkpoint intact and never a half-written one under a real name.
+A checkpoint damaged later (a truncated copy, a full disk, bit rot) fails its manifest: ``latest_checkpoint``
+reports it by path and falls back to the newest intact one.
 No pickle anywhere: a checkpoint from an untrusted source cannot execute code on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from keye.errors import KeyeInputError
 from keye.fileio import atomic_write_text
 
+log = logging.getLogger(__name__)
 _LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -75,6 +82,8 @@ def save_checkpoint(
         rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     save_file(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -85,15 +94,21 @@ def save_checkpoint(
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest intact checkpoint of a run, or None. A damaged one (see ``Checkpoint.verify``) is
+    reported with its path and what is wrong, and the next older one is tried."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / _LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").is_file():
-            return Checkpoint(candidate)
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file() and not p.name.endswith(".tmp"))
-    return Checkpoint(complete[-1]) if complete else None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    for path in candidates:
+        try:
+            checkpoint = Checkpoint(path)
+            checkpoint.verify()
+        except KeyeInputError as err:
+            log.warning("%s; skipping it", err)
+            continue
+        return checkpoint
+    if candidates:
+        log.warning("%s: no intact checkpoint left (%d damaged); starting from step 0", root, len(candidates))
+    return None
 
 
 class Checkpoint:
@@ -104,7 +119,33 @@ class Checkpoint:
         self.path = Path(path)
         if not (self.path / "state.json").is_file():
             raise KeyeInputError(f"checkpoint {self.path}: no state.json (not a checkpoint folder, or an interrupted write)")
-        self.meta: dict[str, Any] = json.loads((self.path / "state.json").read_text())
+        try:
+            self.meta: dict[str, Any] = json.loads((self.path / "state.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise KeyeInputError(f"checkpoint {self.path / 'state.json'}: damaged, not valid JSON ({err})") from None
+
+    def verify(self) -> None:
+        """Every file as the manifest lists it (size, then SHA-256), or a ``KeyeInputError`` naming the file
+        and what differs. Checkpoints written before manifests get their safetensors headers checked."""
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            for name in ("model.safetensors", "rng.safetensors", "optimizer.safetensors"):
+                if name == "model.safetensors" or (self.path / name).exists():
+                    _check_safetensors(self.path / name)
+            return
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+            raise KeyeInputError(f"checkpoint {manifest}: damaged ({err})") from None
+        for name, want in files.items():
+            path = self.path / name
+            if not path.is_file():
+                raise KeyeInputError(f"checkpoint {path}: missing (the manifest lists it)")
+            size = path.stat().st_size
+            if size != want["bytes"]:
+                raise KeyeInputError(f"checkpoint {path}: {size} bytes where {want['bytes']} were written (truncated?)")
+            if _sha256(path) != want["sha256"]:
+                raise KeyeInputError(f"checkpoint {path}: its SHA-256 differs from the one written (corrupted)")
 
     @property
     def train_state(self) -> TrainState:
@@ -141,6 +182,27 @@ def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], so
     if missing or unexpected:
         raise KeyeInputError(f"checkpoint {source}: does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose data the file covers, else a ``KeyeInputError``."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise KeyeInputError(f"checkpoint {path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise KeyeInputError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,11 @@ have seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from keye.errors import ConfigError
+from keye.errors import ConfigError, RunInterrupted
 from keye.train.checkpoint import TrainState, latest_checkpoint, load_model_state, save_checkpoint
 from keye.train.distributed import DistConfig, build_strategy
 from keye.train.metrics import MetricsLog, plot_curves
@@ -43,6 +47,7 @@ from keye.train.optim import OptimConfig, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype
+_STOP = threading.Event()  # set by the first Ctrl-C inside stop_after_step()
 
 
 @dataclass
@@ -87,6 +92,29 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+@contextlib.contextmanager
+def stop_after_step() -> Iterator[None]:
+    """Within the block, a first Ctrl-C asks every running session to stop after its current step: it
+    writes a checkpoint of that step and raises ``RunInterrupted`` (rerunning resumes there). A second
+    Ctrl-C interrupts at once. Outside the block (and outside the main thread) Ctrl-C is untouched."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        _STOP.set()
+        signal.signal(signal.SIGINT, previous)
+        print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    _STOP.clear()
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _STOP.clear()
 
 
 class TrainSession:
@@ -177,8 +205,23 @@ class TrainSession:
         if self.log is not None and self.state.step % self.run.log_every == 0:
             self.log.log(self.state.step, **stats)
         step, every = self.state.step, self.run.save_every
-        if (every and step % every == 0) or step == self.run.steps:
+        saving = (every and step % every == 0) or step == self.run.steps
+        if saving:
             self.save()
+        if step < self.run.steps and self._stop_requested():
+            if not saving:
+                self.save()
+            self.bar.close()
+            raise RunInterrupted(f"stopped at step {step} of {self.run.steps}; checkpoint in "
+                                 f"{self.run_dir / 'checkpoints'}; the same command resumes it")
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop was asked for on any rank (the ranks must stop at the same step)."""
+        if self.world_size == 1:
+            return _STOP.is_set()
+        flag = torch.tensor(float(_STOP.is_set()), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
 
     def save(self) -> None:
         """Checkpoint the (possibly wrapped or sharded) model and its optimizer: every rank takes part in

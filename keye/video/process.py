@@ -14,13 +14,20 @@ from keye.video.types import ImageInput, VideoClip
 
 @dataclass
 class VisionInputs:
-    """Images and videos of a conversation in order of appearance; unpacks as ``images, videos``."""
+    """Images and videos of a conversation in order of appearance; unpacks and indexes like the peers'
+    ``(images, videos)`` tuple (``images, videos = ...``, ``vision[0]``, ``len(vision) == 2``)."""
 
     images: list[ImageInput] = field(default_factory=list)
     videos: list[VideoClip] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[list]:
         return iter((self.images, self.videos))
+
+    def __getitem__(self, index):
+        return (self.images, self.videos)[index]
+
+    def __len__(self) -> int:
+        return 2
 
 
 def extract_vision_info(conversations: list[dict] | list[list[dict]]) -> list[tuple[str, dict]]:

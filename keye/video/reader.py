@@ -25,6 +25,7 @@ import functools
 import io
 import itertools
 import math
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ from keye.video.options import VideoOptions
 from keye.video.slowfast import MIN_FRAME_SIMILARITY, SlowFastSelector, select_slow_fast
 from keye.video.types import SLOW, ImageInput, VideoClip
 
+log = logging.getLogger(__name__)
 Frame = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
 
 
@@ -78,6 +80,8 @@ def load_image(image: Frame, name: str) -> Image.Image:
                 raise VideoError(f"{name} {text!r}: remote URLs are not fetched; download the file and pass its path")
             else:
                 path = text[len("file://"):] if text.startswith("file://") else text
+                if Path(path).is_dir():
+                    raise VideoError(f"{name} {text!r}: is a folder, not an image file")
                 if not Path(path).is_file():
                     raise VideoError(f"{name} {text!r}: file not found")
                 pil = Image.open(path)
@@ -139,6 +143,9 @@ def frame_range(opts: VideoOptions, total_frames: int, fps: float, name: str) ->
     start = math.ceil(min(opts.video_start or 0.0, duration) * fps)
     end = total_frames - 1
     if opts.video_end is not None:
+        if opts.video_end > duration:
+            log.warning("%s: video_end=%s is past the end of the %.2f s video; it reads to the end", name,
+                        opts.video_end, duration)
         end = min(math.floor(min(opts.video_end, duration) * fps), total_frames - 1)
     if start >= end:
         raise VideoError(f"{name}: video_start={opts.video_start}, video_end={opts.video_end} leave "

@@ -28,6 +28,16 @@ def test_building_every_parser_imports_no_torch():
     assert result.stdout.strip() == "False"
 
 
+def test_video_info_loads_no_transformers(tmp_path):
+    from keye.video.synthetic import write_cut_clip
+
+    write_cut_clip(tmp_path / "clip.mp4", num_frames=8, height=56, width=56, cuts=(4,))
+    script = (f"import sys; from keye.cli import main; code = main(['video-info', {str(tmp_path / 'clip.mp4')!r}]); "
+              "print('transformers' in sys.modules, code)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "False 0", result.stdout + result.stderr
+
+
 def _video_parser():
     parser = argparse.ArgumentParser()
     add_video_flags(parser)
