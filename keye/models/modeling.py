@@ -52,7 +52,8 @@ class KeyeMRotaryEmbedding(nn.Module):
 
     The wrapped module computes cos/sin for each axis; section ``i`` of the rotary half-dim then takes
     its angles from axis ``i % 3`` (Qwen2-VL's ``apply_multimodal_rotary_pos_emb``, done once here
-    so transformers' unchanged attention layers can apply it).
+    so transformers' unchanged attention layers can apply it). The wrapped module applies the text
+    config's ``rope_parameters`` (linear, dynamic, yarn, ... from transformers' ``ROPE_INIT_FUNCTIONS``).
     """
 
     def __init__(self, rotary: nn.Module, mrope_section: list[int]):
@@ -64,7 +65,9 @@ class KeyeMRotaryEmbedding(nn.Module):
         """position_ids: (3, B, L) or (B, L) -> cos, sin of shape (B, L, head_dim)."""
         if position_ids.ndim == 2:
             return self.rotary(x, position_ids)
-        cos_3BLD, sin_3BLD = (torch.stack(z) for z in zip(*(self.rotary(x, p) for p in position_ids)))
+        # one call for the three axes: dynamic and longrope types pick their frequencies from the largest
+        # position over all of them, as Qwen2-VL-style mRoPE does; per-axis calls could disagree
+        cos_3BLD, sin_3BLD = self.rotary(x, position_ids)
         sections = self.mrope_section * 2
         cos = torch.cat([c[i % 3] for i, c in enumerate(cos_3BLD.split(sections, dim=-1))], dim=-1)
         sin = torch.cat([s[i % 3] for i, s in enumerate(sin_3BLD.split(sections, dim=-1))], dim=-1)
