@@ -18,10 +18,10 @@ public vLLM ``KeyeVL1_5MultiModalProcessor``)::
 inside the template's ``<|vision_start|> ... <|vision_end|>``; a clip without timestamps gets a bare
 ``<|frame|>``. Patches are raster-ordered per frame, which is what the ``mlp_AR`` 2x2 merge expects.
 
-Images are resized with ``smart_resize`` to the processor's pixel bounds and every patch is
-normalised with its mean / std (``ImageConfig``): SigLIP's 0.5 / 0.5 and ``keye.video``'s bounds by
-default, the checkpoint's ``preprocessor_config.json`` for a published folder (CLIP mean / std when
-the file names none, as the release's image processor does).
+Pixels are normalised with the processor's mean / std (``ImageConfig``): SigLIP's 0.5 / 0.5 by
+default, where ``keye.video`` has already sized every image; with a published folder's
+``preprocessor_config.json`` images are also resized with ``smart_resize`` into its pixel bounds and the
+mean / std are the file's (CLIP's when it names none), as the release's image processor does.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMi
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from keye.errors import KeyeInputError
-from keye.video.sizing import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, smart_resize
+from keye.video.sizing import smart_resize
 from keye.video.types import FAST, PIXELS_PER_TOKEN, ImageInput, VideoClip
 
 PATCH = 14
@@ -100,22 +100,25 @@ _ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?(?:<\|im_end\|>|$))"
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """How images become patches: ``smart_resize`` into [min_pixels, max_pixels] (factor 28) with PIL
-    filter ``resample``, then ``x * rescale_factor``, then ``(x - image_mean) / image_std`` per channel.
+    """How images become patches: with ``do_resize``, ``smart_resize`` into [min_pixels, max_pixels]
+    (factor 28) with PIL filter ``resample``; then ``x * rescale_factor``, then ``(x - image_mean) / image_std``
+    per channel.
 
-    Field names are those of a Keye-VL ``preprocessor_config.json``. The defaults are the toolkit's:
-    SigLIP's 0.5 / 0.5 and ``keye.video``'s image bounds, so images that ``keye.video`` already sized
-    pass through unchanged; bicubic, the filter ``keye.video`` resizes images with. Video frames are
-    normalised the same way but never resized here (``keye.video`` sized them for their token budget).
+    Field names are those of a Keye-VL ``preprocessor_config.json``. The defaults are the toolkit's own
+    (SigLIP's 0.5 / 0.5, no resize: ``keye.video`` sized the image by its message's min / max_pixels, and
+    keye-nano was trained on exactly those pixels); ``from_preprocessor_config`` gives the release's.
+    Video frames are normalised the same way but never resized here (``keye.video`` sized them for their
+    token budget, as keye-vl-utils does for the release).
     """
 
     image_mean: tuple[float, ...] = (PIXEL_MEAN,) * 3
     image_std: tuple[float, ...] = (PIXEL_STD,) * 3
-    min_pixels: int = IMAGE_MIN_PIXELS
-    max_pixels: int = IMAGE_MAX_PIXELS
-    resample: int = Image.Resampling.BICUBIC.value
+    do_resize: bool = False
+    # the release image processor's defaults
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    resample: int = Image.Resampling.BILINEAR.value
     rescale_factor: float = 1 / 255
-    do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
 
@@ -136,7 +139,7 @@ class ImageConfig:
     @classmethod
     def from_preprocessor_config(cls, config: dict, source: str = "preprocessor_config.json") -> "ImageConfig":
         """A published ``preprocessor_config.json`` dict -> ImageConfig, with the release image processor's
-        defaults for what the file leaves out: CLIP mean / std, 56*56 to 28*28*1280 pixels, bilinear.
+        defaults for what the file leaves out: resize on, CLIP mean / std, 56*56 to 28*28*1280 pixels, bilinear.
 
         The patch geometry must be Keye-VL's (patch 14, merge 2, one frame per temporal patch); any
         other value is an error naming the field. Keys that only the release's own code reads
@@ -146,8 +149,7 @@ class ImageConfig:
             if key in config and config[key] != want:
                 raise KeyeInputError(f"{source}: {key} = {config[key]!r} is not supported (Keye-VL uses {want})")
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {"image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "min_pixels": 56 * 56,
-                  "max_pixels": 28 * 28 * 1280, "resample": Image.Resampling.BILINEAR.value}
+        values = {"image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "do_resize": True}
         values.update({k: v for k, v in config.items() if k in fields and v is not None})
         try:
             return cls(**values)
@@ -191,7 +193,7 @@ def patchify(pixels_CHW: torch.Tensor, config: ImageConfig | None = None) -> tup
 def image_size(pixels_CHW: torch.Tensor, config: ImageConfig) -> tuple[int, int]:
     """(H, W) the image is resized to: ``smart_resize`` into the config's pixel bounds (factor 28)."""
     if not config.do_resize:
-        return _check_size(pixels_CHW, "image (do_resize is off)")
+        return _check_size(pixels_CHW, "image")
     _check_pixels(pixels_CHW, "image")
     h, w = pixels_CHW.shape[-2:]
     return smart_resize(h, w, PATCH * MERGE, config.min_pixels, config.max_pixels)
@@ -286,7 +288,7 @@ class KeyeProcessor(ProcessorMixin):
     """Tokenizer plus Keye's vision layout. ``processor(text=..., vision=process_vision_info(...))``.
 
     ``image_config``: ``ImageConfig`` fields as a dict (saved with the processor); None keeps the
-    toolkit's defaults (SigLIP mean / std, ``keye.video``'s image bounds).
+    toolkit's defaults (SigLIP mean / std, images as ``keye.video`` sized them).
     """
 
     def __init__(self, tokenizer=None, chat_template=None, image_config: dict | None = None, **kwargs):

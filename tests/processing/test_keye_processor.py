@@ -161,15 +161,18 @@ def _patches_reference(image_HWC: np.ndarray) -> torch.Tensor:
 
 def test_nano_sized_image_and_frames_give_the_same_pixel_values_as_before(proc):
     g = torch.Generator().manual_seed(7)
-    image = ImageInput(pixels=torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8, generator=g))
+    # keye-nano's 112x112, and a 28x56 image, what keye.video makes of a message with max_pixels=56*56
+    images = [ImageInput(pixels=torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g))
+              for size in ((112, 112), (28, 56))]
     c = clip([((112, 112), SLOW), ((56, 56), FAST)], seed=8)
-    text = proc.apply_chat_template([user({"type": "image"}, {"type": "video"}, {"type": "text", "text": "?"})])
-    batch = proc(text=text, images=[image], videos=[c])
-    # the processor before config-driven images: (x / 255 - 0.5) / 0.5 on the frame as given, no resize
-    before = [(f.float() / 255.0 - 0.5) / 0.5 for f in (image.pixels, *c.frames)]
+    text = proc.apply_chat_template([user({"type": "image"}, {"type": "image"}, {"type": "video"})])
+    batch = proc(text=text, images=images, videos=[c])
+    # the processor before config-driven images: (x / 255 - 0.5) / 0.5 on the pixels as given, no resize
+    before = [(f.float() / 255.0 - 0.5) / 0.5 for f in (images[0].pixels, images[1].pixels, *c.frames)]
     flat = [_patches_reference(x.permute(1, 2, 0).numpy()) for x in before]
-    assert torch.equal(batch["pixel_values"], flat[0]) and batch["image_grid_thw"].tolist() == [[1, 8, 8]]
-    assert torch.equal(batch["pixel_values_videos"], torch.cat(flat[1:]))
+    assert torch.equal(batch["pixel_values"], torch.cat(flat[:2]))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 2, 4]]
+    assert torch.equal(batch["pixel_values_videos"], torch.cat(flat[2:]))
 
 
 @pytest.mark.parametrize("size, config, expected", [
