@@ -26,7 +26,6 @@ mean / std are the file's (CLIP's when it names none), as the release's image pr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -272,15 +271,15 @@ def with_mode_suffix(messages: list[dict], think_mode: str | None) -> list[dict]
     """
     if think_mode is None:
         return messages
-    messages = copy.deepcopy(messages)
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise KeyeInputError(f"think_mode={think_mode!r} needs a user turn to add ' /{think_mode}' to")
-    last = users[-1]
-    if isinstance(last.get("content"), list):
-        last["content"].append({"type": "text", "text": f" /{think_mode}"})
-    else:
-        last["content"] = f"{last.get('content') or ''} /{think_mode}"
+    # copies only along the changed path: parts may hold decoded frames, which a deep copy would duplicate
+    messages, last = list(messages), dict(messages[users[-1]])
+    content = last.get("content")
+    suffix = f" /{think_mode}"
+    last["content"] = [*content, {"type": "text", "text": suffix}] if isinstance(content, list) else f"{content or ''}{suffix}"
+    messages[users[-1]] = last
     return messages
 
 
