@@ -5,7 +5,9 @@ It takes ``keye.video.process_vision_info`` output (``.images: list[ImageInput]`
 
 * ``input_ids`` / ``attention_mask`` (B, L) and, on request, ``labels`` (-100 outside assistant turns);
 * ``pixel_values`` (sum h*w/196, 3*14*14) + ``image_grid_thw`` (N_img, 3);
-* ``pixel_values_videos`` + ``video_grid_thw`` with one (1, H/14, W/14) row per frame.
+* ``pixel_values_videos`` + ``video_grid_thw`` with one (1, H/14, W/14) row per frame, or with
+  ``merge_frames=True`` the official processor's layout: adjacent same-size frames of a clip merged
+  into one (t, H/14, W/14) row, plus ``num_frames`` (V,).
 
 Each ``<|video_pad|>`` placeholder in the text becomes, per frame (Keye-VL-1.5 report sec. 2.2;
 public vLLM ``KeyeVL1_5MultiModalProcessor``)::
@@ -13,23 +15,34 @@ public vLLM ``KeyeVL1_5MultiModalProcessor``)::
     <|frame|>{ts:.1f}<|video_pad|> x (H*W/784)                          slow frame
     <|frame|>{ts:.1f}<|fast_start|><|video_pad|> x (H*W/784)<|fast_end|>  fast frame
 
-inside the template's ``<|vision_start|> ... <|vision_end|>``. Patches are raster-ordered per frame,
-which is what the ``mlp_AR`` 2x2 merge expects.
+inside the template's ``<|vision_start|> ... <|vision_end|>``; a clip without timestamps gets a bare
+``<|frame|>``. Patches are raster-ordered per frame, which is what the ``mlp_AR`` 2x2 merge expects.
+
+Pixels are normalised with the processor's mean / std (``ImageConfig``): SigLIP's 0.5 / 0.5 by
+default, where ``keye.video`` has already sized every image; with a published folder's
+``preprocessor_config.json`` images are also resized with ``smart_resize`` into its pixel bounds and the
+mean / std are the file's (CLIP's when it names none), as the release's image processor does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from einops import rearrange
+from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from keye.errors import KeyeInputError
+from keye.video.sizing import smart_resize
 from keye.video.types import FAST, PIXELS_PER_TOKEN, ImageInput, VideoClip
 
 PATCH = 14
@@ -84,51 +97,221 @@ _ASSISTANT_SPAN = re.compile(r"<\|im_start\|>assistant\n(.*?(?:<\|im_end\|>|$))"
 # ----------------------------------------------------------------------------- pixels
 
 
-def _check_size(pixels: torch.Tensor, what: str) -> tuple[int, int]:
+@dataclass(frozen=True)
+class ImageConfig:
+    """How images become patches: with ``do_resize``, ``smart_resize`` into [min_pixels, max_pixels]
+    (factor 28) with PIL filter ``resample``; then ``x * rescale_factor``, then ``(x - image_mean) / image_std``
+    per channel.
+
+    Field names are those of a Keye-VL ``preprocessor_config.json``. The defaults are the toolkit's own
+    (SigLIP's 0.5 / 0.5, no resize: ``keye.video`` sized the image by its message's min / max_pixels, and
+    keye-nano was trained on exactly those pixels); ``from_preprocessor_config`` gives the release's.
+    Video frames are normalised the same way but never resized here (``keye.video`` sized them for their
+    token budget, as keye-vl-utils does for the release).
+    """
+
+    image_mean: tuple[float, ...] = (PIXEL_MEAN,) * 3
+    image_std: tuple[float, ...] = (PIXEL_STD,) * 3
+    do_resize: bool = False
+    # the release image processor's defaults
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    resample: int = Image.Resampling.BILINEAR.value
+    rescale_factor: float = 1 / 255
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    def __post_init__(self):
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            value = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
+            if len(value) != 3 or (name == "image_std" and 0.0 in value):
+                raise KeyeInputError(f"image config: {name} must be 3 numbers (std non-zero), got {list(value)}")
+            object.__setattr__(self, name, value)
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise KeyeInputError(f"image config: need 0 < min_pixels <= max_pixels, got {self.min_pixels}, "
+                                 f"{self.max_pixels}")
+        if self.resample not in {int(r) for r in Image.Resampling}:
+            raise KeyeInputError(f"image config: resample {self.resample!r} is not a PIL resampling filter "
+                                 f"({', '.join(f'{r.value}={r.name}' for r in Image.Resampling)})")
+
+    @classmethod
+    def from_preprocessor_config(cls, config: dict, source: str = "preprocessor_config.json") -> "ImageConfig":
+        """A published ``preprocessor_config.json`` dict -> ImageConfig, with the release image processor's
+        defaults for what the file leaves out: resize on, CLIP mean / std, 56*56 to 28*28*1280 pixels, bilinear.
+
+        The patch geometry must be Keye-VL's (patch 14, merge 2, one frame per temporal patch); any
+        other value is an error naming the field. Keys that only the release's own code reads
+        (``processor_class``, ``auto_map``, ...) are ignored.
+        """
+        for key, want in (("patch_size", PATCH), ("merge_size", MERGE), ("temporal_patch_size", 1)):
+            if key in config and config[key] != want:
+                raise KeyeInputError(f"{source}: {key} = {config[key]!r} is not supported (Keye-VL uses {want})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {"image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "do_resize": True}
+        values.update({k: v for k, v in config.items() if k in fields and v is not None})
+        try:
+            return cls(**values)
+        except KeyeInputError as err:
+            raise KeyeInputError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_pixels(pixels: torch.Tensor, what: str) -> None:
     if pixels.ndim != 3 or pixels.shape[0] != 3 or pixels.dtype != torch.uint8:
         raise KeyeInputError(f"{what}: expected a (3, H, W) uint8 tensor, got {tuple(pixels.shape)} {pixels.dtype}")
+
+
+def _check_size(pixels: torch.Tensor, what: str) -> tuple[int, int]:
+    _check_pixels(pixels, what)
     h, w = pixels.shape[-2:]
     if h % (PATCH * MERGE) or w % (PATCH * MERGE):
         raise KeyeInputError(f"{what}: height and width must be multiples of 28, got {h}x{w}")
     return h, w
 
 
-def patchify(pixels_CHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 (3, H, W) -> normalised raster-ordered patches (H/14 * W/14, 3*14*14) and grid (1, H/14, W/14)."""
-    x = (pixels_CHW.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+def patchify(pixels_CHW: torch.Tensor, config: ImageConfig | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 (3, H, W) -> normalised raster-ordered patches (H/14 * W/14, 3*14*14) and grid (1, H/14, W/14).
+
+    ``config`` gives the rescale and mean / std (default ``ImageConfig()``, SigLIP's 0.5 / 0.5); no resize.
+    """
+    config = config or ImageConfig()
+    # float64 product rounded to float32, as the release's image processor rescales (for 1/255 this is
+    # bit-identical to x / 255 in float32)
+    x = (pixels_CHW.double() * config.rescale_factor).float() if config.do_rescale else pixels_CHW.float()
+    if config.do_normalize:
+        mean_C11 = torch.tensor(config.image_mean, dtype=torch.float32)[:, None, None]
+        std_C11 = torch.tensor(config.image_std, dtype=torch.float32)[:, None, None]
+        x = (x - mean_C11) / std_C11
     patches = rearrange(x, "c (h p) (w q) -> (h w) (c p q)", p=PATCH, q=PATCH)
     return patches, (1, pixels_CHW.shape[-2] // PATCH, pixels_CHW.shape[-1] // PATCH)
 
 
+def image_size(pixels_CHW: torch.Tensor, config: ImageConfig) -> tuple[int, int]:
+    """(H, W) the image is resized to: ``smart_resize`` into the config's pixel bounds (factor 28)."""
+    if not config.do_resize:
+        return _check_size(pixels_CHW, "image")
+    _check_pixels(pixels_CHW, "image")
+    h, w = pixels_CHW.shape[-2:]
+    return smart_resize(h, w, PATCH * MERGE, config.min_pixels, config.max_pixels)
+
+
+def image_patches(pixels_CHW: torch.Tensor, config: ImageConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 (3, H, W) image -> patches and grid as the release's image processor makes them: resized to
+    ``image_size`` with PIL filter ``config.resample`` (untouched when already that size), then ``patchify``."""
+    h, w = image_size(pixels_CHW, config)
+    if (h, w) != tuple(pixels_CHW.shape[-2:]):
+        pil = Image.fromarray(pixels_CHW.permute(1, 2, 0).contiguous().numpy())
+        resized_HWC = np.asarray(pil.resize((w, h), resample=Image.Resampling(config.resample)))
+        pixels_CHW = torch.from_numpy(resized_HWC.copy()).permute(2, 0, 1)
+    return patchify(pixels_CHW, config)
+
+
+def merge_frame_rows(grids: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """One clip's per-frame (1, h, w) rows -> the official processor's rows, adjacent same-size frames
+    merged into one (t, h, w) row (a slow run, a fast run, ...)."""
+    rows: list[list[int]] = []
+    for _, h, w in grids:
+        if rows and rows[-1][1:] == [h, w]:
+            rows[-1][0] += 1
+        else:
+            rows.append([1, h, w])
+    return [tuple(r) for r in rows]
+
+
 def video_layout(clip: VideoClip) -> str:
-    """The Keye-VL-1.5 text for one clip's frames (what replaces one ``<|video_pad|>``)."""
-    if not (len(clip.frames) == len(clip.frame_types) == len(clip.timestamps)):
-        raise KeyeInputError("VideoClip: frames, frame_types and timestamps must have the same length")
+    """The Keye-VL-1.5 text for one clip's frames (what replaces one ``<|video_pad|>``).
+
+    A clip whose ``timestamps`` is None gets a bare ``<|frame|>`` per frame, as the release's processor
+    writes when it is given no timestamps.
+    """
+    if clip.timestamps is not None and len(clip.timestamps) != len(clip.frames):
+        raise KeyeInputError("VideoClip: frames and timestamps must have the same length (or timestamps None)")
+    if len(clip.frame_types) != len(clip.frames):
+        raise KeyeInputError("VideoClip: frames and frame_types must have the same length")
     parts = []
     for i, frame in enumerate(clip.frames):
         h, w = _check_size(frame, f"video frame {i}")
         pads = VIDEO_PAD * (h * w // PIXELS_PER_TOKEN)
         if int(clip.frame_types[i]) == FAST:
             pads = FAST_START + pads + FAST_END
-        parts.append(f"{FRAME}{float(clip.timestamps[i]):.1f}{pads}")
+        stamp = "" if clip.timestamps is None else f"{float(clip.timestamps[i]):.1f}"
+        parts.append(f"{FRAME}{stamp}{pads}")
     return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- processor
 
 
-class KeyeProcessor(ProcessorMixin):
-    """Tokenizer plus Keye's vision layout. ``processor(text=..., vision=process_vision_info(...))``."""
+def layout_token_ids(tokenizer, source: str = "the tokenizer") -> dict[str, int]:
+    """{token: id} for Keye's special tokens (``SPECIAL_TOKENS``), read from ``tokenizer``.
 
-    def __init__(self, tokenizer=None, chat_template=None, **kwargs):
+    Each must encode as exactly one id, or the frame layout would reach the model as pieces of text;
+    a tokenizer that splits any of them is an error naming them and ``source``.
+    """
+    ids, broken = {}, []
+    for token in SPECIAL_TOKENS:
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1 and tokenizer.convert_ids_to_tokens(encoded[0]) == token:
+            ids[token] = encoded[0]
+        else:
+            broken.append(token)
+    if broken:
+        raise KeyeInputError(f"{source} does not have Keye's special tokens {broken} as single tokens")
+    return ids
+
+
+def with_mode_suffix(messages: list[dict], think_mode: str | None) -> list[dict]:
+    """A copy of ``messages`` whose last user turn ends in Keye's mode suffix (" /think", " /no_think").
+
+    Adding the suffix to the messages, not in the template, gives the toolkit template's text with any
+    chat template, the release's own included.
+    """
+    if think_mode is None:
+        return messages
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise KeyeInputError(f"think_mode={think_mode!r} needs a user turn to add ' /{think_mode}' to")
+    # copies only along the changed path: parts may hold decoded frames, which a deep copy would duplicate
+    messages, last = list(messages), dict(messages[users[-1]])
+    content = last.get("content")
+    suffix = f" /{think_mode}"
+    last["content"] = [*content, {"type": "text", "text": suffix}] if isinstance(content, list) else f"{content or ''}{suffix}"
+    messages[users[-1]] = last
+    return messages
+
+
+class KeyeProcessor(ProcessorMixin):
+    """Tokenizer plus Keye's vision layout. ``processor(text=..., vision=process_vision_info(...))``.
+
+    ``image_config``: ``ImageConfig`` fields as a dict (saved with the processor); None keeps the
+    toolkit's defaults (SigLIP mean / std, images as ``keye.video`` sized them).
+    """
+
+    def __init__(self, tokenizer=None, chat_template=None, image_config: dict | None = None, **kwargs):
         super().__init__(tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
+        self.image_config = dict(image_config) if image_config else None
+        self.pixel_config = ImageConfig(**self.image_config) if self.image_config else ImageConfig()
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        """Ids of Keye's special tokens in this processor's tokenizer (``layout_token_ids``), read once."""
+        if getattr(self, "_token_ids", None) is None:
+            self._token_ids = layout_token_ids(self.tokenizer)
+        return self._token_ids
 
     def apply_chat_template(self, messages, think_mode: str | None = None, add_generation_prompt: bool = True, **kwargs):
-        """qwen-vl-utils style messages -> prompt text with one pad placeholder per image/video."""
+        """qwen-vl-utils style messages -> prompt text with one pad placeholder per image/video.
+
+        think_mode: "think" / "no_think" append Keye's " /think" / " /no_think" to the last user turn;
+        None leaves the choice to the model (auto-think).
+        """
         if think_mode not in (None, "think", "no_think"):
             raise KeyeInputError(f"think_mode must be None, 'think' or 'no_think', got {think_mode!r}")
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, think_mode=think_mode,
+            with_mode_suffix(messages, think_mode), tokenize=False, add_generation_prompt=add_generation_prompt,
             chat_template=self.chat_template, **kwargs,
         )
 
@@ -144,7 +327,7 @@ class KeyeProcessor(ProcessorMixin):
             item = queue[pad].pop(0)
             if pad == VIDEO_PAD:
                 return video_layout(item)
-            h, w = _check_size(item.pixels, "image")
+            h, w = image_size(item.pixels, self.pixel_config)
             return IMAGE_PAD * (h * w // PIXELS_PER_TOKEN)
 
         out = [re.sub(re.escape(IMAGE_PAD) + "|" + re.escape(VIDEO_PAD), one, t) for t in texts]
@@ -162,10 +345,15 @@ class KeyeProcessor(ProcessorMixin):
         vision=None,
         return_labels: bool = False,
         padding_side: str = "right",
+        merge_frames: bool = False,
         **kwargs,
     ) -> BatchFeature:
         """text: prompts from ``apply_chat_template`` (one pad per image/video); vision: an object with
-        ``.images`` and ``.videos`` (``keye.video.process_vision_info`` output), or pass the lists."""
+        ``.images`` and ``.videos`` (``keye.video.process_vision_info`` output), or pass the lists.
+
+        merge_frames: write ``video_grid_thw`` as the official processor does (adjacent same-size frames
+        of a clip in one t > 1 row) and add ``num_frames`` (V,); the model gives the same outputs for
+        either layout."""
         if text is None:
             raise KeyeInputError("KeyeProcessor needs text (use apply_chat_template to build it)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -182,18 +370,23 @@ class KeyeProcessor(ProcessorMixin):
         if return_labels:
             data["labels"] = self._assistant_labels(expanded, enc)
         if images:
-            patches, grids = zip(*(patchify(im.pixels) for im in images))
+            patches, grids = zip(*(image_patches(im.pixels, self.pixel_config) for im in images))
             data["pixel_values"], data["image_grid_thw"] = torch.cat(patches), torch.tensor(grids)
         if videos:
-            patches, grids = zip(*(patchify(f) for clip in videos for f in clip.frames))
-            data["pixel_values_videos"], data["video_grid_thw"] = torch.cat(patches), torch.tensor(grids)
+            per_clip = [[patchify(f, self.pixel_config) for f in clip.frames] for clip in videos]
+            rows = [[grid for _, grid in clip] for clip in per_clip]
+            if merge_frames:
+                rows = [merge_frame_rows(clip_rows) for clip_rows in rows]
+                data["num_frames"] = torch.tensor([len(clip) for clip in videos])
+            data["pixel_values_videos"] = torch.cat([p for clip in per_clip for p, _ in clip])
+            data["video_grid_thw"] = torch.tensor([row for clip_rows in rows for row in clip_rows])
         self._check_counts(data)
         return BatchFeature(data)
 
     def _check_counts(self, data: dict) -> None:
         """The pads in the ids must equal the features the tower will produce (h*w/4 per grid)."""
         for pad, grid_key in ((IMAGE_PAD, "image_grid_thw"), (VIDEO_PAD, "video_grid_thw")):
-            pad_id = self.tokenizer.convert_tokens_to_ids(pad)
+            pad_id = self.token_ids[pad]
             have = int((data["input_ids"] == pad_id).sum())
             grid = data.get(grid_key)
             want = int(grid.prod(-1).sum()) // MERGE**2 if grid is not None else 0

@@ -2,8 +2,9 @@
 
 Sources are recognised by registered loaders, tried in order: a registered variant name (random weights,
 for tests and smoke runs), a toolkit checkpoint folder (``save_pretrained`` of model and processor), a
-published-layout Keye-VL folder (through ``keye.models.adapter``). The model goes on the best device in
-the best dtype it supports.
+published-layout Keye-VL folder (weights and config.json through ``keye.models.adapter``, the processor
+from the folder's own tokenizer.json, preprocessor_config.json and chat template). The model goes on the
+best device in the best dtype it supports.
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ def register_loader(name: str, detect: Callable[[str], bool]):
     return wrap
 
 
-def _read_config(source: str) -> dict | None:
-    path = Path(source) / "config.json"
-    if not path.is_file():
-        return None
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise KeyeInputError(f"{path}: not valid JSON ({err})") from None
+
+
+def _read_config(source: str) -> dict | None:
+    path = Path(source) / "config.json"
+    return _read_json(path) if path.is_file() else None
 
 
 def _is_variant(source: str) -> bool:
@@ -118,28 +121,64 @@ def _load_toolkit(source: str, dtype: torch.dtype):
     return model, AutoProcessor.from_pretrained(source)
 
 
+# The files of a published folder that the processor is built from, and what each holds. A release's
+# chat template may come as chat_template.json (the Keye-VL releases) or chat_template.jinja (newer
+# transformers); tokenizer_config.json's own template is the text-only one and is not used.
+PUBLISHED_PROCESSOR_FILES = {
+    "tokenizer.json": "the tokenizer",
+    "preprocessor_config.json": "the image mean / std and pixel bounds",
+    "chat_template.json": "the chat template (chat_template.jinja also serves)",
+}
+
+
+def published_processor(source: str | os.PathLike):
+    """The processor of a published-layout folder, built from its own files: ``tokenizer.json`` (the
+    ids of Keye's special tokens are read from it, each checked to be one token), ``preprocessor_config.json``
+    (``keye.processing.ImageConfig``) and ``chat_template.json`` / ``chat_template.jinja``.
+
+    A missing file is an error naming it (all missing ones at once), before any weight is read.
+    """
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    from keye.processing import ImageConfig, KeyeProcessor, layout_token_ids
+
+    folder = Path(source)
+    have = {name: (folder / name).is_file() for name in PUBLISHED_PROCESSOR_FILES}
+    have["chat_template.json"] |= (folder / "chat_template.jinja").is_file()
+    missing = [f"{name} ({PUBLISHED_PROCESSOR_FILES[name]})" for name, ok in have.items() if not ok]
+    if missing:
+        raise KeyeInputError(f"{folder}: a published checkpoint needs its processor files beside the weights; "
+                             f"missing: {'; '.join(missing)}")
+    if (folder / "chat_template.json").is_file():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+        if not isinstance(template, str) or not template:
+            raise KeyeInputError(f"{folder / 'chat_template.json'}: no 'chat_template' string in it")
+    else:
+        template = (folder / "chat_template.jinja").read_text()
+    image_config = ImageConfig.from_preprocessor_config(
+        _read_json(folder / "preprocessor_config.json"), str(folder / "preprocessor_config.json"))
+    # config given: AutoTokenizer would otherwise parse the release's config.json as a generic config (noisy
+    # RoPE warnings); the tokenizer files say which class to build
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), config=PreTrainedConfig(), local_files_only=True)
+    layout_token_ids(tokenizer, str(folder / "tokenizer.json"))
+    return KeyeProcessor(tokenizer, chat_template=template, image_config=image_config.to_dict())
+
+
 @register_loader("published Keye-VL checkpoint", _is_published)
 def _load_published(source: str, dtype: torch.dtype):
-    from transformers import AutoTokenizer
-
     from keye.models.adapter import load_published_model
-    from keye.processing import SPECIAL_TOKENS, KeyeProcessor
 
-    if not any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise KeyeInputError(f"{source}: a published checkpoint needs its tokenizer files beside the weights")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        raise KeyeInputError(f"{source}: the tokenizer lacks Keye's special tokens {missing}")
+    processor = published_processor(source)
     model, _ = load_published_model(source)
-    return model.to(dtype), KeyeProcessor(tokenizer)
+    return model.to(dtype), processor
 
 
 def load(name_or_path: str | os.PathLike, *, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, **pipeline_kwargs) -> KeyePipeline:
     """A ready ``KeyePipeline`` from a toolkit checkpoint folder (``save_pretrained`` of model and
-    processor), a published-layout Keye-VL folder (via ``keye.models.adapter``), or a registered
-    variant name (random weights: for tests and smoke runs).
+    processor), a published-layout Keye-VL folder (via ``keye.models.adapter`` and ``published_processor``:
+    a missing processor file is an error naming it), or a registered variant name (random weights: for
+    tests and smoke runs).
 
     device: default the best available (cuda, mps, cpu); dtype: default bf16 / fp16 / fp32 by device
     ("bfloat16"-style strings are accepted).

@@ -15,25 +15,28 @@ Torchtitan's ``StateDictAdapter`` is the model for this (``to_hf`` / ``from_hf``
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from keye.errors import KeyeInputError
+from keye.errors import ConfigError, KeyeInputError
 from keye.models.configuration import KeyeConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 # The published config.json is flat like Qwen2-VL's: decoder fields at the top level, a SigLIP
-# `vision_config`, mRoPE sections under `rope_scaling`. An MoE decoder is recognised by `num_experts`.
+# `vision_config`, mRoPE sections and RoPE scaling under `rope_scaling`. An MoE decoder is recognised by
+# `num_experts`. Fields outside these lists are kept verbatim (KeyeConfig.published_config).
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                 "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
 _TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-              "rope_theta", "attention_bias", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+              "attention_bias", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
               "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
               "router_aux_loss_coef")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -86,31 +89,96 @@ class KeyeStateDictAdapter:
         return published
 
 
+def _rope_parameters(published: dict) -> tuple[dict, list | None]:
+    """The published ``rope_scaling`` (or ``rope_parameters``) -> transformers ``rope_parameters`` for the
+    decoder, and the mRoPE sections.
+
+    Every key but ``mrope_section`` goes to transformers, which applies the type through its own
+    ``ROPE_INIT_FUNCTIONS`` (linear, dynamic, yarn, longrope, llama3, ...). ``type: mrope`` is Qwen2-VL's
+    name for mRoPE with unscaled frequencies, i.e. ``default``.
+    """
+    rope = dict(published.get("rope_scaling") or published.get("rope_parameters") or {})
+    mrope_section = rope.pop("mrope_section", None)
+    kinds = {"default" if k == "mrope" else k for k in (rope.pop("type", None), rope.pop("rope_type", None)) if k}
+    if len(kinds) > 1:
+        raise ConfigError(f"config.json rope_scaling: 'type' and 'rope_type' disagree ({sorted(kinds)})")
+    kind = kinds.pop() if kinds else "default"
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        raise ConfigError(f"config.json rope_scaling: type {kind!r} is not a RoPE type transformers knows "
+                          f"(default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    if "rope_theta" in published:
+        rope["rope_theta"] = published["rope_theta"]
+    return {"rope_type": kind, **rope}, mrope_section
+
+
 def config_from_published(published: dict) -> KeyeConfig:
-    """A published (flat) Keye-VL config.json dict -> KeyeConfig."""
+    """A published (flat) Keye-VL config.json dict -> KeyeConfig.
+
+    Decoder fields become the transformers text config (``rope_scaling`` type and factor included),
+    ``vision_config`` the ViT config; the whole dict is kept as ``published_config`` so that
+    ``config_to_published`` writes back every field, the ones the toolkit does not read too.
+    """
     vision = {k: v for k, v in published.get("vision_config", {}).items() if k in _VISION_KEYS}
     text = {k: published[k] for k in _TEXT_KEYS if k in published}
-    rope = published.get("rope_scaling") or published.get("rope_parameters") or {}
-    if "rope_theta" not in text and "rope_theta" in rope:
-        text["rope_theta"] = rope["rope_theta"]
+    text["rope_parameters"], mrope_section = _rope_parameters(published)
     text["model_type"] = "qwen3_moe" if "num_experts" in text else "qwen3"
     merge = published.get("vision_config", {}).get("spatial_merge_size", 2)
-    return KeyeConfig(
-        vision_config=vision, projector_config={"merge_size": merge}, text_config=text,
-        mrope_section=rope.get("mrope_section"), **{k: published[k] for k in _TOKEN_KEYS if k in published},
-    )
+    try:
+        return KeyeConfig(
+            vision_config=vision, projector_config={"merge_size": merge}, text_config=text,
+            mrope_section=mrope_section, published_config=copy.deepcopy(published),
+            **{k: published[k] for k in _TOKEN_KEYS if k in published},
+        )
+    except KeyeInputError:
+        raise
+    except (KeyError, ValueError, TypeError) as err:  # transformers' own checks, e.g. a RoPE type's missing keys
+        raise ConfigError(f"config.json: {err}") from None
 
 
-def config_to_published(config: KeyeConfig) -> dict:
-    """KeyeConfig -> the published flat config.json layout (inverse of ``config_from_published``)."""
+def _published_fields(config: KeyeConfig) -> dict:
+    """The config.json fields the toolkit reads, from ``config``, in the published spelling."""
     text = config.text_config
-    out = {k: getattr(text, k) for k in _TEXT_KEYS if hasattr(text, k) and k != "rope_theta"}
-    out["rope_theta"] = text.rope_parameters["rope_theta"]
-    out["rope_scaling"] = {"type": "default", "rope_type": "default", "mrope_section": list(config.mrope_section)}
+    out = {k: getattr(text, k) for k in _TEXT_KEYS if hasattr(text, k)}
+    rope = dict(text.rope_parameters)
+    out["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type", "default")
+    out["rope_scaling"] = {"type": kind, "rope_type": kind, **rope, "mrope_section": list(config.mrope_section)}
     vision = config.vision_config.to_dict()
     out["vision_config"] = {k: vision[k] for k in _VISION_KEYS} | {"spatial_merge_size": config.projector_config.merge_size}
     out.update({k: getattr(config, k) for k in _TOKEN_KEYS})
     return out
+
+
+def _as_written(ours: dict, read: dict, source: dict) -> dict:
+    """``ours`` laid over ``source``: a field whose value is still the one read from ``source`` (``read``)
+    keeps the file's spelling (or stays out, if the file did not have it); a changed field is written as
+    ``ours``; a field the toolkit does not read is written as ``source`` had it."""
+    out = {}
+    for key in dict.fromkeys([*source, *ours]):
+        if key not in ours:
+            out[key] = source[key]
+        elif key in read and ours[key] == read[key]:
+            if key in source:
+                out[key] = source[key]
+        elif isinstance(ours[key], dict) and isinstance(source.get(key), dict):
+            out[key] = _as_written(ours[key], read.get(key) or {}, source[key])
+        else:
+            out[key] = ours[key]
+    return out
+
+
+def config_to_published(config: KeyeConfig) -> dict:
+    """KeyeConfig -> the published flat config.json layout (inverse of ``config_from_published``).
+
+    For a config read from a published file the result is that file, with the fields changed since
+    written anew: unknown fields (``architectures``, ``torch_dtype``, a newer release's additions, ...)
+    are kept, not dropped.
+    """
+    ours = _published_fields(config)
+    source = config.published_config
+    if not source:
+        return ours
+    return _as_written(ours, _published_fields(config_from_published(source)), source)
 
 
 def read_published(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:

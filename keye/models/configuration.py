@@ -111,7 +111,8 @@ class KeyeConfig(PreTrainedConfig):
     (Keye-VL-2.0 / keye-nano); the decoder is built from it with transformers' own classes.
     ``vision_mode`` picks the visual path (``VISION_MODES``); ``visual_tokenizer_config`` sizes the
     discrete one and is inert in continuous mode. ``mrope_section`` splits the text RoPE half-dim between (t, h, w) as in Qwen2.5-VL; the
-    published 1.5 config uses [16, 24, 24] for head_dim 128.
+    published 1.5 config uses [16, 24, 24] for head_dim 128. RoPE scaling (``rope_scaling`` type and
+    factor in a published config) lives in ``text_config.rope_parameters``, where transformers reads it.
     """
 
     model_type = "keye"
@@ -137,6 +138,10 @@ class KeyeConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     # "continuous" (ViT features through mlp_AR) or "discrete" (visual tokenizer codes; see VISION_MODES)
     vision_mode: str = "continuous"
+    # The published config.json this config was read from (keye.models.adapter.config_from_published), kept
+    # so that writing it back returns the fields the toolkit does not read, and the file's own spelling of
+    # those it does, instead of dropping them.
+    published_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -10,6 +10,10 @@ in vLLM implements ``SupportsMRoPE``; sections [16, 24, 24] for the 8B): text to
 (t, h, w) together; every image or video frame is its own t=1 grid whose merged tokens get
 (t0, t0 + row, t0 + col). Timestamps reach the model only as text (``<|frame|>12.5``). On text-only
 input all three axes are equal and the rotation is exactly Qwen3's 1D RoPE.
+
+``video_grid_thw`` may come one row per frame (this toolkit's processor) or with adjacent same-size
+frames of a video merged into one t > 1 row plus ``num_frames`` (the official processor); the model
+splits merged rows back per frame (``frame_grids``), so both layouts give the same outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from keye.errors import ConfigError, KeyeInputError
 from keye.models.configuration import VISION_MODES, KeyeConfig
 from keye.models.losses import ROUTER_LOSSES
 from keye.models.projector import KeyeProjector
-from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, grid_list
+from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, frame_grids, grid_list
 from keye.models.visual_tokenizer import KeyeVisualTokenizer, code_ids, load_visual_tokenizer, merged_vit_features
 
 TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
@@ -48,7 +52,8 @@ class KeyeMRotaryEmbedding(nn.Module):
 
     The wrapped module computes cos/sin for each axis; section ``i`` of the rotary half-dim then takes
     its angles from axis ``i % 3`` (Qwen2-VL's ``apply_multimodal_rotary_pos_emb``, done once here
-    so transformers' unchanged attention layers can apply it).
+    so transformers' unchanged attention layers can apply it). The wrapped module applies the text
+    config's ``rope_parameters`` (linear, dynamic, yarn, ... from transformers' ``ROPE_INIT_FUNCTIONS``).
     """
 
     def __init__(self, rotary: nn.Module, mrope_section: list[int]):
@@ -60,7 +65,9 @@ class KeyeMRotaryEmbedding(nn.Module):
         """position_ids: (3, B, L) or (B, L) -> cos, sin of shape (B, L, head_dim)."""
         if position_ids.ndim == 2:
             return self.rotary(x, position_ids)
-        cos_3BLD, sin_3BLD = (torch.stack(z) for z in zip(*(self.rotary(x, p) for p in position_ids)))
+        # one call for the three axes: dynamic and longrope types pick their frequencies from the largest
+        # position over all of them, as Qwen2-VL-style mRoPE does; per-axis calls could disagree
+        cos_3BLD, sin_3BLD = self.rotary(x, position_ids)
         sections = self.mrope_section * 2
         cos = torch.cat([c[i % 3] for i, c in enumerate(cos_3BLD.split(sections, dim=-1))], dim=-1)
         sin = torch.cat([s[i % 3] for i, s in enumerate(sin_3BLD.split(sections, dim=-1))], dim=-1)
@@ -78,7 +85,8 @@ def mrope_positions(
     """3D positions for a prompt.
 
     input_ids, attention_mask: (B, L). Grids are consumed in order of appearance, batch-major, images
-    and frames independently (the processor's order). ``segment_ids`` (B, L), for packed rows
+    and frames independently (the processor's order); a row covering t > 1 frames counts as t rows,
+    since every frame is its own block of pads between ``<|frame|>`` texts. ``segment_ids`` (B, L), for packed rows
     (``keye.data.packing``): positions restart at 0 where the segment changes, so each packed sample
     gets exactly the positions it gets alone. Returns positions (3, B, L) and per-sample ``deltas``
     (B, 1) = max position + 1 - real length, used to continue positions while decoding (meaningless
@@ -86,8 +94,8 @@ def mrope_positions(
     """
     merge = config.projector_config.merge_size
     grids = {
-        config.image_token_id: grid_list(image_grid_thw) if image_grid_thw is not None else [],
-        config.video_token_id: grid_list(video_grid_thw) if video_grid_thw is not None else [],
+        config.image_token_id: grid_list(frame_grids(image_grid_thw)) if image_grid_thw is not None else [],
+        config.video_token_id: grid_list(frame_grids(video_grid_thw)) if video_grid_thw is not None else [],
     }
     cursor = {config.image_token_id: 0, config.video_token_id: 0}
     B, L = input_ids.shape
@@ -221,9 +229,11 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
     """Keye-VL: answers questions about images and videos, trains with assistant-only loss.
 
     Visual inputs are packed patches, Qwen2-VL style: ``pixel_values`` (sum t*h*w, 3*14*14) with
-    ``image_grid_thw`` (N_img, 3), and ``pixel_values_videos`` with ``video_grid_thw`` (one row per
-    frame, t=1, since Keye-1.5 encodes frames separately). Each grid fills exactly t*h*w/4
-    ``<|image_pad|>`` / ``<|video_pad|>`` positions; any other count is an error.
+    ``image_grid_thw`` (N_img, 3), and ``pixel_values_videos`` with ``video_grid_thw``: one row per
+    frame (t=1), or the official processor's rows that merge adjacent same-size frames of a video
+    (t > 1) with ``num_frames`` (V,) frames per video. Keye-1.5 encodes frames separately, so both
+    layouts give the same outputs. Each frame fills exactly h*w/4 ``<|image_pad|>`` /
+    ``<|video_pad|>`` positions; any other count is an error.
 
     ``config.vision_mode == "discrete"`` swaps ``mlp_AR`` for a Kelix-style ``visual_tokenizer``: each
     pad position then receives the sum of the embeddings of its N code ids, which live in a reserved
@@ -358,6 +368,7 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         sparse_logits: bool = False,
         segment_ids: torch.LongTensor | None = None,
+        num_frames: torch.LongTensor | None = None,
         **kwargs,
     ) -> KeyeCausalLMOutput:
         """input_ids/attention_mask/labels: (B, L); labels are -100 outside assistant turns.
@@ -373,7 +384,14 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         token belongs to. Positions then restart per sample and attention stays inside each sample (a
         block-diagonal causal mask), so every sample gets the logits it gets alone. Training only: no
         cache, and ``eager`` or ``sdpa`` attention.
+
+        ``num_frames`` (V,): frames per video, as the official processor returns it beside merged
+        ``video_grid_thw`` rows; checked against the rows (see ``frame_grids``).
         """
+        if video_grid_thw is not None:
+            video_grid_thw = frame_grids(video_grid_thw, num_frames)
+        elif num_frames is not None:
+            raise KeyeInputError("num_frames was given without video_grid_thw")
         embeds_BLD = self._embed(input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         B, L = embeds_BLD.shape[:2]
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -471,18 +489,19 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         pooled_BD = (hidden_BLD * w_BL[..., None]).sum(1) / w_BL.sum(1, keepdim=True)
         return F.normalize(pooled_BD, dim=-1) if normalize else pooled_BD
 
-    def encode_video(self, input_ids, pixel_values_videos, video_grid_thw, attention_mask=None, normalize=False):
+    def encode_video(self, input_ids, pixel_values_videos, video_grid_thw, attention_mask=None, normalize=False,
+                     num_frames=None):
         """Mean of the decoder's final (normed) hidden states over each sample's ``<|video_pad|>`` tokens.
 
         Pooling after the LM, not after ``mlp_AR``, puts videos, images and text in one space, and
-        lets the video tokens see the prompt (e.g. a title). Returns (B, hidden).
+        lets the video tokens see the prompt (e.g. a title). Grid layouts as in ``forward``. Returns (B, hidden).
         """
         mask = input_ids == self.config.video_token_id
         if attention_mask is not None:
             mask &= attention_mask.bool()
         return self._pooled(
             mask, normalize, input_ids=input_ids, attention_mask=attention_mask,
-            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, num_frames=num_frames,
         )
 
     def encode_image(self, input_ids, pixel_values, image_grid_thw, attention_mask=None, normalize=False):

@@ -2,8 +2,10 @@
 
 Every image or video frame keeps its own patch grid. Patches of all frames are packed into one
 sequence of shape (total_patches, C*14*14) in raster order (row by row, per frame), described by
-``grid_thw`` (N, 3). Attention is restricted to each frame ("varlen", like flash-attn's
-``cu_seqlens``) and computed exactly, so frames of different sizes batch without padding.
+``grid_thw`` (N, 3). A row may stand for several same-size frames (t > 1, the layout the official
+Keye-VL-1.5 processor emits); attention is restricted to each frame whatever the grid says
+("varlen", like flash-attn's ``cu_seqlens``) and computed exactly, so frames of different sizes
+batch without padding.
 
 Position information is twofold, as in the published model (Keye-VL-1.5 report, sec. 2.1; public
 ``KeyeSiglipVisionTransformer``): the learned 27x27 SigLIP table is interpolated bilinearly to the
@@ -28,6 +30,33 @@ from keye.models.configuration import KeyeVisionConfig
 def grid_list(grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
     """(N, 3) int tensor -> list of (t, h, w) python ints."""
     return [tuple(int(x) for x in row) for row in grid_thw.tolist()]
+
+
+def frame_grids(grid_thw: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
+    """Grid rows (N, 3), some possibly covering t > 1 same-size frames -> one (1, h, w) row per frame (sum t, 3).
+
+    Keye-VL-1.5 encodes every frame on its own (report sec. 2.1), so a merged row is only a shorter way
+    to write the same frames; splitting it gives the layout the model computes with. ``num_frames``
+    (V,), frames per video as the official processor reports them, is checked against the rows: the
+    frames must add up and no row may cover frames of two videos.
+    """
+    if grid_thw.ndim != 2 or grid_thw.shape[-1] != 3:
+        raise KeyeInputError(f"grid_thw must have shape (N, 3), got {tuple(grid_thw.shape)}")
+    t_N = grid_thw[:, 0]
+    if bool((grid_thw <= 0).any()):
+        raise KeyeInputError(f"grid_thw rows must be positive (t, h, w), got {grid_thw.tolist()}")
+    if num_frames is not None:
+        frames_V = torch.as_tensor(num_frames).reshape(-1).tolist()
+        if sum(frames_V) != int(t_N.sum()):
+            raise KeyeInputError(f"num_frames {frames_V} adds up to {sum(frames_V)} frames but video_grid_thw "
+                                 f"holds {int(t_N.sum())} (the sum of its t column)")
+        row_ends = set(t_N.cumsum(0).tolist())
+        video_ends = torch.tensor(frames_V).cumsum(0).tolist()
+        if any(v <= 0 for v in frames_V) or not set(video_ends) <= row_ends:
+            raise KeyeInputError(f"num_frames {frames_V}: a video_grid_thw row (t column {t_N.tolist()}) "
+                                 "covers frames of two videos; merged rows must stay inside one video")
+    ones_N1 = torch.ones_like(grid_thw[:, :1])
+    return torch.cat([ones_N1, grid_thw[:, 1:]], dim=1).repeat_interleave(t_N, dim=0)
 
 
 def check_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor, patch_dim: int) -> None:
@@ -159,14 +188,16 @@ class VisionEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x_ND: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """x_ND: (sum t*h*w, D) embedded patches; grids: (t, h, w) per row -> (sum t*h*w, D)."""
         rows, cols = [], []
         for t, h, w in grids:
             pos = torch.arange(h * w, device=x_ND.device).repeat(t)
             rows.append(pos // w)
             cols.append(pos % w)
         rope = self.rotary_pos_emb(torch.cat(rows), torch.cat(cols))
-        # one attention sequence per grid (a Keye-1.5 video frame is its own grid with t=1)
-        seqlens = [t * h * w for t, h, w in grids]
+        # one attention sequence per frame, also for a row covering t > 1 frames: Keye-VL-1.5 never
+        # attends across frames, and the official processor merges same-size frames into one row
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x_ND = torch.utils.checkpoint.checkpoint(layer, x_ND, rope, seqlens, use_reentrant=False)
@@ -221,7 +252,7 @@ class KeyeVisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values: (sum t*h*w, C*p*p); grid_thw: (N, 3) -> features (sum t*h*w, D)."""
+        """pixel_values: (sum t*h*w, C*p*p); grid_thw: (N, 3), per-frame or merged rows -> features (sum t*h*w, D)."""
         check_grid(pixel_values, grid_thw, self.config.num_channels * self.config.patch_size**2)
         grids = grid_list(grid_thw)
         x_ND = self.embeddings(pixel_values, grids)

@@ -21,7 +21,8 @@ class VideoClip:
 
     frames: T tensors of shape (3, H_t, W_t), uint8; H_t, W_t = slow_size or fast_size by type.
     frame_types: (T,) int32, SLOW (0) or FAST (1); all SLOW in uniform (Slow-Fast off) mode.
-    timestamps: (T,) float32 seconds from the start of the source video.
+    timestamps: (T,) float32 seconds from the start of the source video; None for frames that come
+        without times (the processor then writes a bare ``<|frame|>``; ``keye.video`` always sets them).
     indices: (T,) int64 frame indices in the source (frame list index for frame-list input).
     slow_size, fast_size: (height, width) in pixels, multiples of 28; fast_size is None when
         the clip has no fast frames.
@@ -33,7 +34,7 @@ class VideoClip:
 
     frames: list[torch.Tensor]
     frame_types: torch.Tensor
-    timestamps: torch.Tensor
+    timestamps: torch.Tensor | None
     indices: torch.Tensor
     slow_size: tuple[int, int]
     fast_size: tuple[int, int] | None

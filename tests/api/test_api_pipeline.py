@@ -59,17 +59,94 @@ def test_loaded_checkpoint_answers_like_the_in_memory_model(env):
     assert answer.mode == "no_think" and answer.thinking == ""
 
 
-def test_published_layout_folder_loads_to_the_same_answers(env):
-    folder = env["root"] / "published"
+def _published_folder(env, name, preprocessor=None, tokenizer_json=None, chat_template=None):
+    """keye-nano written in the published layout with its processor files: the nano tokenizer (or
+    ``tokenizer_json``), ``preprocessor_config.json`` (SigLIP's 0.5 unless given) and the nano chat template
+    as ``chat_template.jinja`` (or ``chat_template`` as ``chat_template.json``)."""
+    folder = env["root"] / name
     save_published(env["model"], folder)
     for f in NANO_TOKENIZER_DIR.iterdir():
         shutil.copy(f, folder / f.name)
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    if chat_template is not None:
+        (folder / "chat_template.jinja").unlink()
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}))
+    preprocessor = preprocessor if preprocessor is not None else {"image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+def test_published_layout_folder_loads_to_the_same_answers(env):
+    folder = _published_folder(env, "published")
     assert json.loads((folder / "config.json").read_text()).get("model_type") is None
     pipe = keye.load(folder, device="cpu")
     q = "Describe the scene."
     assert pipe.ask(env["clip"], q, max_new_tokens=TOKENS, **SMALL).raw == env["pipe"].ask(
         env["clip"], q, max_new_tokens=TOKENS, **SMALL).raw
     assert torch.equal(pipe.model.lm_head.weight, env["model"].lm_head.weight)
+
+
+def _swapped_tokenizer_json(a: str, b: str) -> dict:
+    """The nano tokenizer.json with the ids of special tokens ``a`` and ``b`` swapped (tokenizers numbers
+    added tokens in list order, so the entries trade places too)."""
+    tok = json.loads((NANO_TOKENIZER_DIR / "tokenizer.json").read_text())
+    added = tok["added_tokens"]
+    i, j = (next(k for k, t in enumerate(added) if t["content"] == name) for name in (a, b))
+    added[i], added[j] = dict(added[j], id=added[i]["id"]), dict(added[i], id=added[j]["id"])
+    return tok
+
+
+def test_published_folder_uses_its_own_tokenizer_preprocessor_and_chat_template(env):
+    frame, fast_end = "<|frame|>", "<|fast_end|>"
+    template = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+                "You are Keye, watching closely.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+                "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in c %}"
+                "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    folder = _published_folder(env, "published-own-files", preprocessor={"max_pixels": 28 * 28 * 64},
+                               tokenizer_json=_swapped_tokenizer_json(frame, fast_end), chat_template=template)
+    pipe = keye.load(folder, device="cpu")
+    nano_ids = env["processor"].token_ids
+    # the ids come from this folder's tokenizer.json, where <|frame|> and <|fast_end|> trade places
+    assert pipe.processor.token_ids[frame] == nano_ids[fast_end] and pipe.processor.token_ids[fast_end] == nano_ids[frame]
+    messages = build_messages(env["clip"], "What happens?", **SMALL)
+    batch = pipe.inputs([messages], "think")
+    clip = process_vision_info(messages).videos[0]
+    assert int((batch["input_ids"] == nano_ids[fast_end]).sum()) == len(clip)  # one <|frame|> per frame
+    prompt = pipe.prompt(messages, "think")
+    assert prompt.startswith("<|im_start|>system\nYou are Keye, watching closely.<|im_end|>\n")
+    assert prompt.endswith("What happens? /think<|im_end|>\n<|im_start|>assistant\n")
+    # preprocessor_config.json without mean / std: the release's CLIP values, applied to every frame
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    assert pipe.processor.pixel_config.max_pixels == 28 * 28 * 64
+    frame0 = clip.frames[0].float() / 255
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN)[:, None, None], torch.tensor(OPENAI_CLIP_STD)[:, None, None]
+    patch = ((frame0 - mean) / std)[:, :14, 14:28].reshape(-1)  # patch (row 0, column 1) of frame 0
+    torch.testing.assert_close(batch["pixel_values_videos"][1], patch, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("remove", ["tokenizer.json", "preprocessor_config.json", "chat_template"])
+def test_published_folder_names_the_missing_processor_file(env, remove):
+    folder = _published_folder(env, f"published-without-{remove}")
+    for path in folder.glob(f"{remove}*"):
+        path.unlink()
+    expected = "chat_template.json" if remove == "chat_template" else remove
+    with pytest.raises(KeyeInputError, match=f"missing: {expected}"):
+        keye.load(folder, device="cpu")
+
+
+def test_published_tokenizer_without_keye_tokens_is_named(env):
+    tok = json.loads((NANO_TOKENIZER_DIR / "tokenizer.json").read_text())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|fast_start|>"]
+    folder = _published_folder(env, "published-no-fast-start", tokenizer_json=tok)
+    config = json.loads((NANO_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"].remove("<|fast_start|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(KeyeInputError, match=r"tokenizer\.json does not have Keye's special tokens \['<\|fast_start\|>'\]"):
+        keye.load(folder, device="cpu")
 
 
 def test_variant_name_warns_untrained_and_large_variants_need_a_checkpoint(caplog):

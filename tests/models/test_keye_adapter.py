@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen3MoeForCausalLM
@@ -96,3 +97,143 @@ def test_published_config_round_trip_and_model_from_folder(tmp_path):
     ids = _t.randint(0, 2000, (1, 9))
     with _t.no_grad():
         assert _t.equal(loaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ----------------------------------------------------------------------------- the published config, whole
+
+
+def _published_nano_config() -> dict:
+    """keye-nano's config in the published layout, spelled the way a release file may spell it: mRoPE as
+    ``type: mrope``, a rope_theta integer, fields the toolkit does not read (written for this test)."""
+    from keye.models import build_config
+    from keye.models.adapter import config_to_published
+
+    published = config_to_published(build_config("keye-nano"))
+    published.pop("vision_start_token_id")  # an optional field the file leaves out stays out
+    published["rope_theta"] = 10000
+    published["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 6, 6]}
+    published.update(architectures=["KeyeVL1_5ForConditionalGeneration"], model_type="KeyeVL1_5",
+                     torch_dtype="bfloat16", use_sliding_window=False, a_later_release_field={"nested": [1, 2.5]})
+    published["vision_config"].update(model_type="siglip_vision_model", tokens_per_second=2, temporal_patch_size=2)
+    return published
+
+
+def test_published_config_round_trips_whole_and_keeps_unknown_fields(tmp_path):
+    from keye.models import KeyeConfig
+    from keye.models.adapter import config_from_published, config_to_published, load_published_model
+
+    published = _published_nano_config()
+    config = config_from_published(json.loads(json.dumps(published)))
+    assert config_to_published(config) == published
+    assert config.text_config.rope_parameters["rope_type"] == "default" and config.mrope_section == [4, 6, 6]
+
+    # through a toolkit checkpoint's config.json and back
+    config.save_pretrained(tmp_path / "toolkit")
+    assert config_to_published(KeyeConfig.from_pretrained(tmp_path / "toolkit")) == published
+
+    # a changed field is written anew, everything else as the file had it
+    config.text_config.num_hidden_layers = 3
+    config.vision_config.layer_norm_eps = 1e-5
+    changed = config_to_published(config)
+    assert changed["num_hidden_layers"] == 3 and changed["vision_config"]["layer_norm_eps"] == 1e-5
+    assert changed["vision_config"]["tokens_per_second"] == 2
+    assert {k: v for k, v in changed.items() if k not in ("num_hidden_layers", "vision_config")} == {
+        k: v for k, v in published.items() if k not in ("num_hidden_layers", "vision_config")}
+
+    # a published folder: the config.json written on save is the one that was read
+    torch.manual_seed(0)
+    model = build_model("keye-nano").eval()
+    save_published(model, tmp_path / "src", max_shard_bytes=3_000_000)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(published))
+    loaded, adapter = load_published_model(tmp_path / "src")
+    save_published(loaded, tmp_path / "out", adapter=adapter)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == published
+
+
+# One example per RoPE type: every type transformers' ROPE_INIT_FUNCTIONS knows must be here (checked
+# below), so a new transformers type fails this file until it is covered. Lengths fit keye-nano's head_dim 32.
+ROPE_EXAMPLES = {
+    "default": {},
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"short_factor": [1.0 + i / 16 for i in range(16)], "long_factor": [1.0 + i / 4 for i in range(16)],
+                 "original_max_position_embeddings": 16},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "proportional": {"partial_rotary_factor": 0.5, "factor": 2.0},
+}
+
+
+def test_every_transformers_rope_type_has_an_example():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert set(ROPE_EXAMPLES) == {"default", *ROPE_INIT_FUNCTIONS}
+
+
+def _rope_config(kind: str, spelling: str = "type"):
+    from keye.models.adapter import config_from_published
+
+    published = _published_nano_config()
+    published["max_position_embeddings"] = 32  # positions below go past it: dynamic / longrope switch
+    published["rope_scaling"] = {spelling: kind, "mrope_section": [4, 6, 6], **ROPE_EXAMPLES[kind]}
+    return config_from_published(published)
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_EXAMPLES))
+def test_rope_scaling_type_is_applied_as_transformers_applies_it(kind):
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from keye.models import KeyeForConditionalGeneration
+
+    config = _rope_config(kind, spelling="rope_type" if kind == "linear" else "type")
+    text = config.text_config
+    # reference: transformers' Qwen2-VL mRoPE, which applies the type with its own ROPE_INIT_FUNCTIONS
+    ref = Qwen2VLRotaryEmbedding(Qwen2VLTextConfig(
+        hidden_size=text.hidden_size, num_attention_heads=text.num_attention_heads, head_dim=text.head_dim,
+        max_position_embeddings=32, rope_parameters={"rope_type": kind, "rope_theta": 10000.0,
+                                                     "mrope_section": [4, 6, 6], **ROPE_EXAMPLES[kind]}))
+    ours = KeyeForConditionalGeneration(config).model.rotary_emb
+    plain = KeyeForConditionalGeneration(_rope_config("default")).model.rotary_emb
+    x = torch.zeros(2, 9, text.hidden_size)
+    pos_3BL = torch.randint(0, 60, (3, 2, 9))
+    pos_3BL[0] = pos_3BL[0].clamp(max=20)  # the temporal axis stays short: the largest position of any axis counts
+    for a, b in zip(ours(x, pos_3BL), ref(x, pos_3BL)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    if kind != "default":
+        assert not torch.allclose(ours(x, pos_3BL)[0], plain(x, pos_3BL)[0], atol=1e-3), "the type changed nothing"
+
+
+def test_linear_rope_scaling_reaches_the_logits():
+    from transformers import Qwen3MoeConfig
+
+    from keye.models import KeyeForConditionalGeneration
+
+    config = _rope_config("linear")
+    torch.manual_seed(0)
+    model = KeyeForConditionalGeneration(config).eval()
+    text = config.text_config.to_dict()
+    ref = Qwen3MoeForCausalLM(Qwen3MoeConfig(**text)).eval()
+    assert ref.config.rope_parameters["factor"] == 2.0
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if k.startswith(("model.", "lm_head."))})
+    plain = KeyeForConditionalGeneration(_rope_config("default")).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 2000, (1, 40))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        torch.testing.assert_close(logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert (logits - plain(input_ids=ids).logits).abs().max() > 1e-2
+
+
+def test_bad_rope_scaling_is_a_config_error():
+    from keye.errors import ConfigError
+    from keye.models.adapter import config_from_published
+
+    published = _published_nano_config()
+    for rope, message in (
+        ({"type": "warp", "factor": 2.0}, "type 'warp' is not a RoPE type transformers knows"),
+        ({"type": "linear", "rope_type": "yarn", "factor": 2.0}, "'type' and 'rope_type' disagree"),
+        ({"type": "linear"}, "factor"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            config_from_published(dict(published, rope_scaling=rope))

@@ -1,7 +1,9 @@
-"""Keye processor: Keye-VL-1.5 frame layout, pixel patches, chat template modes, assistant-only labels."""
+"""Keye processor: Keye-VL-1.5 frame layout, pixel patches (resized and normalised as the release does), chat
+template modes, assistant-only labels."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -145,3 +147,105 @@ def test_nano_tokenizer_files_load_and_rebuild_identically(tmp_path):
     rebuilt = build_nano_tokenizer(tmp_path, whole_words=world_words())
     assert rebuilt.get_vocab() == shipped.get_vocab()
     assert shipped.decode(shipped("A blue cube at 12.5 s.")["input_ids"]) == "A blue cube at 12.5 s."
+
+
+# ----------------------------------------------------------------------------- image path, frames without timestamps
+
+
+def _patches_reference(image_HWC: np.ndarray) -> torch.Tensor:
+    """(H, W, C) float -> (H/14 * W/14, C*14*14) patches in raster order, channel-major within a patch."""
+    h, w = image_HWC.shape[0] // 14, image_HWC.shape[1] // 14
+    x = image_HWC.reshape(h, 14, w, 14, 3).transpose(0, 2, 4, 1, 3)
+    return torch.from_numpy(np.ascontiguousarray(x).reshape(h * w, 3 * 14 * 14))
+
+
+def test_nano_sized_image_and_frames_give_the_same_pixel_values_as_before(proc):
+    g = torch.Generator().manual_seed(7)
+    # keye-nano's 112x112, and a 28x56 image, what keye.video makes of a message with max_pixels=56*56
+    images = [ImageInput(pixels=torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g))
+              for size in ((112, 112), (28, 56))]
+    c = clip([((112, 112), SLOW), ((56, 56), FAST)], seed=8)
+    text = proc.apply_chat_template([user({"type": "image"}, {"type": "image"}, {"type": "video"})])
+    batch = proc(text=text, images=images, videos=[c])
+    # the processor before config-driven images: (x / 255 - 0.5) / 0.5 on the pixels as given, no resize
+    before = [(f.float() / 255.0 - 0.5) / 0.5 for f in (images[0].pixels, images[1].pixels, *c.frames)]
+    flat = [_patches_reference(x.permute(1, 2, 0).numpy()) for x in before]
+    assert torch.equal(batch["pixel_values"], torch.cat(flat[:2]))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 2, 4]]
+    assert torch.equal(batch["pixel_values_videos"], torch.cat(flat[2:]))
+
+
+@pytest.mark.parametrize("size, config, expected", [
+    # smart_resize by hand: 100x150 rounds to 112x140 (4 x 5 blocks of 28), inside the default bounds
+    ((100, 150), {}, (112, 140)),
+    # over max_pixels 50176: beta = sqrt(600*900 / 50176) = 3.2805, floor(600/3.2805/28) * 28 = 168, 9 * 28 = 252
+    ((600, 900), {"max_pixels": 50176, "resample": 3}, (168, 252)),
+])
+def test_image_path_resizes_and_normalises_as_the_release_processor(size, config, expected):
+    from transformers.image_transforms import normalize, rescale, resize
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
+
+    from keye.processing import ImageConfig, KeyeProcessor
+
+    settings = ImageConfig.from_preprocessor_config({"processor_class": "KeyeVL1_5Processor", **config})
+    assert settings.image_mean == tuple(OPENAI_CLIP_MEAN) and settings.image_std == tuple(OPENAI_CLIP_STD)
+    tok = AutoTokenizer.from_pretrained(str(NANO_TOKENIZER_DIR))
+    p = KeyeProcessor(tok, image_config=settings.to_dict())
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g)
+    batch = p(text=p.apply_chat_template([user({"type": "image"})]), images=[ImageInput(pixels=pixels)])
+    h, w = expected
+    assert batch["image_grid_thw"].tolist() == [[1, h // 14, w // 14]]
+    assert int((batch["input_ids"] == p.token_ids["<|image_pad|>"]).sum()) == h * w // 784
+    # reference: transformers' own resize / rescale / normalize, the calls the release's image processor makes
+    fmt = ChannelDimension.LAST
+    x = resize(pixels.permute(1, 2, 0).numpy(), (h, w), resample=PILImageResampling(config.get("resample", 2)),
+               input_data_format=fmt)
+    x = normalize(rescale(x, 1 / 255, input_data_format=fmt), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, input_data_format=fmt)
+    torch.testing.assert_close(batch["pixel_values"], _patches_reference(x), rtol=0, atol=1e-6)
+
+
+def test_image_config_round_trips_with_the_processor_and_rejects_bad_values(tmp_path):
+    from transformers import AutoProcessor
+
+    import keye.models  # noqa: F401  (registers KeyeProcessor with AutoProcessor)
+    from keye.processing import ImageConfig, KeyeProcessor
+
+    settings = ImageConfig.from_preprocessor_config({"image_mean": [0.1, 0.2, 0.3], "image_std": 0.25, "min_pixels": 784})
+    assert settings.image_std == (0.25, 0.25, 0.25) and settings.max_pixels == 28 * 28 * 1280
+    p = KeyeProcessor(AutoTokenizer.from_pretrained(str(NANO_TOKENIZER_DIR)), image_config=settings.to_dict())
+    p.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).pixel_config == settings
+    for bad, message in (({"patch_size": 16}, "patch_size = 16 is not supported"),
+                         ({"image_std": [0.5, 0.0, 0.5]}, "image_std must be 3 numbers"),
+                         ({"min_pixels": 10, "max_pixels": 5}, "min_pixels <= max_pixels"),
+                         ({"resample": 42}, "resample 42 is not a PIL resampling filter")):
+        with pytest.raises(KeyeInputError, match=message):
+            ImageConfig.from_preprocessor_config(bad, "x/preprocessor_config.json")
+
+
+def test_frames_without_timestamps_get_a_bare_frame_token(proc):
+    c = clip([((28, 56), SLOW), ((28, 28), FAST)])
+    c.timestamps = None
+    batch = proc(text=proc.apply_chat_template([user({"type": "video"})]), videos=[c])
+    decoded = proc.tokenizer.decode(batch["input_ids"][0]).replace(" ", "")
+    expected = "<|vision_start|><|frame|>" + "<|video_pad|>" * 2 + "<|frame|><|fast_start|><|video_pad|><|fast_end|>"
+    assert expected + "<|vision_end|>" in decoded
+
+
+def test_mode_suffix_is_the_same_with_another_chat_template(proc):
+    from keye.processing import KeyeProcessor
+
+    # a minimal ChatML template written for this test: no system turn, no knowledge of think_mode
+    plain = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+             "{% else %}{% for c in m['content'] %}{% if c['type'] == 'video' %}<|vision_start|><|video_pad|>"
+             "<|vision_end|>{% elif 'text' in c %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    other = KeyeProcessor(proc.tokenizer, chat_template=plain)
+    msgs = [user({"type": "text", "text": "first"}), {"role": "assistant", "content": "ok"},
+            user({"type": "text", "text": "second"}, {"type": "video", "video": "v.mp4"})]
+    ours = proc.apply_chat_template(msgs, think_mode="no_think")
+    theirs = other.apply_chat_template(msgs, think_mode="no_think")
+    assert theirs == ours.removeprefix(SYSTEM)
+    assert theirs.endswith("second<|vision_start|><|video_pad|><|vision_end|> /no_think<|im_end|>\n<|im_start|>assistant\n")
+    assert msgs[-1]["content"][-1] == {"type": "video", "video": "v.mp4"}  # the caller's messages are not changed
