@@ -117,7 +117,10 @@ def _load_toolkit(source: str, dtype: torch.dtype):
     import keye.models  # noqa: F401 - registers the Auto classes
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    from keye.models.weights import weight_files
+
+    weight_files(source)  # safetensors only, whole: a pickle-only or damaged folder is named before loading
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, use_safetensors=True)
     return model, AutoProcessor.from_pretrained(source)
 
 
@@ -167,8 +170,10 @@ def published_processor(source: str | os.PathLike):
 @register_loader("published Keye-VL checkpoint", _is_published)
 def _load_published(source: str, dtype: torch.dtype):
     from keye.models.adapter import load_published_model
+    from keye.models.weights import weight_files
 
     processor = published_processor(source)
+    weight_files(source)
     model, _ = load_published_model(source)
     return model.to(dtype), processor
 

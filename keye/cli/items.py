@@ -40,16 +40,14 @@ def _build_encoder(args: argparse.Namespace):
         return text_item_encoder(text, normalize=not args.no_normalize)
     if not args.checkpoint or not Path(args.checkpoint, "config.json").is_file():
         raise ConfigError(f"--encoder keye needs --checkpoint DIR with config.json, got {args.checkpoint!r}")
-    from transformers import AutoTokenizer
-
+    from keye.api import load
     from keye.items.encoders import KeyeItemEncoder
-    from keye.models.modeling import KeyeForConditionalGeneration
-    from keye.processing import KeyeProcessor
 
-    model = KeyeForConditionalGeneration.from_pretrained(args.checkpoint, use_safetensors=True).eval()
-    processor = KeyeProcessor(AutoTokenizer.from_pretrained(args.checkpoint, local_files_only=True))
+    # as keye.load reads any checkpoint (toolkit or published, its own processor files, safetensors only);
+    # fp32 on the CPU, so the same catalogue always gives the same embeddings
+    pipe = load(args.checkpoint, device="cpu", dtype="float32")
     return KeyeItemEncoder(
-        model, processor, checkpoint=str(args.checkpoint), fusion=args.fusion, normalize=not args.no_normalize,
+        pipe.model, pipe.processor, checkpoint=str(args.checkpoint), fusion=args.fusion, normalize=not args.no_normalize,
         weights=_key_values(args.weight, "--weight", float), text_fields=fields,
         media_options=video_options_from(args).message(),
     )

@@ -26,8 +26,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from keye.errors import ConfigError, KeyeInputError
 from keye.models.configuration import KeyeConfig
-
-INDEX_NAME = "model.safetensors.index.json"
+from keye.models.weights import INDEX_NAME
 # The published config.json is flat like Qwen2-VL's: decoder fields at the top level, a SigLIP
 # `vision_config`, mRoPE sections and RoPE scaling under `rope_scaling`. An MoE decoder is recognised by
 # `num_experts`. Fields outside these lists are kept verbatim (KeyeConfig.published_config).

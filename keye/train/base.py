@@ -106,10 +106,12 @@ def load_start(cfg: StageConfig, run_root: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from keye.models import build_model
+    from keye.models.weights import weight_files
     from keye.processing import load_nano_processor
 
     if cfg.init_from:
         src = start_folder(run_root, cfg.init_from)
+        weight_files(src)  # safetensors only, whole: a pickle-only or damaged folder is named before loading
         model = AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
         return model, AutoProcessor.from_pretrained(src)
     torch.manual_seed(cfg.run.seed)

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from keye.errors import KeyeInputError
 from keye.fileio import atomic_write_text
+from keye.models.weights import check_safetensors
 
 log = logging.getLogger(__name__)
 _LATEST = "latest"
@@ -131,7 +132,7 @@ class Checkpoint:
         if not manifest.is_file():
             for name in ("model.safetensors", "rng.safetensors", "optimizer.safetensors"):
                 if name == "model.safetensors" or (self.path / name).exists():
-                    _check_safetensors(self.path / name)
+                    check_safetensors(self.path / name)
             return
         try:
             files = json.loads(manifest.read_text())["files"]
@@ -190,19 +191,6 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_safetensors(path: Path) -> None:
-    """A safetensors file whose header parses and whose data the file covers, else a ``KeyeInputError``."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise KeyeInputError(f"checkpoint {path}: missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        raise KeyeInputError(f"checkpoint {path}: not a readable safetensors file ({err})") from None
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
