@@ -430,3 +430,29 @@ def test_a_stage_file_of_a_recipe_starts_from_the_stage_before_it(run_root, tmp_
     assert main(["train", str(NANO / "sft.yaml"), "--run-root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "init_from" in err and "stage3_anneal" in err and not (root / "sft" / "done.json").exists()
+
+
+def test_data_max_samples_limits_stage0_and_the_vq_stage(run_root, chain, caplog):
+    """Every stage honours data.max_samples (stage 0 and vq used to read every row / video)."""
+    import logging
+
+    rows = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
+    cfg = load_stage_config(NANO / "stage0_vit.yaml", tiny_overrides(**{"data.max_samples": 2, "run.steps": 1}))
+    cfg.out = "stage0_two_rows"
+    with caplog.at_level(logging.INFO, logger="keye.train.stages.vit"):
+        run_stage(cfg, run_root)
+    pairs = sum(len(r["frame_texts"]) for r in rows[:2])
+    assert any(f"{pairs} image/text pairs" in r.getMessage() for r in caplog.records), caplog.text
+
+    vq = load_stage_config(ROOT / "pipelines" / "nano-discrete" / "vq.yaml",
+                           tiny_overrides(**{"data.max_samples": 2, "run.steps": 1, "data.eval": "[]",
+                                           "tokenizer.codebook_size": 16}))
+    vq.init_from, vq.out = "stage0_vit", "vq_two_videos"
+    run_stage(vq, run_root)
+    from keye.video import read_video
+
+    videos = sorted({run_root / "world" / v for line in (run_root / "world" / "train.jsonl").read_text().splitlines()
+                     for v in json.loads(line)["videos"]})[:2]
+    frames = sum(len(read_video(str(v), slow_fast=False, **vq.video.message()).frames) for v in videos)
+    report = json.loads((run_root / "vq_two_videos" / "tokenizer" / "vq_report.json").read_text())
+    assert report["final"]["tokens"] == 4 * frames  # no data.eval: reported on the two training videos
