@@ -8,7 +8,7 @@ the module to the import line below.
 
 from keye.errors import ConfigError
 from keye.train.base import STAGES, Stage
-from keye.train.stages import lm, rl, vit, vq  # noqa: F401  (each registers its stages)
+from keye.train.stages import lm, rl, text, vit, vq  # noqa: F401  (each registers its stages)
 
 
 def get_stage(name: str, source: str = "stage") -> Stage:

@@ -1,0 +1,81 @@
+"""The world as text: a clip's ground truth written out, for the nano base's text pretraining and the text
+oracle (questions answered from that text, no pixels).
+
+``listing(clip)`` writes one line per 2 fps frame, as the video layout gives one block per frame: the time,
+the background, then each object in view with its centre on a 1-99 grid, in reading order::
+
+    0.0s blue: red circle 23 45, green square 60 70
+    0.5s blue: red circle 27 45, green square 60 70
+    1.0s yellow/gray: cyan triangle 50 12
+
+Positions that fine make motion, pauses and entries answerable from the text (a 3x3 cell stays the same for
+several frames of a slow object), and the background makes cuts answerable. ``conversation(clip, ...)``
+puts the listing in a user turn and asks the clip's questions in turns, as the world's dense rows do;
+``oracle_messages(clip, question)`` is the one-question form the text oracle scores.
+
+Pretraining clips come from their own world seed (``TEXT_SEED`` by default), never from the held-out
+clips of seed 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from keye.data.world.generate import WorldConfig, caption, dense_questions, frame_objects, make_clip
+from keye.data.world.questions import QA
+from keye.data.world.scene import Clip
+
+TEXT_SEED = 1_000_000  # the world seed text pretraining draws its clips from (the held-out clips are seed 0's)
+LISTING_INTRO = "Frames (time, background: colour shape x y, x and y from 1 to 99):"
+
+
+def _grid(value: float, size: int) -> int:
+    """A pixel coordinate on the listing's 1-99 grid (a frame edge maps to 1 and 99)."""
+    return int(min(99, max(1, 1 + int(value * 99 / size))))
+
+
+def listing(clip: Clip) -> str:
+    """The clip's frames as text, one line per 2 fps frame (see the module docstring)."""
+    lines = []
+    for seconds, seen in frame_objects(clip):
+        shot = clip.shots[clip.shot_of(int(round(seconds * clip.fps)))]
+        objects = ", ".join(f"{obj.name} {_grid(x, clip.width)} {_grid(y, clip.height)}" for x, y, obj in seen)
+        lines.append(f"{seconds:.1f}s {'/'.join(shot.background.colors)}: {objects or 'nothing'}")
+    return "\n".join(lines)
+
+
+def _answer(qa: QA, chain: bool) -> str:
+    return f"<think>{qa.cot}</think>{qa.answer}" if chain else qa.answer
+
+
+@dataclass(frozen=True)
+class TextMix:
+    """What one pretraining conversation holds besides the listing and one question of every kind the
+    clip allows (in a random order)."""
+
+    chains: float = 0.0  # share of answers written as <think>chain</think>answer
+    captions: float = 0.0  # probability of a last turn asking for the clip's caption
+
+
+def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix: TextMix = TextMix()) -> list[dict]:
+    """Chat messages: the listing and the first question, then the other questions turn by turn."""
+    turns = [(qa.question, _answer(qa, rng.random() < mix.chains)) for qa in dense_questions(config, clip, rng)]
+    if rng.random() < mix.captions:
+        turns.append(("Describe the video.", caption(clip)))
+    messages = []
+    for i, (question, answer) in enumerate(turns):
+        text = f"{LISTING_INTRO}\n{listing(clip)}\n{question}" if i == 0 else question
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def oracle_messages(clip: Clip, question: str) -> list[dict]:
+    """The text oracle's prompt: the listing, then one question (the reply is the model's)."""
+    return [{"role": "user", "content": f"{LISTING_INTRO}\n{listing(clip)}\n{question}"}]
+
+
+def pretraining_clip(index: int, config: WorldConfig) -> tuple[Clip, np.random.Generator]:
+    """Pretraining clip ``index`` of ``config``'s world and the generator its questions are drawn from."""
+    return make_clip(config, "text", f"text-{index:08d}")
