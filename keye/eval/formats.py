@@ -13,6 +13,8 @@ generation settings. Each format is one registered function turning the annotati
   ``tasks`` maps each task name to its json and its video folder, as MVBench's own ``data_list`` does.
 * ``world``: a split of the synthetic world (``keye.data.world``): open-ended, exact match after
   normalisation, scored per question ``kind``; rows with ``options`` are scored as multiple choice.
+* ``world-text``: the same rows answered from text, no video (the text oracle): each question follows its
+  clip's ground-truth listing (``keye.data.world.text``), rebuilt from the ``world.json`` beside the split.
 * ``lookup``: the decoder sanity check (``keye.data.world.probes.lookup_probe``), generated, no annotations:
   one frame's object listing as text and a question picking one object out of it; every item carries the
   first-listed guess, so the report shows that baseline beside the model's accuracy.
@@ -233,3 +235,26 @@ def _lookup(definition: EvalDefinition) -> list[EvalItem]:
 
     return [EvalItem(p.id, p.question, p.answer, None, [], {"kind": p.kind, "objects": str(p.objects)}, p.first_listed)
             for p in lookup_probe(definition.items, definition.seed or PROBE_SEED)]
+
+
+@register_format("world-text")
+def _world_text(definition: EvalDefinition) -> list[EvalItem]:
+    from keye.data.world import WorldConfig
+    from keye.data.world.generate import make_clip
+    from keye.data.world.text import oracle_text
+
+    path = _annotations(definition)
+    world_json = path.parent / "world.json"
+    if not world_json.is_file():
+        raise KeyeInputError(f"{path}: the world-text format rebuilds each clip from the world.json beside the split, "
+                             f"and {world_json} is missing")
+    config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
+    clips: dict[str, object] = {}
+    items = []
+    for item, row in zip(_world(definition), read_rows(path)):
+        key = (row.get("split") or row["clip_id"].split("-")[0], row["clip_id"])
+        if key not in clips:
+            clips[key] = make_clip(config, *key)[0]
+        items.append(EvalItem(item.id, oracle_text(clips[key], row["question"]), item.answer, item.options, [],
+                              item.categories))
+    return items

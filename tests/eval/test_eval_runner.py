@@ -286,3 +286,25 @@ def test_keye_eval_lookup_needs_no_data(nano, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lookup: accuracy" in out and "the items' own guess scores" in out
     assert json.loads((tmp_path / "results.json").read_text())["overall"]["n"] == 4
+
+
+def test_world_text_items_are_the_split_answered_from_each_clips_listing(world):
+    """The text oracle asks each row of the split after the listing of its own clip, rebuilt from world.json."""
+    from keye.data.world.generate import frame_objects, make_clip
+    from keye.eval.formats import load_definition
+
+    d = load_definition("world-text", [f"annotations={world}"])
+    items, rows = read_items(d), read_rows(world)
+    assert [i.id for i in items] == [r["id"] for r in rows] and [i.answer for i in items] == [r["answer"] for r in rows]
+    config = WorldConfig.from_dict(json.loads((world.parent / "world.json").read_text())["config"])
+    for item, row in zip(items, rows):
+        assert not item.media and item.question.endswith(row["question"])
+        clip, _ = make_clip(config, "test", row["clip_id"])
+        lines = item.question.splitlines()[1:]  # after the listing's one-line legend
+        for (seconds, seen), line in zip(frame_objects(clip), lines):
+            assert line.startswith(f"{seconds:.1f}s ") and all(obj.name in line for _, _, obj in seen)
+    missing = world.parent / "copy"
+    missing.mkdir()
+    (missing / "test.jsonl").write_text(world.read_text())
+    with pytest.raises(KeyeInputError, match="world.json"):
+        read_items(load_definition("world-text", [f"annotations={missing / 'test.jsonl'}"]))

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keye.data.world.generate import WorldConfig, caption, dense_questions, frame_objects, make_clip
+from keye.data.world.generate import (FRAMES_PROMPT, WorldConfig, caption, dense_questions, frame_listing, frame_objects,
+                                      frame_texts, make_clip)
 from keye.data.world.questions import QA
 from keye.data.world.scene import Clip
 
@@ -56,24 +57,33 @@ class TextMix:
     clip allows (in a random order)."""
 
     chains: float = 0.0  # share of answers written as <think>chain</think>answer
-    captions: float = 0.0  # probability of a last turn asking for the clip's caption
+    captions: float = 0.0  # probability of a turn asking for the clip's caption
+    # probability of a turn asking for the world's frame listing (the frames rows' task, in 3x3 cell words)
+    frames: float = 0.0
 
 
 def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix: TextMix = TextMix()) -> list[dict]:
     """Chat messages: the listing and the first question, then the other questions turn by turn."""
     turns = [(qa.question, _answer(qa, rng.random() < mix.chains)) for qa in dense_questions(config, clip, rng)]
+    if rng.random() < mix.frames:
+        turns.insert(int(rng.integers(len(turns) + 1)), (FRAMES_PROMPT, frame_listing(frame_texts(clip))))
     if rng.random() < mix.captions:
-        turns.append(("Describe the video.", caption(clip)))
+        turns.insert(int(rng.integers(len(turns) + 1)), ("Describe the video.", caption(clip)))
     messages = []
     for i, (question, answer) in enumerate(turns):
-        text = f"{LISTING_INTRO}\n{listing(clip)}\n{question}" if i == 0 else question
+        text = oracle_text(clip, question) if i == 0 else question
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
     return messages
 
 
+def oracle_text(clip: Clip, question: str) -> str:
+    """The listing, then ``question``: the user turn the text oracle asks."""
+    return f"{LISTING_INTRO}\n{listing(clip)}\n{question}"
+
+
 def oracle_messages(clip: Clip, question: str) -> list[dict]:
     """The text oracle's prompt: the listing, then one question (the reply is the model's)."""
-    return [{"role": "user", "content": f"{LISTING_INTRO}\n{listing(clip)}\n{question}"}]
+    return [{"role": "user", "content": oracle_text(clip, question)}]
 
 
 def pretraining_clip(index: int, config: WorldConfig) -> tuple[Clip, np.random.Generator]:

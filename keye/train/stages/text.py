@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TextMixConfig:
     chains: float = 0.0  # share of answers written as <think>chain</think>answer
-    captions: float = 0.0  # probability of a last turn asking for the caption
+    captions: float = 0.0  # probability of a turn asking for the caption
+    frames: float = 0.0  # probability of a turn asking for the frame listing in the world's cell words
 
 
 @dataclass
@@ -90,7 +91,7 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     model, processor, out_dir = prepare(cfg, run_root)
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
-    dataset = WorldTextDataset(size, world, TextMix(cfg.mix.chains, cfg.mix.captions), processor, cfg.loss)
+    dataset = WorldTextDataset(size, world, TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames), processor, cfg.loss)
     pad_id = processor.tokenizer.pad_token_id
     model = train(model, dataset, functools.partial(collate, pad_id=pad_id), lm_loss_fn, count_label_tokens, cfg.run,
                   out_dir, desc=cfg.out)
