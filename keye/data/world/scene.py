@@ -54,14 +54,14 @@ BACKGROUND_SPLITS = ("plain", "vertical", "horizontal")
 _COLLISION_FACTOR = 1.45
 
 
-_ROWS, _COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # the 3 x 3 cell words
 
 
 def where(x: float, y: float, width: int, height: int) -> str:
     """Coarse position of a point on a 3 x 3 grid: 'top left', 'middle centre', ... (the words of the
     frame listings and of the reasoning chains, which never quote pixel coordinates)."""
-    col = _COLS[min(2, max(0, int(3 * x / width)))]
-    row = _ROWS[min(2, max(0, int(3 * y / height)))]
+    col = COLUMNS[min(2, max(0, int(3 * x / width)))]
+    row = ROWS[min(2, max(0, int(3 * y / height)))]
     return f"{row} {col}"
 
 

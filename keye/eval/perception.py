@@ -1,0 +1,86 @@
+"""Per-frame perception: how many words of a clip's frame listing a model gets right, teacher-forced.
+
+The world's frames task ("List the objects in each frame and where they are." -> "0.0s: red circle top left,
+blue square middle centre. 0.5s: ...") names, per 2 fps frame, every object's colour, shape and 3x3 cell.
+Given the video and the reference listing up to each word, the model's argmax must be that word; the score
+is the share of content words right (colours, shapes, the cell's row and column words, "nothing"), overall
+and per word type. Timestamps and punctuation are given away by the format and not scored. A chain of
+reasoning over several frames is only as right as these words, so this is the ceiling the video questions
+sit under.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keye.data.collate import SampleBuilder, collate
+from keye.data.world import WorldConfig
+from keye.data.world.generate import frames_row, make_clip
+from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
+from keye.video import VideoOptions
+
+
+def word_type(word: str) -> str | None:
+    """The scored type of a listing word, or None for what the format gives away."""
+    if word in COLORS:
+        return "colour"
+    if word in SHAPES:
+        return "shape"
+    if word in ROWS or word in COLUMNS:
+        return "position"
+    if word == "nothing":
+        return "nothing"
+    return None
+
+
+@torch.no_grad()
+def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, split: str = "val",
+                          video: VideoOptions = VideoOptions(), limit: int | None = None,
+                          batch_size: int = 8) -> dict[str, Any]:
+    """Teacher-forced word accuracy of the frame listings of ``split``'s clips of the world in
+    ``world_dir`` (rebuilt from its ``world.json``; the split's videos must be there). ``video``: the
+    sampling the model was trained with. Returns {"accuracy", "words", "per_type": {type: accuracy}}."""
+    world_dir = Path(world_dir)
+    config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
+    clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
+    builder = SampleBuilder(processor, video, base_dir=world_dir)
+    tokenizer, device = processor.tokenizer, next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    right: dict[str, list[bool]] = collections.defaultdict(list)
+    for start in range(0, len(clips), batch_size):
+        samples = [builder(frames_row(clip)) for clip in clips[start:start + batch_size]]
+        batch = collate(samples, pad_id=tokenizer.pad_token_id)
+        labels_BL = batch.pop("labels")
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        predicted_BL = logits.argmax(-1).cpu()
+        for b in range(len(samples)):
+            for positions in _words(tokenizer, labels_BL[b]):
+                word = tokenizer.decode(labels_BL[b, positions]).strip()
+                kind = word_type(word)
+                if kind is not None:  # position t predicts token t + 1
+                    right[kind].append(all(int(predicted_BL[b, p - 1]) == int(labels_BL[b, p]) for p in positions))
+    model.train(was_training)
+    scored = [r for rs in right.values() for r in rs]
+    return {"accuracy": sum(scored) / max(len(scored), 1), "words": len(scored),
+            "per_type": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
+
+
+def _words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
+    """Positions of the labelled tokens grouped into words (a token starting with a space, or after a
+    punctuation token, begins a word)."""
+    words: list[list[int]] = []
+    for p in (labels_L != -100).nonzero().flatten().tolist():
+        piece = tokenizer.convert_ids_to_tokens(int(labels_L[p]))
+        starts = piece.startswith("Ġ") or not words or not piece.isalpha()
+        if starts:
+            words.append([p])
+        else:
+            words[-1].append(p)
+    return words

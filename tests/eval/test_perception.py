@@ -1,0 +1,57 @@
+"""Teacher-forced listing word accuracy: a predictor that reads the next reference token scores 1, one that
+gets every colour wrong scores 0 on colours and 1 elsewhere, and the words scored are the listing's."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from keye.data.world import WorldConfig, generate_world
+from keye.data.world.generate import frame_objects, make_clip
+from keye.data.world.scene import COLORS
+from keye.eval.perception import listing_word_accuracy
+from keye.processing import load_nano_processor
+from keye.video import VideoOptions
+
+VIDEO = VideoOptions(fps=2.0, min_pixels=3136, max_pixels=3136, slow_fast=False)
+CONFIG = WorldConfig.from_dict({"seed": 3, "clips": {"train": 0, "val": 2, "test": 0},
+                                "scene": {"height": 56, "width": 56}, "crop_size": 56})
+
+
+class NextToken(nn.Module):
+    """Predicts the reference's next token (teacher forcing hands it in), optionally naming a wrong colour."""
+
+    def __init__(self, vocab: int, wrong_colours: dict[int, int] | None = None):
+        super().__init__()
+        self.vocab, self.wrong = vocab, wrong_colours or {}
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, **_):
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        nxt = nxt.apply_(lambda t: self.wrong.get(t, t))
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("perception")
+    generate_world(out, CONFIG, progress=False)
+    return out
+
+
+def test_listing_word_accuracy_scores_the_listing_words(world):
+    processor = load_nano_processor()
+    vocab = len(processor.tokenizer)
+    perfect = listing_word_accuracy(NextToken(vocab), processor, world, video=VIDEO)
+    frames = [seen for i in range(2) for _, seen in frame_objects(make_clip(CONFIG, "val", f"val-{i:05d}")[0])]
+    objects, empty = sum(len(seen) for seen in frames), sum(not seen for seen in frames)
+    assert perfect["accuracy"] == 1.0 and perfect["words"] == 4 * objects + empty  # colour, shape, row, column
+    assert perfect["per_type"]["colour"] == 1.0
+
+    ids = {name: processor.tokenizer.convert_tokens_to_ids("Ġ" + name) for name in COLORS}
+    names = list(ids)
+    wrong = {ids[n]: ids[names[(i + 1) % len(names)]] for i, n in enumerate(names)}
+    colour_blind = listing_word_accuracy(NextToken(vocab, wrong), processor, world, video=VIDEO)
+    assert colour_blind["per_type"]["colour"] == 0.0 and colour_blind["per_type"]["shape"] == 1.0
+    assert colour_blind["accuracy"] == pytest.approx(1 - objects / perfect["words"])
