@@ -59,7 +59,8 @@ class StageConfig:
     stage: str = ""  # a registered stage name (``keye.train.stages``)
     out: str = ""  # folder under the run folder; default: the stage file's name
     model: str = "keye-nano"  # registered variant, used when init_from is empty
-    # a previous stage's folder (holding model/) or a model folder, relative to the run folder
+    # a previous stage's folder (holding model/) or a model folder, relative to the run folder, or a
+    # pretrained start that ships with the package (keye.models.pretrained, e.g. keye-nano-base)
     init_from: str | None = None
     train: list[str] = field(default_factory=lambda: ["vision", "projector", "lm"])  # groups that train
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,13 +120,19 @@ def load_start(cfg: StageConfig, run_root: Path):
 
 
 def start_folder(run_root: Path, init_from: str) -> Path:
-    """The model folder ``init_from`` names: ``<run_root>/<init_from>/model``, or the folder itself when it
-    holds a model (``config.json``)."""
+    """The model folder ``init_from`` names: ``<run_root>/<init_from>/model``, the folder itself when it
+    holds a model (``config.json``), or else a pretrained start shipped with the package."""
+    from keye.models.pretrained import PRETRAINED, pretrained_folder
+
     stage = run_root / init_from
     for candidate in (stage / MODEL_DIR, stage):
         if (candidate / "config.json").is_file():
             return candidate
-    raise ConfigError(f"init_from: {stage / MODEL_DIR} holds no saved model (did the previous stage finish?)")
+    shipped = pretrained_folder(init_from)
+    if shipped is not None:
+        return shipped
+    raise ConfigError(f"init_from: {stage / MODEL_DIR} holds no saved model (did the previous stage finish?), and "
+                      f"{init_from!r} is no shipped pretrained start ({', '.join(PRETRAINED)})")
 
 
 def apply_lora(model, lora: LoraSettings):

@@ -72,6 +72,49 @@ def repetition_penalty(prompts, completions, ngram: int = 3, **_) -> list[float]
     return out
 
 
+# A chain's placement claims, in the words the world's chains and frame listings use: "the red circle is in the
+# top left at 1.0s and further right, in the top centre, at 3.0s", "At 0.5s the blue square is in the middle
+# centre". Within a sentence, a cell phrase belongs to the last object named before it, and to the first time
+# after it (up to the next cell), else the last time before it.
+_CELL = re.compile(r"\b(top|middle|bottom) (left|centre|right)\b")
+_OBJECT = re.compile(r"\b([a-z]+) (circle|square|triangle)\b")
+_TIME = re.compile(r"\b(\d+\.\d)s\b")
+_SENTENCE = re.compile(r"[^.]*(?:\.(?=\d)[^.]*)*(?:\.|$)")  # a period between digits does not end one
+
+
+def placement_claims(text: str) -> list[tuple[str, str, str]]:
+    """(object, seconds as written, cell) for every placement a chain states."""
+    claims = []
+    for sentence in _SENTENCE.findall(text.lower()):
+        cells = list(_CELL.finditer(sentence))
+        for i, cell in enumerate(cells):
+            objects = [m for m in _OBJECT.finditer(sentence, 0, cell.start()) if m.group(1) not in ("the", "a", "an")]
+            stop = cells[i + 1].start() if i + 1 < len(cells) else len(sentence)
+            after = list(_TIME.finditer(sentence, cell.end(), stop))
+            before = list(_TIME.finditer(sentence, 0, cell.start()))
+            when = after[0] if after else (before[-1] if before else None)
+            if objects and when is not None:
+                claims.append((objects[-1].group(0), when.group(1), cell.group(0)))
+    return claims
+
+
+@register_reward("placement")
+def placement_reward(prompts, completions, frame_texts=None, **_) -> list[float]:
+    """The share of a completion's placement claims ("the red circle is in the top left at 1.0s") that the
+    clip's frame listing confirms (``frame_texts``: [seconds, "red circle top left, ..."] per frame, as the
+    world's frames rows hold them); 0 for a completion that claims nothing. It rewards chains that read the
+    frames right, where the answer reward only sees the last word."""
+    if frame_texts is None:
+        raise ConfigError("reward 'placement' needs each row's frame_texts (the RL stage joins data.listings)")
+    out = []
+    for completion, listing in zip(completions, frame_texts):
+        at = {f"{float(t):.1f}": text for t, text in listing or []}
+        claims = placement_claims(completion)
+        right = sum(when in at and f"{obj} {cell}" in at[when] for obj, when, cell in claims)
+        out.append(right / len(claims) if claims else 0.0)
+    return out
+
+
 def combine_rewards(
     weights: dict[str, float], prompts: list[str], completions: list[str], columns: dict[str, list]
 ) -> tuple[list[float], dict[str, list[float]]]:

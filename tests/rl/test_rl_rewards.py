@@ -133,3 +133,46 @@ def test_resample_draws_again_until_the_batch_is_full():
 def test_with_hint_row_feeds_reward_columns_unchanged():
     row = with_hint(_row("b", 2), 2)
     assert row["hint_level"] == 2 and row["answer"] == "red"
+
+
+def test_placement_reward_checks_each_claim_against_the_clips_listing():
+    """The world's own reference chains state only true placements (reward 1); a chain with one cell moved
+    loses exactly that claim's share; a chain without placements earns nothing."""
+    from keye.data.world import WorldConfig
+    from keye.data.world.generate import frame_texts, make_clip, questions_for_clip
+    from keye.train.rewards import placement_claims, placement_reward
+
+    config = WorldConfig(seed=4)
+    chains, listings = [], []
+    for i in range(30):
+        clip, rng = make_clip(config, "train", f"train-{i:05d}")
+        for qa in questions_for_clip(config, clip, rng)[0]:
+            if qa.kind in ("motion", "mover_color", "mover_count"):
+                chains.append(f"<think>{qa.cot}</think>{qa.answer}")
+                listings.append([list(p) for p in frame_texts(clip)])
+    assert len(chains) >= 10 and all(placement_claims(c) for c in chains)
+    assert placement_reward(None, chains, frame_texts=listings) == [1.0] * len(chains)
+
+    chain, listing = chains[0], listings[0]
+    claims = placement_claims(chain)
+    obj, when, cell = claims[0]
+    other = "bottom right" if cell != "bottom right" else "top left"
+    moved = chain.replace(f"{obj} is in the {cell}", f"{obj} is in the {other}", 1)
+    assert placement_claims(moved)[0] == (obj, when, other)
+    assert placement_reward(None, [moved], frame_texts=[listing]) == [pytest.approx(1 - 1 / len(claims))]
+    assert placement_reward(None, ["<think>It moves.</think>left"], frame_texts=[listing]) == [0.0]
+    with pytest.raises(ConfigError, match="frame_texts"):
+        placement_reward(None, [chain])
+
+
+def test_the_rl_stage_joins_each_rows_listing_for_the_placement_reward(tmp_path):
+    import json
+
+    from keye.train.stages.rl import _with_listings
+
+    (tmp_path / "frames.jsonl").write_text(json.dumps({"clip_id": "c1", "frame_texts": [[0.0, "red circle top left"]]}) + "\n")
+    rows = [{"id": "q1", "clip_id": "c1", "answer": "red"}]
+    joined = _with_listings(rows, ["frames.jsonl"], tmp_path)
+    assert joined == [{**rows[0], "frame_texts": [[0.0, "red circle top left"]]}] and "frame_texts" not in rows[0]
+    with pytest.raises(ConfigError, match=r"no frame_texts for clip\(s\) \['c2'\]"):
+        _with_listings(rows + [{"id": "q2", "clip_id": "c2", "answer": "blue"}], ["frames.jsonl"], tmp_path)

@@ -73,6 +73,9 @@ class RLDataConfig(DataConfig):
     reasoning_only: bool = True  # keep only rows flagged ``reasoning`` (the multi-step questions)
     max_eval_samples: int | None = None
     seed: int = 0
+    # frame rows (frame_texts per clip, as the world's frames.jsonl) joined to the rows by clip_id when a
+    # reward reads them (placement)
+    listings: list[str] = field(default_factory=lambda: ["world/frames.jsonl"])
 
 
 @dataclass
@@ -389,6 +392,8 @@ class RLStage:
         self.rows = _select_rows(self.rows, cfg.data, cfg.data.max_samples)
         if not self.rows:
             raise ConfigError(f"{cfg.out}: no training rows left after data.kinds / data.reasoning_only")
+        if cfg.rewards.get("placement"):
+            self.rows = _with_listings(self.rows, cfg.data.listings, self.run_root)
         self.prompts = PromptBuilder(self.processor, cfg.video, base)
 
         # one optimizer step per minibatch: the strategy's accumulation window is one backward call
@@ -574,6 +579,16 @@ def _select_rows(rows: list[dict], data: RLDataConfig, limit: int | None) -> lis
             and (not data.kinds or r.get("kind") in data.kinds) and "answer" in r]
     kept = assign_modes(kept, data.modes, seed=data.seed) if data.modes else kept
     return kept[:limit] if limit else kept
+
+
+def _with_listings(rows: list[dict], files: list[str], run_root: Path) -> list[dict]:
+    """Rows with their clip's ``frame_texts`` (from frame rows keyed by ``clip_id``), for the placement reward."""
+    listings = {row["clip_id"]: row["frame_texts"] for row in read_rows(files, run_root)[0] if "frame_texts" in row}
+    missing = sorted({row.get("clip_id") for row in rows} - set(listings), key=str)
+    if missing:
+        raise ConfigError(f"data.listings {files}: no frame_texts for clip(s) {missing[:3]} (of {len(missing)}); the "
+                          "placement reward checks each chain against its clip's listing")
+    return [{**row, "frame_texts": listings[row["clip_id"]]} for row in rows]
 
 
 def build_policy(cfg: RLConfig, run_root: Path, model=None, processor=None):
