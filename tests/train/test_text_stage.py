@@ -78,3 +78,42 @@ def test_a_short_text_run_trains_the_decoder_only_and_scores_the_held_out_questi
     assert scores["text_oracle"]["n"] == len(rows)
     assert set(scores["text_oracle"]["per_kind"]) == {r["kind"] for r in rows}
     assert scores["lookup"]["n"] == 10 and 0 < scores["lookup"]["first_listed"] < 1
+
+
+def test_guides_point_at_the_answer_and_its_questions_key_words():
+    import re
+
+    from keye.data.world.text import LISTING_INTRO, TextMix, key_words
+    from keye.processing import load_nano_processor
+    from keye.train.stages.text import WorldTextDataset
+
+    processor = load_nano_processor()
+    tok = processor.tokenizer
+    dataset = WorldTextDataset(40, WorldConfig(seed=7), TextMix(), 0.5, processor, "all")
+    checked = 0
+    for i in range(12):
+        ids = dataset[i].input_ids.tolist()
+        for pos, keys in dataset[i].meta["guides"]:
+            assert tok.decode(ids[: pos + 1]).endswith("<|im_start|>assistant\n")  # the answer comes next
+            user = tok.decode(ids[:pos]).rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
+            question = "\n".join(line for line in user.splitlines()
+                                 if line != LISTING_INTRO and not re.match(r"\d+\.\ds ", line))
+            assert [tok.decode(ids[k]).strip() for k in keys] == key_words(question), (user, question)
+            checked += 1
+    assert checked > 20
+
+
+def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
+    stage = tmp_path / "text.yaml"
+    stage.write_text(yaml.safe_dump({
+        "stage": "text", "eval_clips": {"val": 1}, "eval_lookups": 4, "mix": {"lookups": 1.0},
+        "guide": {"previous_token": 1.0, "key_words": 1.0},
+        "run": {"steps": 12, "micro_batch": 4, "optim": {"lr": 1.0e-2, "warmup_steps": 0, "schedule": "constant"}},
+    }))
+    root = tmp_path / "run"
+    run_stage(load_stage_config(stage), root)
+    rows = read_metrics(root / "text" / "metrics.jsonl")
+    assert rows[-1]["guide_previous"] < 0.5 * rows[0]["guide_previous"]  # the previous-token head forms
+    assert rows[-1]["guide_keys"] < rows[0]["guide_keys"]
+    config = json.loads((root / "text" / "model" / "config.json").read_text())
+    assert config["text_config"].get("_attn_implementation", "sdpa") != "eager"

@@ -11,7 +11,11 @@ the background, then each object in view with its centre on a 1-99 grid, in read
 Positions that fine make motion, pauses and entries answerable from the text (a 3x3 cell stays the same for
 several frames of a slow object), and the background makes cuts answerable. ``conversation(clip, ...)``
 puts the listing in a user turn and asks the clip's questions in turns, as the world's dense rows do;
-``oracle_messages(clip, question)`` is the one-question form the text oracle scores.
+``oracle_messages(clip, question)`` is the one-question form the text oracle scores. ``lookup_turns``
+asks colour / shape lookups over a window of one to three frames, the shortest form of the binding step.
+
+Every turn carries its question's key words (the colours, shapes and directions it names), so a stage can
+guide attention to them (``keye.train.stages.text``).
 
 Pretraining clips come from their own world seed (``TEXT_SEED`` by default), never from the held-out
 clips of seed 0.
@@ -19,6 +23,7 @@ clips of seed 0.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +31,7 @@ import numpy as np
 from keye.data.world.generate import (FRAMES_PROMPT, WorldConfig, caption, dense_questions, frame_listing, frame_objects,
                                       frame_texts, make_clip)
 from keye.data.world.questions import QA
-from keye.data.world.scene import Clip
+from keye.data.world.scene import COLORS, DIRECTIONS, SHAPES, Clip
 
 TEXT_SEED = 1_000_000  # the world seed text pretraining draws its clips from (the held-out clips are seed 0's)
 LISTING_INTRO = "Frames (time, background: colour shape x y, x and y from 1 to 99):"
@@ -37,14 +42,44 @@ def _grid(value: float, size: int) -> int:
     return int(min(99, max(1, 1 + int(value * 99 / size))))
 
 
-def listing(clip: Clip) -> str:
-    """The clip's frames as text, one line per 2 fps frame (see the module docstring)."""
+def listing(clip: Clip, frames: slice = slice(None)) -> str:
+    """The clip's frames (all, or a ``frames`` slice of its 2 fps frames) as text, one line per frame."""
     lines = []
-    for seconds, seen in frame_objects(clip):
+    for seconds, seen in list(frame_objects(clip))[frames]:
         shot = clip.shots[clip.shot_of(int(round(seconds * clip.fps)))]
         objects = ", ".join(f"{obj.name} {_grid(x, clip.width)} {_grid(y, clip.height)}" for x, y, obj in seen)
         lines.append(f"{seconds:.1f}s {'/'.join(shot.background.colors)}: {objects or 'nothing'}")
     return "\n".join(lines)
+
+
+_KEY_WORDS = re.compile(rf"\b({'|'.join([*COLORS, *SHAPES, *DIRECTIONS])})\b")
+
+
+def key_words(question: str) -> list[str]:
+    """The words a question asks to look up: the colours, shapes and directions its first clause names
+    (up to the first ":" or "?"; the answer choices of "left, right, up, down" after it are no key), and
+    those of its option lines ("A. the red circle")."""
+    head = re.split(r"[:?]", question, maxsplit=1)[0]
+    options = [line for line in question.splitlines()[1:] if re.match(r"[A-Z]\. ", line)]
+    return [m.group(0) for text in (head, *options) for m in _KEY_WORDS.finditer(text)]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and its answer; ``context`` is what the user turn shows before the question (the listing)."""
+
+    question: str
+    answer: str
+    context: str = ""
+
+
+def messages(turns: list[Turn]) -> list[dict]:
+    """Chat messages for ``turns``: each user turn is its context (if any), a newline, its question."""
+    out = []
+    for turn in turns:
+        text = f"{turn.context}\n{turn.question}" if turn.context else turn.question
+        out += [{"role": "user", "content": text}, {"role": "assistant", "content": turn.answer}]
+    return out
 
 
 def _answer(qa: QA, chain: bool) -> str:
@@ -62,18 +97,31 @@ class TextMix:
     frames: float = 0.0
 
 
-def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix: TextMix = TextMix()) -> list[dict]:
-    """Chat messages: the listing and the first question, then the other questions turn by turn."""
+def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix: TextMix = TextMix()) -> list[Turn]:
+    """The listing with the first question, then the other questions turn by turn."""
     turns = [(qa.question, _answer(qa, rng.random() < mix.chains)) for qa in dense_questions(config, clip, rng)]
     if rng.random() < mix.frames:
         turns.insert(int(rng.integers(len(turns) + 1)), (FRAMES_PROMPT, frame_listing(frame_texts(clip))))
     if rng.random() < mix.captions:
         turns.insert(int(rng.integers(len(turns) + 1)), ("Describe the video.", caption(clip)))
-    messages = []
-    for i, (question, answer) in enumerate(turns):
-        text = oracle_text(clip, question) if i == 0 else question
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
-    return messages
+    context = f"{LISTING_INTRO}\n{listing(clip)}"
+    return [Turn(q, a, context if i == 0 else "") for i, (q, a) in enumerate(turns)]
+
+
+def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3) -> list[Turn]:
+    """Colour and shape lookups over a window of 1 to ``max_frames`` frames of ``clip``: "What colour is the
+    triangle?" for each object whose shape is unique in the window, "What shape is the blue object?" for each
+    whose colour is; empty when the window shows nothing to ask about."""
+    frames = list(frame_objects(clip))
+    width = int(rng.integers(1, max_frames + 1))
+    start = int(rng.integers(max(1, len(frames) - width + 1)))
+    seen = {obj.name: obj for _, objs in frames[start:start + width] for _, _, obj in objs}
+    objs = list(seen.values())
+    questions = [(f"What colour is the {o.shape}?", o.color) for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+    questions += [(f"What shape is the {o.color} object?", o.shape) for o in objs if sum(p.color == o.color for p in objs) == 1]
+    order = rng.permutation(len(questions))
+    context = f"{LISTING_INTRO}\n{listing(clip, slice(start, start + width))}"
+    return [Turn(*questions[k], context if i == 0 else "") for i, k in enumerate(order)]
 
 
 def oracle_text(clip: Clip, question: str) -> str:
@@ -84,6 +132,7 @@ def oracle_text(clip: Clip, question: str) -> str:
 def oracle_messages(clip: Clip, question: str) -> list[dict]:
     """The text oracle's prompt: the listing, then one question (the reply is the model's)."""
     return [{"role": "user", "content": oracle_text(clip, question)}]
+
 
 
 def pretraining_clip(index: int, config: WorldConfig) -> tuple[Clip, np.random.Generator]:

@@ -3,9 +3,20 @@ pretrained on text (Qwen3) before any vision stage.
 
 Each sample is a fresh clip of the stage's own world (``world``, seed ``TEXT_SEED`` unless set; never the
 held-out clips of seed 0) written out by ``keye.data.world.text``: its per-frame listing and one question of
-every kind the clip allows, as a chat (``mix`` adds chains of thought and captions). The loss is next-token
-over the whole conversation (``loss: all``: listings too, so the decoder learns how objects move from frame to
-frame) or over the assistant turns only. Only the ``lm`` group trains by default.
+every kind the clip allows, as a chat (``mix`` adds chains of thought, captions, the cell-word frame listing,
+and short colour / shape lookups over 1-3 frames). The loss is next-token over the whole conversation
+(``loss: all``: listings too, so the decoder learns how objects move from frame to frame) or over the
+assistant turns only. Only the ``lm`` group trains by default.
+
+**Guided attention** (``guide``). A decoder this small, trained from scratch, sits for thousands of steps on
+the first-listed plateau of lookups ("What colour is the square?" answered with the listing's first colour):
+no head learns to carry the question's key word to where the answer is written, so nothing can look it up.
+Two auxiliary losses shape two heads of one layer into the circuit's first hop: one head attends to the
+previous token (``previous_token``), the other, at each answer's position, to the key words of its question
+(``key_words``: the colours, shapes, directions it names). Each is minus the log of the attention on its
+target, averaged; both weights are 0 (off) by default. With them the lookup plateau breaks within a few
+hundred steps (model card). Guidance needs the attention weights, so the decoder runs with eager attention
+while the stage trains; the saved model keeps its own implementation.
 
 At the end the decoder is scored teacher-forced, exact answers, on the held-out questions of seed 0's val and
 test clips answered from their listings (the text oracle), and on the lookup probe
@@ -18,6 +29,7 @@ import collections
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +41,12 @@ from keye.data.collate import Sample, collate, count_label_tokens
 from keye.data.world import WorldConfig
 from keye.data.world.generate import make_clip, questions_for_clip
 from keye.data.world.probes import lookup_probe
-from keye.data.world.text import TEXT_SEED, TextMix, conversation, oracle_messages, pretraining_clip
+from keye.data.world.text import (TEXT_SEED, TextMix, Turn, conversation, key_words, lookup_turns, messages,
+                                  oracle_messages, pretraining_clip)
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.train.base import StageConfig, prepare, register_stage, save_model
-from keye.train.runner import train
+from keye.train.runner import StepLoss, train
 from keye.train.session import RunConfig, resolve_device
 from keye.train.stages.lm import lm_loss_fn
 
@@ -45,6 +58,22 @@ class TextMixConfig:
     chains: float = 0.0  # share of answers written as <think>chain</think>answer
     captions: float = 0.0  # probability of a turn asking for the caption
     frames: float = 0.0  # probability of a turn asking for the frame listing in the world's cell words
+    lookups: float = 0.0  # share of samples that are colour / shape lookups over 1-3 frames instead of a clip
+
+
+@dataclass
+class GuideConfig:
+    """Guided attention (module docstring): weights of the two auxiliary losses (0: off), and the layer and
+    heads they shape."""
+
+    previous_token: float = 0.0
+    key_words: float = 0.0
+    layer: int = 0
+    heads: tuple[int, int] = (0, 1)  # (the previous-token head, the key-word head)
+
+    @property
+    def enabled(self) -> bool:
+        return self.previous_token > 0 or self.key_words > 0
 
 
 @dataclass
@@ -53,6 +82,7 @@ class TextStageConfig(StageConfig):
     world: dict[str, Any] = field(default_factory=lambda: {"seed": TEXT_SEED})  # WorldConfig fields of the clips
     mix: TextMixConfig = field(default_factory=TextMixConfig)
     loss: Literal["all", "assistant"] = "all"
+    guide: GuideConfig = field(default_factory=GuideConfig)
     # the held-out clips the text oracle is scored on: seed 0's, as many per split as the nano world has
     eval_clips: dict[str, int] = field(default_factory=lambda: {"val": 40, "test": 100})
     eval_lookups: int = 400  # lookup-probe questions scored at the end
@@ -69,21 +99,87 @@ class TextStageConfig(StageConfig):
 
 class WorldTextDataset:
     """Sample ``i`` = pretraining clip ``i`` of ``config``'s world as a tokenised conversation (built on
-    demand, the same for the same index)."""
+    demand, the same for the same index): a whole clip, or with probability ``mix.lookups`` lookups over a
+    window of it. ``meta["guides"]`` lists, per answer, (the position that predicts its first token, the
+    positions of its question's key words)."""
 
-    def __init__(self, size: int, config: WorldConfig, mix: TextMix, processor, loss: str):
-        self.size, self.config, self.mix, self.processor, self.loss = size, config, mix, processor, loss
+    def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str):
+        self.size, self.config, self.mix, self.lookups = size, config, mix, lookups
+        self.processor, self.loss = processor, loss
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> Sample:
         clip, rng = pretraining_clip(index, self.config)
-        text = self.processor.apply_chat_template(conversation(clip, rng, self.config, self.mix),
-                                                  add_generation_prompt=False)
+        turns = lookup_turns(clip, rng) if rng.random() < self.lookups else []
+        turns = turns or conversation(clip, rng, self.config, self.mix)
+        text = self.processor.apply_chat_template(messages(turns), add_generation_prompt=False)
         enc = self.processor(text=[text], return_labels=self.loss == "assistant")
         ids = enc["input_ids"][0]
-        return Sample(ids, enc["labels"][0] if self.loss == "assistant" else ids.clone())
+        labels = enc["labels"][0] if self.loss == "assistant" else ids.clone()
+        return Sample(ids, labels, meta={"guides": guide_positions(self.processor.tokenizer, text, turns)})
+
+
+def guide_positions(tokenizer, text: str, turns: list[Turn]) -> list[tuple[int, list[int]]]:
+    """Per turn with key words: the token position whose next-token prediction is the answer's first token,
+    and the positions of the tokens holding its question's key words, in the tokenisation of ``text`` (the
+    rendered chat of ``turns``)."""
+    starts = [start for start, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+
+    def token_at(char: int) -> int:  # the token whose span starts at or before ``char``
+        return max(i for i, s in enumerate(starts) if s <= char)
+
+    guides, cursor = [], 0
+    for turn in turns:
+        q = text.index(turn.question, cursor)
+        a = text.index(turn.answer, q + len(turn.question)) if turn.answer else q + len(turn.question)
+        cursor = a + len(turn.answer)
+        words = set(key_words(turn.question))
+        keys = [token_at(q + m.start()) for m in re.finditer(r"[a-z]+", turn.question) if m.group(0) in words]
+        if keys:
+            guides.append((token_at(a) - 1, sorted(set(keys))))
+    return guides
+
+
+def collate_guided(samples: list[Sample], pad_id: int) -> dict:
+    """``collate`` plus ``guides``: (row, answer position, key positions) for every guided answer."""
+    batch = collate(samples, pad_id)
+    batch["guides"] = [(b, pos, keys) for b, s in enumerate(samples) for pos, keys in s.meta.get("guides", [])]
+    return batch
+
+
+class AttentionTap:
+    """Keeps the attention probabilities (B, H, L, L) of one decoder layer from each forward (eager attention
+    returns them; the tap holds the last)."""
+
+    def __init__(self, layer: nn.Module):
+        self.weights: torch.Tensor | None = None
+        self.handle = layer.self_attn.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        self.weights = output[1]
+
+
+def guided_lm_loss(model: nn.Module, batch: dict, guide: GuideConfig, tap: AttentionTap) -> StepLoss:
+    """The LM loss, plus the guidance terms (means) as ``aux_loss``, their values in the metrics."""
+    guides = batch.pop("guides")
+    out = lm_loss_fn(model, batch)
+    weights_BHLL = tap.weights
+    mask_BL = batch["attention_mask"].bool()
+    aux, metrics = out.aux_loss, dict(out.metrics)
+    if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
+        prev_BL1 = torch.diagonal(weights_BHLL[:, guide.heads[0]], offset=-1, dim1=-2, dim2=-1)
+        prev = -prev_BL1.clamp_min(1e-6).log()[mask_BL[:, 1:]].mean()
+        aux = (aux if aux is not None else 0.0) + guide.previous_token * prev
+        metrics["guide_previous"] = float(prev.detach())
+    if guide.key_words > 0 and guides:
+        head = weights_BHLL[:, guide.heads[1]]
+        terms = [head[b, pos, keys].sum().clamp_min(1e-6).log() for b, pos, keys in guides]
+        keys_loss = -torch.stack(terms).mean()
+        aux = (aux if aux is not None else 0.0) + guide.key_words * keys_loss
+        metrics["guide_keys"] = float(keys_loss.detach())
+    return StepLoss(out.loss_sum, aux, metrics)
 
 
 @register_stage("text", TextStageConfig)
@@ -91,10 +187,21 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     model, processor, out_dir = prepare(cfg, run_root)
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
-    dataset = WorldTextDataset(size, world, TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames), processor, cfg.loss)
-    pad_id = processor.tokenizer.pad_token_id
-    model = train(model, dataset, functools.partial(collate, pad_id=pad_id), lm_loss_fn, count_label_tokens, cfg.run,
-                  out_dir, desc=cfg.out)
+    mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
+    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss)
+    collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
+    if cfg.guide.enabled:
+        decoder_config = model.model.config
+        implementation = decoder_config._attn_implementation
+        decoder_config._attn_implementation = "eager"  # the only implementation that returns attention weights
+        tap = AttentionTap(model.model.layers[cfg.guide.layer])
+        loss_fn = functools.partial(guided_lm_loss, guide=cfg.guide, tap=tap)
+    else:
+        loss_fn = _unguided
+    model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
+    if cfg.guide.enabled:
+        tap.handle.remove()
+        decoder_config._attn_implementation = implementation
     device = resolve_device(cfg.run.device)
     results = {"text_oracle": text_oracle(model.to(device), processor, cfg.eval_clips),
                "lookup": lookup_accuracy(model, processor, cfg.eval_lookups)}
@@ -104,6 +211,11 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     log.info("%s: text oracle %.3f, lookup %.3f (first-listed guess %.3f)", cfg.out, results["text_oracle"]["accuracy"],
              results["lookup"]["accuracy"], results["lookup"]["first_listed"])
     return save_model(model, processor, out_dir)
+
+
+def _unguided(model: nn.Module, batch: dict) -> StepLoss:
+    batch.pop("guides")
+    return lm_loss_fn(model, batch)
 
 
 # ----------------------------------------------------------------------------- held-out scores
