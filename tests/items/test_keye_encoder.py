@@ -46,7 +46,7 @@ def test_keye_export_through_the_cli(tmp_path, checkpoint):
     ]) == 0  # fmt: skip
     pids, x = read_embeddings(tmp_path / "emb")
     assert pids == [1, 2, 3] and x.shape == (3, 128)
-    problems = [json.loads(line) for line in (tmp_path / "emb" / "problems.jsonl").read_text().splitlines()]
+    problems = [json.loads(line) for line in (tmp_path / "emb.problems.jsonl").read_text().splitlines()]
     assert [(p["pid"], p["kind"]) for p in problems] == [(4, "unreadable")] and "not found" in problems[0]["reason"]
     # mean fusion: the video+text item is the normalised sum of the video-only and text-only items
     torch.testing.assert_close(x[2], F.normalize(x[0] + x[1], dim=0), atol=1e-5, rtol=1e-5)
