@@ -49,7 +49,7 @@ def _build_encoder(args: argparse.Namespace):
     return KeyeItemEncoder(
         pipe.model, pipe.processor, checkpoint=str(args.checkpoint), fusion=args.fusion, normalize=not args.no_normalize,
         weights=_key_values(args.weight, "--weight", float), text_fields=fields,
-        media_options=video_options_from(args).message(),
+        media_options=video_options_from(args).message(), vision_pooling=args.vision_pooling,
     )
 
 
@@ -121,6 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", help="keye: checkpoint folder (config.json, model.safetensors, tokenizer)")
     export.add_argument("--fusion", default="mean", choices=["mean", "weighted", "concat"], help="keye: fusion rule")
     export.add_argument("--weight", action="append", default=[], metavar="MODALITY=W", help="keye: weighted fusion")
+    export.add_argument("--vision-pooling", default="decoder", choices=["decoder", "vit"],
+                        help="keye: video / image embedding = mean decoder state over the visual tokens (default: "
+                             "one space with text) or the ViT's pooled output alone (content only, no LM pass)")
     export.add_argument("--text-model", default=None, help="minilm: sentence-encoder folder (default: bundled)")
     export.add_argument("--text-fields", default=None,
                         help="comma list, in join order (default: every text field, keye.items.catalogue.TEXT_FIELDS)")
