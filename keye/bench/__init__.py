@@ -2,7 +2,8 @@
 in one run.
 
 * ``video``: the video front-end against keye-vl-utils, qwen-vl-utils and decord alone (time, peak memory).
-* ``items``: residual k-means semantic IDs against faiss and scikit-learn (MSE, time, peak memory).
+* ``items``: residual k-means semantic IDs against faiss and scikit-learn (collisions, perplexity, MSE, time,
+  peak memory).
 * ``model``: keye-nano's training step and greedy decoding speed on CPU.
 * ``cli``: start-up time and memory of the ``keye`` command beside bare Python and ``import torch``.
 

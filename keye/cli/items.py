@@ -49,22 +49,22 @@ def _build_encoder(args: argparse.Namespace):
     return KeyeItemEncoder(
         pipe.model, pipe.processor, checkpoint=str(args.checkpoint), fusion=args.fusion, normalize=not args.no_normalize,
         weights=_key_values(args.weight, "--weight", float), text_fields=fields,
-        media_options=video_options_from(args).message(),
+        media_options=video_options_from(args).message(), vision_pooling=args.vision_pooling,
     )
 
 
 def _export(args: argparse.Namespace) -> int:
-    from keye.items.export import export_embeddings
+    from keye.items.export import export_embeddings, problems_path
 
     report = export_embeddings(
         args.catalogue, _build_encoder(args), args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        progress=not args.quiet,
+        shard_seconds=args.shard_seconds, progress=not args.quiet,
     )
     print(f"{args.out}: {report.summary()}")
     for problem in report.problems[:20]:
         print(f"  {problem['kind']}: pid={problem.get('pid')!r} {problem.get('where', '')} {problem['reason']}")
     if len(report.problems) > 20:
-        print(f"  ... {len(report.problems) - 20} more in {Path(args.out) / 'problems.jsonl'}")
+        print(f"  ... {len(report.problems) - 20} more in {problems_path(args.out)}")
     return 0
 
 
@@ -76,6 +76,7 @@ def _print_result(result, out: Path) -> None:
     print(format_metrics(result.metrics["codes"]))
     print(f"-- final IDs (collision policy '{result.ids.policy}') --")
     print(format_metrics(result.metrics["ids"]))
+    print(f"report: {out / 'metrics.json'}")
 
 
 def _tokenize(args: argparse.Namespace) -> int:
@@ -120,13 +121,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", help="keye: checkpoint folder (config.json, model.safetensors, tokenizer)")
     export.add_argument("--fusion", default="mean", choices=["mean", "weighted", "concat"], help="keye: fusion rule")
     export.add_argument("--weight", action="append", default=[], metavar="MODALITY=W", help="keye: weighted fusion")
+    export.add_argument("--vision-pooling", default="decoder", choices=["decoder", "vit"],
+                        help="keye: video / image embedding = mean decoder state over the visual tokens (default: "
+                             "one space with text) or the ViT's pooled output alone (content only, no LM pass)")
     export.add_argument("--text-model", default=None, help="minilm: sentence-encoder folder (default: bundled)")
     export.add_argument("--text-fields", default=None,
                         help="comma list, in join order (default: every text field, keye.items.catalogue.TEXT_FIELDS)")
     export.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     export.add_argument("--no-normalize", action="store_true", help="skip the final L2 normalisation")
     export.add_argument("--batch-size", type=int, default=32)
-    export.add_argument("--shard-size", type=int, default=4096)
+    export.add_argument("--shard-size", type=int, default=4096, help="a shard is written every N rows ...")
+    export.add_argument("--shard-seconds", type=float, default=60.0,
+                        help="... or every S seconds, whichever comes first: a killed export loses at most that")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     add_video_flags(export)  # keye encoder: how its videos and images are sampled
     export.set_defaults(func=_export)

@@ -2,7 +2,8 @@
 
 Recognised fields: ``pid`` (int or str, required), ``video`` and ``image`` (paths), and the text fields
 ``title``, ``caption``, ``asr``, ``ocr``. Other fields are ignored. Rows are streamed, never loaded whole.
-A row that cannot be parsed comes back as a ``BadRow`` so the export can report it instead of dropping it.
+A row that cannot be parsed comes back as a ``BadRow`` so the export can report it instead of dropping it; a jsonl
+line that is not UTF-8 is one such row (its line number and the byte offset of the bad byte in the file).
 """
 
 from __future__ import annotations
@@ -64,8 +65,17 @@ def item_from_record(record: dict) -> Item:
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    # read bytes and decode line by line: one bad byte costs its line, not the whole export
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"line {number}, byte {start + err.start}"
+                yield where, None, f"not UTF-8 (byte 0x{raw[err.start]:02x} at offset {start + err.start})"
+                continue
             if not line.strip():
                 continue
             try:

@@ -246,7 +246,8 @@ def _media_messages(items: list[Item], kind: str, media_options: dict) -> list[l
 
 
 def keye_modality_encoders(
-    model, processor, *, text_fields: Sequence[str] = TEXT_FIELDS, media_options: dict | None = None
+    model, processor, *, text_fields: Sequence[str] = TEXT_FIELDS, media_options: dict | None = None,
+    vision_pooling: str = "decoder",
 ) -> dict[str, ModalityEncoder]:
     """Modality encoders over the Keye model's embedding API (``keye.models.modeling``).
 
@@ -255,8 +256,10 @@ def keye_modality_encoders(
       ``fps``, ``max_frames``, ``max_pixels``), the chat template, ``keye.video.process_vision_info`` and the
       processor, then ``model.encode_video(input_ids, pixel_values_videos, video_grid_thw, attention_mask)`` /
       ``model.encode_image(input_ids, pixel_values, image_grid_thw, attention_mask)``.
-    Each returns ``(B, hidden)`` (mean of the last hidden states over the modality's tokens); an unreadable
-    video or image raises ``VideoError`` (a ``KeyeInputError``), which the export reports per item.
+    Each returns ``(B, hidden)`` (mean of the last hidden states over the modality's tokens); with
+    ``vision_pooling="vit"`` video and image return ``(B, vision hidden)``, the mean of the ViT's output over their
+    patches (the encoder alone). An unreadable video or image raises ``VideoError`` (a ``KeyeInputError``), which
+    the export reports per item.
     """
     from keye.video import process_vision_info
 
@@ -270,21 +273,25 @@ def keye_modality_encoders(
         messages = _media_messages(items, kind, options)
         prompts = [processor.apply_chat_template(m) for m in messages]
         inputs = processor(text=prompts, vision=process_vision_info(messages))
+        mask = inputs["attention_mask"]
         if kind == "video":
             args = inputs["pixel_values_videos"], inputs["video_grid_thw"]
-            return model.encode_video(inputs["input_ids"], *args, attention_mask=inputs["attention_mask"])
+            return model.encode_video(inputs["input_ids"], *args, attention_mask=mask, pooling=vision_pooling)
         args = inputs["pixel_values"], inputs["image_grid_thw"]
-        return model.encode_image(inputs["input_ids"], *args, attention_mask=inputs["attention_mask"])
+        return model.encode_image(inputs["input_ids"], *args, attention_mask=mask, pooling=vision_pooling)
 
     return {"video": lambda items: media("video", items), "image": lambda items: media("image", items), "text": text}
 
 
 class KeyeItemEncoder(FusedItemEncoder):
-    """Item embeddings from a Keye checkpoint: video, image and text towers fused (see ``keye_modality_encoders``)."""
+    """Item embeddings from a Keye checkpoint: video, image and text towers fused (see ``keye_modality_encoders``).
+
+    ``vision_pooling="vit"`` embeds an item by its video / image through the ViT alone (text is not used; an item
+    with neither is reported as unreadable)."""
 
     def __init__(
         self, model, processor, *, checkpoint="", fusion="mean", weights=None, normalize=True,
-        text_fields: Sequence[str] = TEXT_FIELDS, media_options: dict | None = None,
+        text_fields: Sequence[str] = TEXT_FIELDS, media_options: dict | None = None, vision_pooling: str = "decoder",
     ):
         config = getattr(model, "config", None)
         config_json = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
@@ -294,10 +301,17 @@ class KeyeItemEncoder(FusedItemEncoder):
             "model_config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
             "text_fields": list(text_fields),
             "media_options": dict(media_options or {}),
+            "vision_pooling": vision_pooling,
         }
         hidden = getattr(getattr(config, "text_config", None), "hidden_size", None)
+        dims = {m: hidden for m in MODALITIES} if hidden else {}
+        if vision_pooling == "vit" and (vit := getattr(getattr(config, "vision_config", None), "hidden_size", None)):
+            dims.update(video=vit, image=vit)
+        encoders = keye_modality_encoders(
+            model, processor, text_fields=text_fields, media_options=media_options, vision_pooling=vision_pooling
+        )
+        if vision_pooling == "vit":  # the vision encoder alone: content only, the text tower is not in this space
+            del encoders["text"]
         super().__init__(
-            keye_modality_encoders(model, processor, text_fields=text_fields, media_options=media_options),
-            fusion=fusion, weights=weights, normalize=normalize, description=description,
-            dims={m: hidden for m in MODALITIES} if hidden else None,
+            encoders, fusion=fusion, weights=weights, normalize=normalize, description=description, dims=dims or None
         )

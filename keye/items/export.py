@@ -1,12 +1,14 @@
 """Export one embedding per catalogue item as parquet shards (``pid, embedding``), resumably.
 
-- Streamed: items are encoded ``batch_size`` at a time and written every ``shard_size`` rows as
-  ``part-00000.parquet``, ``part-00001.parquet``, ...; each shard is written to a temporary name and renamed,
-  so a shard on disk is always complete.
+- Streamed: items are encoded ``batch_size`` at a time and written every ``shard_size`` rows or every
+  ``shard_seconds``, whichever comes first, as ``part-00000.parquet``, ``part-00001.parquet``, ...; each shard is
+  written to a temporary name and renamed, so a shard on disk is always complete, and a killed run loses at most
+  one shard's rows or seconds of work, however slow the encoder.
 - Resumable: a rerun reads the pids of the finished shards and skips them, so a run killed at any point ends,
   after reruns, with every pid exactly once. A rerun with a different encoder configuration is refused.
 - Nothing vanishes silently: catalogue rows that do not parse, duplicate pids (the first one is kept), and items
-  the encoder cannot read are counted, printed, and appended to ``problems.jsonl``.
+  the encoder cannot read are counted, printed, and appended to ``<out>.problems.jsonl`` *beside* the shard folder,
+  so the folder holds parquet shards only (readers such as ``pq.ParquetDataset(folder)`` take every file in it).
 - Provenance (encoder, its config hash, the inputs used, catalogue, time) is in every shard's parquet metadata
   under ``keye.provenance``.
 """
@@ -49,6 +51,12 @@ class ExportReport:
         return ", ".join(parts)
 
 
+def problems_path(out_dir: str | Path) -> Path:
+    """Where an export into ``out_dir`` reports its problems: ``<out_dir>.problems.jsonl``, beside the folder."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".problems.jsonl")
+
+
 def finished_shards(out_dir: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in out_dir.iterdir() if (m := _SHARD.match(p.name))}
 
@@ -64,6 +72,11 @@ class _ShardWriter:
         self.pids: list = []
         self.rows: list[torch.Tensor] = []
         self.inputs: Counter = Counter()
+        self.opened = time.monotonic()  # the work a kill would lose started here
+
+    def age(self) -> float:
+        """Seconds of work the open shard holds (0 while it has no row)."""
+        return time.monotonic() - self.opened if self.pids else 0.0
 
     def add(self, item: Item, embedding_D: torch.Tensor) -> None:
         self.pids.append(item.pid)
@@ -88,6 +101,7 @@ class _ShardWriter:
             pq.write_table(table, tmp)
         self.index += 1
         self.pids, self.rows, self.inputs = [], [], Counter()
+        self.opened = time.monotonic()
         return path.name
 
 
@@ -128,11 +142,15 @@ def export_embeddings(
     *,
     batch_size: int = 32,
     shard_size: int = 4096,
+    shard_seconds: float = 60.0,
     progress: bool = True,
 ) -> ExportReport:
     """Encode every item of ``catalogue`` into parquet shards under ``out_dir`` (see module docstring)."""
-    if batch_size < 1 or shard_size < 1:
-        raise KeyeInputError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    if batch_size < 1 or shard_size < 1 or shard_seconds <= 0:
+        raise KeyeInputError(
+            f"batch_size and shard_size must be >= 1 and shard_seconds > 0, got {batch_size}, {shard_size}, "
+            f"{shard_seconds}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".part-*.tmp*"):  # a killed run's half-written shard
@@ -165,6 +183,8 @@ def export_embeddings(
             report.written += 1
             if len(writer.pids) >= shard_size:
                 report.shards.append(writer.flush())
+        if writer.age() >= shard_seconds:
+            report.shards.append(writer.flush())
         batch.clear()
 
     for entry in tqdm(iter_catalogue(catalogue), desc="export", unit="item", disable=not progress, file=sys.stderr):
@@ -193,7 +213,7 @@ def export_embeddings(
     if (name := writer.flush()) is not None:
         report.shards.append(name)
     if report.problems:
-        with (out / "problems.jsonl").open("a", encoding="utf-8") as f:
+        with problems_path(out).open("a", encoding="utf-8") as f:
             for problem in report.problems:
                 f.write(json.dumps({**problem, "run": provenance["started"]}, default=str) + "\n")
     return report

@@ -4,18 +4,23 @@ Written for the semantic-ID tokenizer: 8192 codes x 100k items x 4096 dims must 
 (N, K) distance matrix is never materialised; it is produced ``chunk_rows`` rows at a time.
 
 Algorithm (Lloyd, as in faiss / scikit-learn):
-- init: greedy k-means++ (Arthur & Vassilvitskii 2007; 2 + ln K candidates per step, as scikit-learn) or
-  uniform random points;
+- init: uniform random points (``random``, faiss's rule: O(K D)) or greedy k-means++ (``kmeans++``; Arthur &
+  Vassilvitskii 2007, 2 + ln K candidates per step as scikit-learn). k-means++ costs about (2 + ln K) Lloyd
+  iterations of work *per centre*: ~18 minutes a level at 8192 codes x 200k items, before the fit starts;
 - iterate: assign each point to its nearest centroid, move each centroid to the mean of its points;
-- empty clusters are relocated to the points currently farthest from their centroid (scikit-learn's rule),
-  so every code stays in use;
+- empty clusters are relocated to the points currently farthest from their centroid (scikit-learn's rule);
 - stop after ``iters`` iterations or when the relative drop of the inertia falls under ``tol``.
 
-Balanced k-means (``balanced=True``): every cluster holds at most ``ceil(capacity * N / K)`` points. Each
-Lloyd iteration assigns by ``distance + price[k]`` and raises the price of over-full clusters (dual ascent on
-the capacity constraint, the zero-temperature limit of the Sinkhorn balancing LC-Rec uses); after the last
-iteration a repair pass moves the points that still overflow, worst-fitting last, to their nearest cluster with
-room, so the bound holds exactly.
+Balanced k-means (``balanced=True``): every cluster holds at most ``ceil(capacity * N / K)`` points, in every
+iteration. The assignment step is the nearest centroid followed by a greedy repair: each over-full cluster keeps
+its closest points and the rest go, closest first, to their nearest cluster with room (a greedy solution of the
+capacity-constrained assignment of Bradley, Bennett & Demiriz 2000, "Constrained k-means clustering"; Malinen &
+Fraenti 2014, "Balanced k-means for clustering"). The update step is the plain mean, so each iteration lowers
+the inertia among capacity-feasible assignments and the run converges like Lloyd's (``tol`` applies).
+
+Why it matters for semantic IDs: on residual levels, plain k-means puts a few centroids on outliers and leaves one
+code with a third of the items (a level that barely splits anything), and the items sharing that code share
+their ID. The cap keeps every level's code histogram near uniform (perplexity close to K).
 """
 
 from __future__ import annotations
@@ -60,24 +65,18 @@ def distance_blocks(
 
 
 def nearest(
-    x_ND: torch.Tensor,
-    centroids_KD: torch.Tensor,
-    bias_K: torch.Tensor | None = None,
-    chunk_rows: int | None = None,
+    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every point (by ``d2 + bias``). Returns ``(assign_N int64, d2_N)`` (d2 without bias)."""
+    """Nearest centroid of every point. Returns ``(assign_N int64, d2_N)``."""
     assign_N = torch.empty(x_ND.shape[0], dtype=torch.long)
     d2_N = torch.empty(x_ND.shape[0], dtype=x_ND.dtype)
     step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
-    # ||x||^2 is the same for every centroid, so the block only needs ||c||^2 (+ bias) - 2 x.c
-    offset_K = centroids_KD.pow(2).sum(1) if bias_K is None else centroids_KD.pow(2).sum(1) + bias_K
+    # ||x||^2 is the same for every centroid, so the block only needs ||c||^2 - 2 x.c
+    c_sq_K = centroids_KD.pow(2).sum(1)
     for start in range(0, x_ND.shape[0], step):
         rows = slice(start, min(start + step, x_ND.shape[0]))
         x_BD = x_ND[rows]
-        scores_BK = torch.addmm(offset_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
-        best_B, idx_B = scores_BK.min(1)
-        if bias_K is not None:
-            best_B = best_B - bias_K[idx_B]
+        best_B, idx_B = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0).min(1)
         assign_N[rows] = idx_B
         d2_N[rows] = (best_B + x_BD.pow(2).sum(1)).clamp_(min=0)
     return assign_N, d2_N
@@ -137,38 +136,38 @@ def capacity_of(n: int, k: int, capacity: float) -> int:
     return max(1, math.ceil(capacity * n / k))
 
 
-def _update_prices(prices_K: torch.Tensor, assign_N: torch.Tensor, d2_N: torch.Tensor, k: int, cap: int) -> None:
-    """Dual ascent: over-full clusters get dearer in proportion to their overflow (scaled by the mean d2)."""
-    counts_K = torch.bincount(assign_N, minlength=k).to(prices_K.dtype)
-    scale = float(d2_N.mean()) + 1e-12
-    prices_K.add_(0.5 * scale * (counts_K - cap).clamp(min=0) / cap)
-
-
 def repair_capacity(
-    x_ND: torch.Tensor, centroids_KD: torch.Tensor, assign_N: torch.Tensor, cap: int, chunk_rows: int | None = None
-) -> torch.Tensor:
-    """Move points out of clusters above ``cap`` so that none is; returns the new assignment.
+    x_ND: torch.Tensor,
+    centroids_KD: torch.Tensor,
+    assign_N: torch.Tensor,
+    d2_N: torch.Tensor,
+    cap: int,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move points out of clusters above ``cap`` so that none is; returns the new ``(assign_N, d2_N)``.
 
-    Each over-full cluster keeps its ``cap`` closest points; the others go, closest-first, to their nearest
-    cluster that still has room. Requires ``cap * K >= N``.
+    ``d2_N`` is each point's squared distance to its assigned centroid. Each over-full cluster keeps its
+    ``cap`` closest points; the others go, closest-first, to their nearest cluster that still has room.
+    Requires ``cap * K >= N``.
     """
     n, k = x_ND.shape[0], centroids_KD.shape[0]
     if cap * k < n:
         raise ConfigError(f"balanced k-means: capacity {cap} x {k} codes cannot hold {n} points")
-    assign_N = assign_N.clone()
-    d2_N = (x_ND - centroids_KD[assign_N]).pow(2).sum(1)
+    counts_K = torch.bincount(assign_N, minlength=k)
+    if int(counts_K.max()) <= cap:
+        return assign_N, d2_N
     # rank points inside their cluster by distance (stable sort => deterministic ties)
     order = torch.argsort(d2_N, stable=True)
     order = order[torch.argsort(assign_N[order], stable=True)]
-    counts_K = torch.bincount(assign_N, minlength=k)
     starts_K = torch.cumsum(counts_K, 0) - counts_K
     rank_in_cluster = torch.empty(n, dtype=torch.long)
     rank_in_cluster[order] = torch.arange(n) - starts_K[assign_N[order]]
     overflow = torch.nonzero(rank_in_cluster >= cap).squeeze(1)
     load_K = counts_K.clamp(max=cap)
+    assign_N, d2_N = assign_N.clone(), d2_N.clone()
     while overflow.numel():
         full_K = load_K >= cap
-        best_d2_O = torch.empty(overflow.numel())
+        best_d2_O = torch.empty(overflow.numel(), dtype=d2_N.dtype)
         best_O = torch.empty(overflow.numel(), dtype=torch.long)
         for rows, d2_BK in distance_blocks(x_ND[overflow], centroids_KD, chunk_rows):
             best_d2_O[rows], best_O[rows] = d2_BK.masked_fill_(full_K, float("inf")).min(1)
@@ -182,9 +181,10 @@ def repair_capacity(
         accepted = rank < (cap - load_K)[tgt]
         moved = overflow[by_target[accepted]]
         assign_N[moved] = tgt[accepted]
+        d2_N[moved] = best_d2_O[by_target[accepted]]
         load_K += torch.bincount(tgt[accepted], minlength=k)
         overflow = overflow[by_target[~accepted]]
-    return assign_N
+    return assign_N, d2_N
 
 
 def kmeans(
@@ -199,7 +199,10 @@ def kmeans(
     capacity: float = 1.0,
     chunk_rows: int | None = None,
 ) -> KMeansResult:
-    """Cluster ``x_ND`` (N, D) float32 into ``k`` centroids; same inputs and seed give the same result."""
+    """Cluster ``x_ND`` (N, D) float32 into ``k`` centroids; same inputs and seed give the same result.
+
+    Balanced runs return the capacity-bounded assignment and, as centroids, the means of its clusters.
+    """
     n = x_ND.shape[0]
     if n < k:
         raise ConfigError(f"k-means: {k} codes need at least {k} points, got {n} (lower `codes`)")
@@ -208,23 +211,24 @@ def kmeans(
     x_ND = x_ND.float().contiguous()
     gen = torch.Generator().manual_seed(seed)
     centroids_KD = INITS[init](x_ND, k, gen, chunk_rows)
-    cap = capacity_of(n, k, capacity)
-    prices_K = torch.zeros(k) if balanced else None
+    cap = capacity_of(n, k, capacity) if balanced else None
+
+    def assign(c_KD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a_N, d2_N = nearest(x_ND, c_KD, chunk_rows)
+        return (a_N, d2_N) if cap is None else repair_capacity(x_ND, c_KD, a_N, d2_N, cap, chunk_rows)
+
     prev = math.inf
     it = 0
     for it in range(1, iters + 1):
-        assign_N, d2_N = nearest(x_ND, centroids_KD, prices_K, chunk_rows)
-        if prices_K is not None:
-            _update_prices(prices_K, assign_N, d2_N, k, cap)
+        assign_N, d2_N = assign(centroids_KD)
         centroids_KD = _update(x_ND, assign_N, d2_N, k)
         inertia = float(d2_N.sum(dtype=torch.float64))
-        if prev < math.inf and (prev - inertia) <= tol * prev and prices_K is None:
+        if prev < math.inf and (prev - inertia) <= tol * prev:
             break
         prev = inertia
-    assign_N, d2_N = nearest(x_ND, centroids_KD, prices_K, chunk_rows)
+    assign_N, d2_N = assign(centroids_KD)
     if balanced:
-        assign_N = repair_capacity(x_ND, centroids_KD, assign_N, cap, chunk_rows)
-        # the assignment is now fixed by the capacity, so the best centroids for it are its means
-        centroids_KD = _update(x_ND, assign_N, torch.zeros(n), k)
+        # the assignment is fixed by the capacity, so the best centroids for it are its means
+        centroids_KD = _update(x_ND, assign_N, d2_N, k)
         d2_N = (x_ND - centroids_KD[assign_N]).pow(2).sum(1)
     return KMeansResult(centroids_KD, assign_N, float(d2_N.sum(dtype=torch.float64)), it)

@@ -7,6 +7,9 @@
 - ``utilisation[l]``: distinct codes used at level l / K_l.
 - ``entropy_bits[l]``: Shannon entropy (bits) of the code histogram at level l; ``entropy_norm[l]`` divides it by
   ``log2 K_l`` (1.0 = perfectly uniform usage).
+- ``perplexity[l]``: ``2 ** entropy_bits[l]``, the number of equally used codes with the same entropy (K_l at
+  best). Utilisation can read 100% while one code holds half the items; perplexity cannot.
+- ``largest_code_share[l]``: share of the items that the most used code of level l holds.
 - ``collision_rate``: ``1 - unique SIDs / N``.
 - ``collided_share``: share of items whose SID at least one other item also has.
 - ``largest_group``: most items sharing one SID.
@@ -33,7 +36,7 @@ def reconstruction_metrics(x_ND: torch.Tensor, recon_ND: torch.Tensor) -> dict[s
 
 
 def code_usage_metrics(codes_NM: torch.Tensor, codebook_sizes: list[int]) -> dict[str, list[float]]:
-    util, ent, ent_norm = [], [], []
+    util, ent, ent_norm, ppl, top = [], [], [], [], []
     for level, k in enumerate(codebook_sizes):
         counts = torch.bincount(codes_NM[:, level], minlength=k).double()
         p = counts[counts > 0] / counts.sum()
@@ -41,7 +44,10 @@ def code_usage_metrics(codes_NM: torch.Tensor, codebook_sizes: list[int]) -> dic
         util.append(float((counts > 0).sum()) / k)
         ent.append(h)
         ent_norm.append(h / math.log2(k) if k > 1 else 0.0)
-    return {"utilisation": util, "entropy_bits": ent, "entropy_norm": ent_norm}
+        ppl.append(2.0**h)
+        top.append(float(counts.max() / counts.sum()))
+    return {"utilisation": util, "entropy_bits": ent, "entropy_norm": ent_norm, "perplexity": ppl,
+            "largest_code_share": top}
 
 
 def collision_metrics(codes_NM: torch.Tensor) -> dict[str, float | int | list[float]]:

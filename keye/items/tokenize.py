@@ -1,14 +1,16 @@
 """From an embeddings parquet (``pid, embedding``) to semantic IDs and every file the ecosystem reads.
 
-``run_tokenize`` writes into ``out_dir``:
+``run_tokenize`` writes into ``out_dir`` (the README's "Semantic IDs" section says which consumer reads what):
 
 | file | format | read by |
 | --- | --- | --- |
-| ``codes.parquet`` | ``pid, codes`` (list<int32>, fixed length) | OpenOneRec ``infer_res_kmeans.py`` output layout |
+| ``pid2sid.parquet`` | ``pid, sid`` (list<int64>: the final ID, one code per level) | OpenOneRec's data scripts (``--pid2sid``: ``dict(zip(df['pid'], df['sid']))``) |
+| ``codes.parquet`` | ``pid, codes`` (list<int32>, fixed length) | OpenOneRec ``infer_res_kmeans.py`` output layout; TIGER (codes + suffix level) |
 | ``model.safetensors`` | ``centroids.{l}`` state dict, ``(K, D)`` each | OpenOneRec ``ResKmeans.load_state_dict`` |
-| ``index.json`` | ``{pid: ["<a_12>", "<b_5>", "<c_40>"]}`` | TIGER / LC-Rec style ``*.index.json`` |
+| ``index.json`` | ``{"0": ["<a_12>", "<b_5>", "<c_40>"], ...}`` keyed by LC-Rec item id | LC-Rec ``{dataset}.index.json`` |
+| ``item2id`` | ``pid<TAB>item id`` lines: LC-Rec's dense 0-based ids, in ``codes.parquet`` row order | LC-Rec ``{dataset}.item2id`` |
 | ``sid_to_pids.parquet`` | ``sid, count, pids`` | the OpenOneRec-style sid -> pids map |
-| ``metrics.json`` | metrics before / after the collision policy | people |
+| ``metrics.json`` | metrics before / after the collision policy | people (``keye items tokenize`` prints it) |
 | ``config.yaml`` | the resolved config | reruns |
 
 OpenOneRec saves its state dict with ``torch.save`` as ``model.pt``; this toolkit writes tensors as safetensors
@@ -80,8 +82,22 @@ def read_embeddings(path: str | Path) -> tuple[list, torch.Tensor]:
     return pids, torch.from_numpy(np.concatenate(chunks).astype(np.float32, copy=False))
 
 
-def tokenize(x_ND: torch.Tensor, config: SemanticIdConfig) -> TokenizeResult:
-    """Fit residual k-means on ``x_ND`` (N, D), apply the collision policy, measure both."""
+def check_finite(x_ND: torch.Tensor, pids: list | None = None) -> None:
+    """Refuse NaN / inf rows, naming the first pids (or row numbers): one such row poisons every centroid."""
+    bad = torch.nonzero(~torch.isfinite(x_ND).all(1)).squeeze(1).tolist()
+    if bad:
+        names = [repr(pids[i]) if pids is not None else f"row {i}" for i in bad[:5]]
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise KeyeInputError(
+            f"{len(bad)} embedding(s) hold NaN or inf: pid {', '.join(names)}{more}; drop or re-export them"
+        )
+
+
+def tokenize(x_ND: torch.Tensor, config: SemanticIdConfig, pids: list | None = None) -> TokenizeResult:
+    """Fit residual k-means on ``x_ND`` (N, D), apply the collision policy, measure both.
+
+    ``pids`` (optional, one per row) name the rows in errors."""
+    check_finite(x_ND, pids)
     quantizer, codes_NL = ResidualKMeans.fit(x_ND, config)
     ids = apply_collision_policy(config.collision, codes_NL, x_ND, quantizer)
     levels = quantizer.levels
@@ -97,7 +113,7 @@ def tokenize(x_ND: torch.Tensor, config: SemanticIdConfig) -> TokenizeResult:
 
 
 def lcrec_tokens(codes: list[int]) -> list[str]:
-    """LC-Rec / TIGER index tokens: ``<a_12>``, ``<b_5>``, ... one letter per level."""
+    """LC-Rec index tokens: ``<a_12>``, ``<b_5>``, ... one letter per level."""
     return [f"<{chr(ord('a') + level)}_{code}>" for level, code in enumerate(codes)]
 
 
@@ -118,8 +134,12 @@ def write_outputs(out_dir: str | Path, pids: list, result: TokenizeResult, confi
     codes_col = pa.FixedSizeListArray.from_arrays(pa.array(codes_NM.reshape(-1)), m)
     _write_parquet(pa.table({"pid": pa.array(pids), "codes": codes_col}), out / "codes.parquet")
     result.quantizer.save(out / "model.safetensors", metadata={"collision": config.collision, "seed": config.seed})
+    sid_col = pa.array(codes_NM.astype(np.int64).tolist(), type=pa.list_(pa.int64()))
+    _write_parquet(pa.table({"pid": pa.array(pids), "sid": sid_col}), out / "pid2sid.parquet")
+    # LC-Rec keys its index by its own dense item ids (row i of its embedding matrix is item i), as strings
     codes_list = codes_NM.tolist()
-    _write_json({str(pid): lcrec_tokens(c) for pid, c in zip(pids, codes_list)}, out / "index.json")
+    _write_json({str(i): lcrec_tokens(c) for i, c in enumerate(codes_list)}, out / "index.json")
+    atomic_write_text(out / "item2id", "".join(f"{pid}\t{i}\n" for i, pid in enumerate(pids)))
     groups = sid_groups(result.ids.codes_NM, pids)
     sid_table = pa.table(
         {
@@ -136,6 +156,6 @@ def write_outputs(out_dir: str | Path, pids: list, result: TokenizeResult, confi
 
 def run_tokenize(embeddings: str | Path, out_dir: str | Path, config: SemanticIdConfig) -> TokenizeResult:
     pids, x_ND = read_embeddings(embeddings)
-    result = tokenize(x_ND, config)
+    result = tokenize(x_ND, config, pids)
     write_outputs(out_dir, pids, result, config)
     return result

@@ -489,26 +489,54 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         pooled_BD = (hidden_BLD * w_BL[..., None]).sum(1) / w_BL.sum(1, keepdim=True)
         return F.normalize(pooled_BD, dim=-1) if normalize else pooled_BD
 
-    def encode_video(self, input_ids, pixel_values_videos, video_grid_thw, attention_mask=None, normalize=False,
-                     num_frames=None):
-        """Mean of the decoder's final (normed) hidden states over each sample's ``<|video_pad|>`` tokens.
+    @torch.no_grad()
+    def _vit_pooled(self, token_mask_BL: torch.Tensor, normalize: bool, pixel_values, grid_thw) -> torch.Tensor:
+        """Mean of the ViT's final (post-layernorm) patch features over each sample's patches: the encoder alone,
+        no projector, no LM. A sample's patches are its pad tokens times merge**2, in prompt order."""
+        feats_PD = self.visual(pixel_values.to(self.dtype), grid_thw).float()
+        merge = self.config.projector_config.merge_size
+        patches_B = (token_mask_BL.sum(1) * merge * merge).tolist()
+        if 0 in patches_B or sum(patches_B) != feats_PD.shape[0]:
+            raise KeyeInputError(f"ViT pooling: {feats_PD.shape[0]} patches for per-sample pads x {merge}^2 = "
+                                 f"{patches_B}; every sample needs its own visual input")
+        pooled_BD = torch.stack([chunk.mean(0) for chunk in feats_PD.split(patches_B)])
+        return F.normalize(pooled_BD, dim=-1) if normalize else pooled_BD
 
-        Pooling after the LM, not after ``mlp_AR``, puts videos, images and text in one space, and
-        lets the video tokens see the prompt (e.g. a title). Grid layouts as in ``forward``. Returns (B, hidden).
+    def encode_video(self, input_ids, pixel_values_videos, video_grid_thw, attention_mask=None, normalize=False,
+                     num_frames=None, pooling="decoder"):
+        """One embedding per sample's video. Returns (B, hidden) for ``pooling="decoder"``, (B, vision hidden)
+        for ``"vit"``.
+
+        - ``decoder``: mean of the decoder's final (normed) hidden states over the ``<|video_pad|>`` tokens.
+          Pooling after the LM, not after ``mlp_AR``, puts videos, images and text in one space, and lets the
+          video tokens see the prompt (e.g. a title).
+        - ``vit``: mean of the ViT's output over the video's patches, the vision encoder alone (as Keye's item
+          side and Kelix embed items: content only, and the ViT runs without the LM).
+        Grid layouts as in ``forward``.
         """
         mask = input_ids == self.config.video_token_id
         if attention_mask is not None:
             mask &= attention_mask.bool()
+        if pooling == "vit":
+            return self._vit_pooled(mask, normalize, pixel_values_videos, frame_grids(video_grid_thw, num_frames))
+        if pooling != "decoder":
+            raise ConfigError(f"pooling must be 'decoder' or 'vit', got {pooling!r}")
         return self._pooled(
             mask, normalize, input_ids=input_ids, attention_mask=attention_mask,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, num_frames=num_frames,
         )
 
-    def encode_image(self, input_ids, pixel_values, image_grid_thw, attention_mask=None, normalize=False):
-        """Mean of the final hidden states over ``<|image_pad|>`` tokens. Returns (B, hidden)."""
+    def encode_image(self, input_ids, pixel_values, image_grid_thw, attention_mask=None, normalize=False,
+                     pooling="decoder"):
+        """Mean of the final hidden states over ``<|image_pad|>`` tokens (``decoder``), or of the ViT's output over
+        the image's patches (``vit``), as ``encode_video``. Returns (B, hidden) / (B, vision hidden)."""
         mask = input_ids == self.config.image_token_id
         if attention_mask is not None:
             mask &= attention_mask.bool()
+        if pooling == "vit":
+            return self._vit_pooled(mask, normalize, pixel_values, image_grid_thw)
+        if pooling != "decoder":
+            raise ConfigError(f"pooling must be 'decoder' or 'vit', got {pooling!r}")
         return self._pooled(
             mask, normalize, input_ids=input_ids, attention_mask=attention_mask,
             pixel_values=pixel_values, image_grid_thw=image_grid_thw,

@@ -76,13 +76,59 @@ def test_problems_are_reported_not_dropped(tmp_path):
         ("bad row", "101"), ("bad row", "None"), ("bad row", "None"), ("duplicate pid", "3"), ("unreadable", "100")
     ]
     assert report.written == 10
-    logged = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "emb.problems.jsonl").read_text().splitlines()]
     assert len(logged) == 5
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     pids, x = read_embeddings(out)
     assert sorted(pids) == list(range(10))
     meta = json.loads(pq.read_schema(out / "part-00000.parquet").metadata[PROVENANCE_KEY])
     assert meta["encoder"]["encoder"] == "fake-v1" and meta["encoder"]["config_hash"]
     assert meta["catalogue"] == str(catalogue) and meta["dim"] == 6 and meta["inputs_used"] == {"text": 8}
+
+
+def test_openonerec_reads_the_shard_folder_as_its_tokenizer_does(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    catalogue, out = tmp_path / "cat.jsonl", tmp_path / "emb"
+    write_catalogue(catalogue, 20, ["{not json"])  # a problem is reported, beside the folder
+    export_embeddings(catalogue, fake_encoder(), out, batch_size=4, shard_size=8, progress=False)
+    # OpenOneRec tokenizer/train_res_kmeans.py read_train_data: every fragment of the folder as parquet
+    chunks = []
+    for fragment in pq.ParquetDataset(out).fragments:
+        emb = fragment.to_table(columns=["embedding"])["embedding"].to_numpy(zero_copy_only=False)
+        chunks.append(np.vstack(emb).astype(np.float32))
+    x = np.concatenate(chunks)
+    # tokenizer/infer_res_kmeans.py load_embeddings: pandas over the same path
+    df = pd.read_parquet(out)
+    assert x.shape == (20, 6) and df["pid"].tolist() == list(range(20))
+    torch.testing.assert_close(torch.from_numpy(np.stack(df["embedding"].values)), expected(list(range(20))))
+
+
+def test_non_utf8_lines_are_reported_with_line_and_byte_offset_and_skipped(tmp_path):
+    catalogue, out = tmp_path / "cat.jsonl", tmp_path / "emb"
+    good = [json.dumps({"pid": i, "title": f"item number {i}"}).encode() + b"\n" for i in range(4)]
+    bad = b'{"pid": 9, "title": "caf\xe9"}\n'  # latin-1, not UTF-8
+    catalogue.write_bytes(good[0] + good[1] + bad + good[2] + good[3])
+    report = export_embeddings(catalogue, fake_encoder(), out, progress=False)
+    offset = len(good[0] + good[1]) + bad.index(b"\xe9")
+    assert [(p["kind"], p["where"]) for p in report.problems] == [("bad row", f"line 3, byte {offset}")]
+    assert "not UTF-8" in report.problems[0]["reason"]
+    assert sorted(read_embeddings(out)[0]) == [0, 1, 2, 3]
+
+
+def test_shards_are_cut_by_time_as_well_as_by_rows(tmp_path):
+    catalogue, out = tmp_path / "cat.jsonl", tmp_path / "emb"
+    write_catalogue(catalogue, 12)
+    # a slow encoder (>= 0.1 s a batch of 2) and a 0.15 s bound: a shard at least every 2 batches, whatever the
+    # 4096-row bound says; a killed run would lose at most those 4 rows
+    report = export_embeddings(catalogue, fake_encoder(0.1), out, batch_size=2, shard_seconds=0.15, progress=False)
+    rows = [pq.read_metadata(out / name).num_rows for name in report.shards]
+    assert report.written == 12 and sum(rows) == 12 and len(rows) >= 3 and max(rows) <= 4
+    assert sorted(read_embeddings(out)[0]) == list(range(12))
+    # without the time bound the same export is one shard
+    again = export_embeddings(catalogue, fake_encoder(0.1), tmp_path / "one", batch_size=2, progress=False)
+    assert len(again.shards) == 1
 
 
 def test_rerun_with_another_encoder_is_refused(tmp_path):

@@ -73,6 +73,29 @@ def test_balanced_respects_capacity_where_plain_does_not():
     assert torch.bincount(balanced.assign_N, minlength=k).max() <= cap == math.ceil(360 / 12)
 
 
+def test_balanced_clusters_stay_under_capacity_every_iteration_and_converge():
+    x, _ = blobs(50, 4, 6, 1.0, seed=2)  # 4 blobs of 50 points, 10 codes: a cap of 20 must split every blob
+    result = km.kmeans(x, 10, seed=0, init="random", balanced=True, iters=50, tol=0.0)
+    assert int(torch.bincount(result.assign_N, minlength=10).max()) <= 20
+    # the returned centroids are the means of the returned clusters
+    for code in range(10):
+        torch.testing.assert_close(result.centroids_KD[code], x[result.assign_N == code].mean(0))
+    # converged: one more capacity-bounded assignment under these centroids moves nobody
+    a, d2 = km.nearest(x, result.centroids_KD)
+    again, _ = km.repair_capacity(x, result.centroids_KD, a, d2, 20)
+    assert torch.equal(again, result.assign_N)
+
+
+def test_repair_moves_the_worst_fitting_points_to_their_nearest_cluster_with_room():
+    x = torch.tensor([[0.0], [0.1], [0.3], [10.0]])
+    c = torch.tensor([[0.0], [10.0]])
+    a, d2 = km.nearest(x, c)
+    assert a.tolist() == [0, 0, 0, 1]
+    moved, d2_moved = km.repair_capacity(x, c, a, d2, 2)
+    assert moved.tolist() == [0, 0, 1, 1]  # 0.3 fits cluster 0 worst, so it goes
+    torch.testing.assert_close(d2_moved, (x - c[moved]).pow(2).sum(1))
+
+
 def test_more_codes_than_points_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 8 points"):
         km.kmeans(torch.randn(5, 3), 8)

@@ -22,6 +22,18 @@ def config(**kw):
     return SemanticIdConfig(**{"levels": 3, "codes": 8, "kmeans": KMeansConfig(iters=15), **kw})
 
 
+def grid_items(k: int = 4, levels: int = 3, per_id: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items at known semantic IDs: x = sum_l scale_l * u_l[code_l], scales 100, 10, 1 (+ tiny noise).
+
+    Every one of the k ** levels IDs holds ``per_id`` items; the right tokenizer gives them exactly those IDs
+    (up to a relabelling per level): no collision between different IDs and every level used uniformly."""
+    g = torch.Generator().manual_seed(seed)
+    books = [torch.randn(k, 16, generator=g) * 10.0 ** (levels - 1 - l) for l in range(levels)]
+    ids = torch.cartesian_prod(*[torch.arange(k)] * levels).repeat_interleave(per_id, 0)
+    x = sum(books[l][ids[:, l]] for l in range(levels)) + 1e-3 * torch.randn(len(ids), 16, generator=g)
+    return x, ids
+
+
 def test_fit_is_deterministic():
     x = embeddings()
     q1, c1 = ResidualKMeans.fit(x, config(seed=5))
@@ -104,6 +116,39 @@ def test_policy_reassign_counts_what_it_cannot_separate():
     assert len(x) - torch.unique(ids.codes_NM, dim=0).shape[0] == ids.unresolved
 
 
+def test_default_config_finds_the_known_ids_of_a_clustered_set():
+    x, true_ids = grid_items(k=4, levels=3)
+    q, codes = ResidualKMeans.fit(x, SemanticIdConfig(levels=3, codes=4))
+    assert collision_metrics(codes)["collision_rate"] == 0.0
+    usage = code_usage_metrics(codes, [4, 4, 4])
+    assert usage["perplexity"] == pytest.approx([4.0, 4.0, 4.0]) and usage["largest_code_share"] == [0.25] * 3
+    # the found IDs are the true ones relabelled: same partition of the items at every prefix length
+    for l in range(1, 4):
+        assert len({(tuple(a), tuple(b)) for a, b in zip(codes[:, :l].tolist(), true_ids[:, :l].tolist())}) == 4**l
+
+
+def test_balanced_levels_do_not_collapse_where_plain_kmeanspp_does():
+    # a skewed catalogue: half the items in one tight clump, the rest spread; 3 levels x 16 codes
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.05 * torch.randn(256, 8, generator=g), 3 * torch.randn(256, 8, generator=g)])
+    plain = SemanticIdConfig(levels=3, codes=16, kmeans=KMeansConfig(init="kmeans++", balanced=False, tol=1e-4))
+    _, plain_codes = ResidualKMeans.fit(x, plain)
+    _, codes = ResidualKMeans.fit(x, SemanticIdConfig(levels=3, codes=16))
+    ours, theirs = code_usage_metrics(codes, [16] * 3), code_usage_metrics(plain_codes, [16] * 3)
+    assert min(ours["perplexity"]) > 11 and max(theirs["perplexity"]) < 8
+    # the previous defaults (k-means++, unbounded) gave the whole clump one ID
+    assert collision_metrics(plain_codes)["largest_group"] == 256 and collision_metrics(codes)["largest_group"] < 20
+    assert collision_metrics(codes)["collision_rate"] < collision_metrics(plain_codes)["collision_rate"]
+
+
+def test_fit_codes_are_what_encode_gives_the_same_items():
+    # balanced training places the centroids; the written codes must still be the nearest ones, or a consumer
+    # that re-encodes the catalogue with the saved centroids (OpenOneRec's infer script) gets other IDs
+    x = embeddings(n=500, d=12)
+    q, codes = ResidualKMeans.fit(x, config(kmeans=KMeansConfig(balanced=True)))
+    assert torch.equal(q.encode(x), codes)
+
+
 def test_metric_definitions_on_a_hand_made_example():
     codes = torch.tensor([[0, 0], [0, 0], [0, 1], [1, 1]])
     m = collision_metrics(codes)
@@ -116,6 +161,8 @@ def test_metric_definitions_on_a_hand_made_example():
     h0 = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
     assert u["entropy_bits"] == pytest.approx([h0, 1.0])
     assert u["entropy_norm"] == pytest.approx([h0 / 2, 1.0])
+    assert u["perplexity"] == pytest.approx([2**h0, 2.0])
+    assert u["largest_code_share"] == pytest.approx([0.75, 0.5])
 
 
 def test_reconstruction_metrics_match_their_formulas():

@@ -61,13 +61,14 @@ def test_tokenize_writes_consistent_outputs(tmp_path, capsys):
 
     index = json.loads((out / "index.json").read_text())
     c = codes_NM[7].tolist()
-    assert index["p7"] == [f"<a_{c[0]}>", f"<b_{c[1]}>", f"<c_{c[2]}>", f"<d_{c[3]}>"]
+    assert index["7"] == [f"<a_{c[0]}>", f"<b_{c[1]}>", f"<c_{c[2]}>", f"<d_{c[3]}>"]
 
     sid_map = pq.read_table(out / "sid_to_pids.parquet").to_pylist()
     assert sum(r["count"] for r in sid_map) == 300 and all(r["count"] == len(r["pids"]) for r in sid_map)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["codes"]["collision_rate"] > 0 and metrics["ids"]["collision_rate"] == 0
+    assert len(metrics["codes"]["perplexity"]) == 3 and len(metrics["ids"]["largest_code_share"]) == 4
     recon = quantizer.decode(codes_NM[:, :3])
     assert metrics["ids"]["recon_mse"] == pytest.approx(float(((x - recon).double() ** 2).mean()), rel=1e-5)
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -79,3 +80,61 @@ def test_tokenize_rejects_duplicate_pids(tmp_path, capsys):
     pq.write_table(pa.table({"pid": [1, 2, 1], "embedding": np.eye(3).tolist()}), emb)
     assert run_cli(["items", "tokenize", str(emb), str(tmp_path / "o"), "codes=2"]) == 2
     assert "pid 1 appears more than once" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tokenized(tmp_path):
+    """Int pids that are not LC-Rec's dense ids (1-based, gaps), codes without a suffix level."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=g)
+    x[-4:] = x[:4]  # collisions kept by the 'none' policy
+    pids = [10 * i + 1 for i in range(200)]
+    emb = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({"pid": pids, "embedding": [row.tolist() for row in x]}), emb)
+    out = tmp_path / "sid"
+    assert run_cli(["items", "tokenize", str(emb), str(out), "codes=8", "kmeans.iters=5"]) == 0
+    codes = torch.tensor(pq.read_table(out / "codes.parquet").column("codes").to_pylist())
+    return out, pids, x, codes
+
+
+def test_openonerec_reads_pid2sid_as_its_data_scripts_do(tokenized):
+    import pandas as pd
+
+    out, pids, x, codes = tokenized
+    # OpenOneRec data/onerec_data/pretrain/video_rec.py, verbatim in substance
+    sid_format = "<|sid_begin|><s_a_{c0}><s_b_{c1}><s_c_{c2}><|sid_end|>"
+    df_pid2sid = pd.read_parquet(out / "pid2sid.parquet")
+    pid2sid = dict(zip(df_pid2sid["pid"], df_pid2sid["sid"]))
+    assert len(pid2sid) == 200
+    for i in (0, 17, 199):
+        code = pid2sid[pids[i]]
+        c = codes[i].tolist()
+        expected = f"<|sid_begin|><s_a_{c[0]}><s_b_{c[1]}><s_c_{c[2]}><|sid_end|>"
+        assert sid_format.format(c0=code[0], c1=code[1], c2=code[2]) == expected
+    # and its tokenizer re-encodes the catalogue to the same codes from the saved state dict
+    quantizer = ResidualKMeans.load(out / "model.safetensors")
+    assert torch.equal(quantizer.encode(x), codes)
+
+
+def test_lcrec_reads_index_json_by_its_dense_item_ids(tokenized):
+    out, pids, _, codes = tokenized
+    # LC-Rec data.py: indices = json.load(open(f"{dataset}.index.json")); an item i of its inter.json is
+    # "".join(indices[str(i)]); item ids are dense 0-based ints, mapped from the raw ids by {dataset}.item2id
+    indices = json.loads((out / "index.json").read_text())
+    item2id = dict(line.split("\t") for line in (out / "item2id").read_text().splitlines())
+    assert sorted(int(v) for v in item2id.values()) == list(range(200))
+    for i in (0, 5, 199):
+        item = int(item2id[str(pids[i])])
+        c = codes[i].tolist()
+        assert "".join(indices[str(item)]) == f"<a_{c[0]}><b_{c[1]}><c_{c[2]}>"
+
+
+def test_tokenize_refuses_non_finite_embeddings_naming_the_pid(tmp_path, capsys):
+    rows = np.eye(4).tolist()
+    rows[2][1] = float("nan")
+    emb = tmp_path / "emb.parquet"
+    pq.write_table(pa.table({"pid": ["a", "b", "c", "d"], "embedding": rows}), emb)
+    assert run_cli(["items", "tokenize", str(emb), str(tmp_path / "o"), "codes=2"]) == 2
+    err = capsys.readouterr().err
+    assert "1 embedding(s) hold NaN or inf: pid 'c'" in err
+    assert not (tmp_path / "o" / "codes.parquet").exists()
