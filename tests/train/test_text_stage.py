@@ -103,11 +103,39 @@ def test_guides_point_at_the_answer_and_its_questions_key_words():
     assert checked > 20
 
 
+def test_the_answer_term_is_the_mean_cross_entropy_of_the_assistant_tokens():
+    """text_loss's answer term equals a direct cross-entropy over the assistant tokens' logits, and its
+    summed loss equals the plain LM loss of the same batch."""
+    import functools
+
+    from keye.data.world.text import TextMix
+    from keye.models import build_model
+    from keye.processing import load_nano_processor
+    from keye.train.stages.lm import lm_loss_fn
+    from keye.train.stages.text import WorldTextDataset, collate_guided, text_loss
+
+    processor = load_nano_processor()
+    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.5, processor, "all")
+    collate = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = build_model("keye-nano").eval()
+    batch = collate([dataset[i] for i in range(3)])
+    answers_BL = batch["answer_labels"].clone()
+    out = text_loss(model, dict(batch), answer_weight=2.0)
+    plain = lm_loss_fn(model, {k: v for k, v in batch.items() if k not in ("guides", "answer_labels")})
+    torch.testing.assert_close(out.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-4)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    picked = answers_BL[:, 1:] != -100
+    expected = torch.nn.functional.cross_entropy(logits[picked], answers_BL[:, 1:][picked])
+    assert out.metrics["answer_loss"] == pytest.approx(float(expected.detach()), rel=1e-4)
+    assert 0 < int(picked.sum()) < int((batch["labels"] != -100).sum()) // 5  # answers are a small share
+
+
 def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
     stage = tmp_path / "text.yaml"
     stage.write_text(yaml.safe_dump({
         "stage": "text", "eval_clips": {"val": 1}, "eval_lookups": 4, "mix": {"lookups": 1.0},
-        "guide": {"previous_token": 1.0, "key_words": 1.0},
+        "guide": {"previous_token": 1.0, "key_words": 1.0}, "answer_weight": 1.0,
         "run": {"steps": 12, "micro_batch": 4, "optim": {"lr": 1.0e-2, "warmup_steps": 0, "schedule": "constant"}},
     }))
     root = tmp_path / "run"
@@ -115,5 +143,6 @@ def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
     rows = read_metrics(root / "text" / "metrics.jsonl")
     assert rows[-1]["guide_previous"] < 0.5 * rows[0]["guide_previous"]  # the previous-token head forms
     assert rows[-1]["guide_keys"] < rows[0]["guide_keys"]
+    assert rows[-1]["answer_loss"] < rows[0]["answer_loss"]
     config = json.loads((root / "text" / "model" / "config.json").read_text())
     assert config["text_config"].get("_attn_implementation", "sdpa") != "eager"

@@ -6,7 +6,8 @@ held-out clips of seed 0) written out by ``keye.data.world.text``: its per-frame
 every kind the clip allows, as a chat (``mix`` adds chains of thought, captions, the cell-word frame listing,
 and short colour / shape lookups over 1-3 frames). The loss is next-token over the whole conversation
 (``loss: all``: listings too, so the decoder learns how objects move from frame to frame) or over the
-assistant turns only. Only the ``lm`` group trains by default.
+assistant turns only; ``answer_weight`` adds a mean cross-entropy over the answers' tokens alone, so the few
+answer tokens of a long listing are not drowned in it. Only the ``lm`` group trains by default.
 
 **Guided attention** (``guide``). A decoder this small, trained from scratch, sits for thousands of steps on
 the first-listed plateau of lookups ("What colour is the square?" answered with the listing's first colour):
@@ -82,6 +83,9 @@ class TextStageConfig(StageConfig):
     world: dict[str, Any] = field(default_factory=lambda: {"seed": TEXT_SEED})  # WorldConfig fields of the clips
     mix: TextMixConfig = field(default_factory=TextMixConfig)
     loss: Literal["all", "assistant"] = "all"
+    # weight of an extra mean cross-entropy over the assistant turns' tokens (0: none): a listing holds ~30x
+    # more tokens than the answers about it, and the summed loss barely sees the answers
+    answer_weight: float = 0.0
     guide: GuideConfig = field(default_factory=GuideConfig)
     # the held-out clips the text oracle is scored on: seed 0's, as many per split as the nano world has
     eval_clips: dict[str, int] = field(default_factory=lambda: {"val": 40, "test": 100})
@@ -115,10 +119,11 @@ class WorldTextDataset:
         turns = lookup_turns(clip, rng) if rng.random() < self.lookups else []
         turns = turns or conversation(clip, rng, self.config, self.mix)
         text = self.processor.apply_chat_template(messages(turns), add_generation_prompt=False)
-        enc = self.processor(text=[text], return_labels=self.loss == "assistant")
-        ids = enc["input_ids"][0]
-        labels = enc["labels"][0] if self.loss == "assistant" else ids.clone()
-        return Sample(ids, labels, meta={"guides": guide_positions(self.processor.tokenizer, text, turns)})
+        enc = self.processor(text=[text], return_labels=True)
+        ids, answers = enc["input_ids"][0], enc["labels"][0]
+        labels = answers if self.loss == "assistant" else ids.clone()
+        return Sample(ids, labels, meta={"guides": guide_positions(self.processor.tokenizer, text, turns),
+                                         "answer_labels": answers})
 
 
 def guide_positions(tokenizer, text: str, turns: list[Turn]) -> list[tuple[int, list[int]]]:
@@ -143,9 +148,14 @@ def guide_positions(tokenizer, text: str, turns: list[Turn]) -> list[tuple[int, 
 
 
 def collate_guided(samples: list[Sample], pad_id: int) -> dict:
-    """``collate`` plus ``guides``: (row, answer position, key positions) for every guided answer."""
+    """``collate`` plus ``guides`` ((row, answer position, key positions) for every guided answer) and
+    ``answer_labels`` (B, L): the labels of the assistant turns alone, -100 elsewhere."""
     batch = collate(samples, pad_id)
     batch["guides"] = [(b, pos, keys) for b, s in enumerate(samples) for pos, keys in s.meta.get("guides", [])]
+    batch["answer_labels"] = torch.full_like(batch["labels"], -100)
+    for b, s in enumerate(samples):
+        answers = s.meta["answer_labels"]
+        batch["answer_labels"][b, : len(answers)] = answers
     return batch
 
 
@@ -161,13 +171,26 @@ class AttentionTap:
         self.weights = output[1]
 
 
-def guided_lm_loss(model: nn.Module, batch: dict, guide: GuideConfig, tap: AttentionTap) -> StepLoss:
-    """The LM loss, plus the guidance terms (means) as ``aux_loss``, their values in the metrics."""
-    guides = batch.pop("guides")
-    out = lm_loss_fn(model, batch)
+def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: GuideConfig = GuideConfig(),
+              tap: AttentionTap | None = None) -> StepLoss:
+    """The summed LM loss; as ``aux_loss`` (means): the MoE router terms, ``answer_weight`` times the answers'
+    mean cross-entropy, and the guidance terms. Their values go to the metrics."""
+    guides, answer_labels_BL = batch.pop("guides"), batch.pop("answer_labels")
+    if answer_weight <= 0 and not guide.enabled:
+        return lm_loss_fn(model, batch)
+    out = model(**batch, num_items_in_batch=1)  # full logits: the answers' loss is read from them too
+    aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
+    metrics = {"router_aux": float(out.aux_loss.detach())} if out.aux_loss is not None else {}
+    if answer_weight > 0:
+        targets_BL = answer_labels_BL[:, 1:]
+        picked = targets_BL != -100
+        answer = torch.nn.functional.cross_entropy(out.logits[:, :-1][picked].float(), targets_BL[picked])
+        aux = (aux if aux is not None else 0.0) + answer_weight * answer
+        metrics["answer_loss"] = float(answer.detach())
+    if not guide.enabled:
+        return StepLoss(out.lm_loss, aux, metrics)
     weights_BHLL = tap.weights
     mask_BL = batch["attention_mask"].bool()
-    aux, metrics = out.aux_loss, dict(out.metrics)
     if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
         prev_BL1 = torch.diagonal(weights_BHLL[:, guide.heads[0]], offset=-1, dim1=-2, dim2=-1)
         prev = -prev_BL1.clamp_min(1e-6).log()[mask_BL[:, 1:]].mean()
@@ -179,7 +202,7 @@ def guided_lm_loss(model: nn.Module, batch: dict, guide: GuideConfig, tap: Atten
         keys_loss = -torch.stack(terms).mean()
         aux = (aux if aux is not None else 0.0) + guide.key_words * keys_loss
         metrics["guide_keys"] = float(keys_loss.detach())
-    return StepLoss(out.loss_sum, aux, metrics)
+    return StepLoss(out.lm_loss, aux, metrics)
 
 
 @register_stage("text", TextStageConfig)
@@ -190,14 +213,13 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
     dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss)
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
+    tap = None
     if cfg.guide.enabled:
         decoder_config = model.model.config
         implementation = decoder_config._attn_implementation
         decoder_config._attn_implementation = "eager"  # the only implementation that returns attention weights
         tap = AttentionTap(model.model.layers[cfg.guide.layer])
-        loss_fn = functools.partial(guided_lm_loss, guide=cfg.guide, tap=tap)
-    else:
-        loss_fn = _unguided
+    loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, tap=tap)
     model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
     if cfg.guide.enabled:
         tap.handle.remove()
@@ -211,11 +233,6 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     log.info("%s: text oracle %.3f, lookup %.3f (first-listed guess %.3f)", cfg.out, results["text_oracle"]["accuracy"],
              results["lookup"]["accuracy"], results["lookup"]["first_listed"])
     return save_model(model, processor, out_dir)
-
-
-def _unguided(model: nn.Module, batch: dict) -> StepLoss:
-    batch.pop("guides")
-    return lm_loss_fn(model, batch)
 
 
 # ----------------------------------------------------------------------------- held-out scores
