@@ -25,6 +25,7 @@ have seen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -62,6 +63,8 @@ class RunConfig:
     num_workers: int = 0  # DataLoader worker processes building batches ahead; 0: built in the loop
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer states stay fp32)
+    # recompute every ViT and decoder block in the backward instead of keeping its activations
+    activation_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -92,6 +95,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block of ``model`` in the backward (non-reentrant ``torch.utils.checkpoint``), keeping only
+    its input: the blocks are the modules that carry transformers' ``gradient_checkpointing`` flag (every
+    decoder layer, the ViT encoder's layer loop). Gradients are unchanged; one more forward is the price.
+    Returns how many modules were switched (a ``ConfigError`` when none)."""
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = checkpoint
+            module.gradient_checkpointing = True
+            switched += 1
+    if not switched:
+        raise ConfigError(f"run.activation_checkpointing: {type(model).__name__} has no blocks to checkpoint")
+    return switched
 
 
 @contextlib.contextmanager
@@ -139,6 +159,8 @@ class TrainSession:
         if checkpoint is not None:  # weights and RNG go into the plain model, before any wrapping or sharding
             load_model_state(model, checkpoint.model_state(), checkpoint.path)
             checkpoint.restore_rng()
+        if run.activation_checkpointing:
+            enable_activation_checkpointing(model)
         self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, run.optim))
         self.scheduler = build_scheduler(self.optimizer, run.optim, run.steps)
         if checkpoint is not None:
