@@ -19,9 +19,10 @@ def _run(tmp_path, strategy, nproc, ds_config=None):
     return json.loads(out.read_text())
 
 
-def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0):
+def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0, ds_config=None):
     out = tmp_path / f"{name}-{strategy}-{nproc}.json"
     args = [str(RUNNER_WORKER), strategy, str(tmp_path / f"{name}-{strategy}-{nproc}"), str(out), str(die_at_call)]
+    args += [str(ROOT / ds_config)] if ds_config else []
     launch(args, nproc, fails=die_at_call > 0)
     return None if die_at_call else json.loads(out.read_text())
 
@@ -44,17 +45,23 @@ def test_two_processes_match_one(tmp_path, single, strategy, ds_config):
         torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_runner_on_two_processes_matches_one_and_resumes(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy, ds_config",
+    [("ddp", None), ("fsdp2", None), ("deepspeed", "pipelines/deepspeed/zero2.json"),
+     ("deepspeed", "pipelines/deepspeed/zero3.json")],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
+)
+def test_runner_on_two_processes_matches_one_and_resumes(tmp_path, strategy, ds_config):
     """The runner splits each global batch over the ranks and reduces the loss: the same run as one process
     (the job ends cleanly through shutdown_process_group). Killed after its step-3 checkpoint and resumed,
     the 2-process run is the same again: weights, schedule and the optimizer's moments (gathered from the
-    FSDP2 shards into the checkpoint, sharded again on load) come back."""
+    FSDP2 shards or ZeRO partitions into the checkpoint, by parameter name, and split again on load) come
+    back; moments restarted from zero would change every later step."""
     single = _run_runner(tmp_path, "none", 1)
-    result = _run_runner(tmp_path, strategy, 2)
+    result = _run_runner(tmp_path, strategy, 2, ds_config=ds_config)
     assert single["losses"][-1] < single["losses"][0]
-    _run_runner(tmp_path, strategy, 2, name="cut", die_at_call=9)  # accumulation 2: call 9 is in step 5
-    resumed = _run_runner(tmp_path, strategy, 2, name="cut")
+    _run_runner(tmp_path, strategy, 2, name="cut", die_at_call=9, ds_config=ds_config)  # accumulation 2: step 5
+    resumed = _run_runner(tmp_path, strategy, 2, name="cut", ds_config=ds_config)
     for run in (result, resumed):
         assert run["losses"] == pytest.approx(single["losses"], rel=1e-5)
         for key, value in single["state"].items():
