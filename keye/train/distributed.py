@@ -17,6 +17,7 @@ which is how the tests check them against a single process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -104,7 +105,10 @@ class Strategy:
         self.cfg, self.accum_steps, self.grad_clip, self.micro_batch = cfg, accum_steps, grad_clip, micro_batch
         self.rank, self.world_size = init_process_group()
 
-    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory,
+              whole_copy: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer. ``whole_copy``: ``whole_weights`` will be asked for (a sharding
+        strategy keeps a plain copy of the model to gather into)."""
         return model, build_optimizer(model)
 
     @contextlib.contextmanager
@@ -130,6 +134,12 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def whole_weights(self, model: nn.Module) -> nn.Module:
+        """A module holding the whole current weights on this rank, for no-grad work each rank does on its own
+        schedule (generation, scoring), where a sharded forward would wait on the other ranks' collectives.
+        Every rank calls it at the same point of the loop. Here: the model itself."""
+        return self.unwrap(model)
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (CPU tensors), for saving."""
         return gathered_state_dict(self.unwrap(model))
@@ -149,7 +159,7 @@ class Strategy:
 
 
 class DDPStrategy(Strategy):
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         return model, build_optimizer(model.module)
 
@@ -166,9 +176,11 @@ class DDPStrategy(Strategy):
 class FSDP2Strategy(Strategy):
     """``fully_shard`` each repeated block (HF's ``_no_split_modules``), then the root module."""
 
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         from torch.distributed.fsdp import fully_shard
 
+        # a plain twin to gather into (whole_weights): one more copy of the weights on every rank
+        self._whole = copy.deepcopy(model) if whole_copy else None
         block_names = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in block_names:
@@ -180,6 +192,13 @@ class FSDP2Strategy(Strategy):
     def accumulating(self, model, boundary):
         model.set_requires_gradient_sync(boundary)
         yield
+
+    def whole_weights(self, model):
+        """The plain twin made at setup, loaded with the shards gathered from every rank (a collective)."""
+        if self._whole is None:
+            raise RuntimeError("FSDP2: whole_weights needs setup(..., whole_copy=True)")
+        self._whole.load_state_dict(gathered_state_dict(model))
+        return self._whole
 
     def optimizer_state_dict(self, model, optimizer):
         """Moments gathered from every shard, keyed by parameter name (the main rank holds them)."""
@@ -197,7 +216,7 @@ class FSDP2Strategy(Strategy):
 class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO from a JSON config; our torch optimizer is handed in (no op compilation on CPU)."""
 
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         import deepspeed
 
         if not self.cfg.deepspeed_config:

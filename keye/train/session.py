@@ -143,11 +143,12 @@ class TrainSession:
     accum_steps: micro-batches per optimizer step as the strategy sees them (default ``run.accum_steps``).
     plots: PNG name -> metrics drawn into it when the run finishes.
     progress: the metrics shown beside the progress bar.
+    whole_weights: ``whole_weights()`` will be called (under FSDP2 each rank then keeps a plain copy).
     """
 
     def __init__(self, model: nn.Module, run: RunConfig, run_dir: str | Path, *, accum_steps: int | None = None,
                  resume: bool = True, desc: str = "train", plots: dict[str, tuple[str, ...]] | None = None,
-                 progress: tuple[str, ...] = ("loss",)):
+                 progress: tuple[str, ...] = ("loss",), whole_weights: bool = False):
         self.run, self.run_dir = run, Path(run_dir)
         self.strategy = build_strategy(run.dist, accum_steps or run.accum_steps, run.optim.grad_clip, run.micro_batch)
         self.device = resolve_device(run.device)
@@ -161,7 +162,8 @@ class TrainSession:
             checkpoint.restore_rng()
         if run.activation_checkpointing:
             enable_activation_checkpointing(model)
-        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, run.optim))
+        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, run.optim),
+                                                         whole_copy=whole_weights)
         self.scheduler = build_scheduler(self.optimizer, run.optim, run.steps)
         if checkpoint is not None:
             moments = checkpoint.optimizer_state()
@@ -193,6 +195,12 @@ class TrainSession:
     def unwrapped(self) -> nn.Module:
         """The model under the strategy's wrapper (the module generation and no-grad passes run on)."""
         return self.strategy.unwrap(self.model)
+
+    def whole_weights(self) -> nn.Module:
+        """The model with whole, current weights on this rank, for rank-local no-grad work such as generation
+        (``Strategy.whole_weights``; the session must be opened with ``whole_weights=True``). Every rank calls
+        it at the same point: a sharding strategy gathers."""
+        return self.strategy.whole_weights(self.model)
 
     @property
     def data_position(self) -> dict[str, Any]:
