@@ -70,10 +70,11 @@ class ActivationPlan:
     vision: float  # the same for the ViT layers
     weight_copies: float  # bf16 copies of the weights, kept for the backward under autocast
     loss: float  # the LM head and cross-entropy at their peak
+    working: float  # the backward's gradients of one block's tensors, about as large as what the block saved
 
     @property
     def total(self) -> float:
-        return self.decoder + self.vision + self.weight_copies + self.loss
+        return self.decoder + self.vision + self.weight_copies + self.loss + self.working
 
 
 def activation_plan(config: KeyeConfig, tokens: int, *, precision: str = "bf16", checkpointing: bool = False,
@@ -105,4 +106,5 @@ def activation_plan(config: KeyeConfig, tokens: int, *, precision: str = "bf16",
     # logits (bf16 and their float32 copy, or float32), log-softmax and its gradient for ``rows`` positions
     per_logit = 10 if precision == "bf16" else 12
     loss = per_logit * rows * text.vocab_size + BYTES[precision] * labels * text.hidden_size
-    return ActivationPlan(decoder=decoder + rope, vision=vit + 4 * 588 * patches, weight_copies=copies, loss=loss)
+    return ActivationPlan(decoder=decoder + rope, vision=vit + 4 * 588 * patches, weight_copies=copies, loss=loss,
+                          working=max(per_layer, per_vit))
