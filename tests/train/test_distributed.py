@@ -88,7 +88,8 @@ def test_unknown_strategy_is_a_config_error():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy):
     """`torchrun -m keye train <stage>` end to end on the real model, with stage 3 (two seeds trained,
-    then averaged): every rank trains its share, the seed models are averaged (sharded under FSDP2),
+    then averaged), the chunked loss and activation checkpointing: every rank trains its share, the seed
+    models are averaged (sharded under FSDP2),
     rank 0 saves (sharded weights gathered first) while the others wait, and the job ends cleanly. The
     losses and the saved model equal a one-process run of the same global batch."""
     from safetensors.torch import load_file
@@ -98,8 +99,10 @@ def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy)
     generate_world(tmp_path / "world", WorldConfig.from_dict({"seed": 3, "clips": {"train": 8, "val": 0, "test": 0},
                    "scene": {"height": 56, "width": 56}, "crop_size": 56}), progress=False)
     stage = ROOT / "pipelines" / "nano" / "stage3_anneal.yaml"
+    # the memory switches ride along: the head's loss in chunks recomputed in the backward (through the FSDP2
+    # root's weights) and every block checkpointed
     common = ["init_from=null", "video.min_pixels=3136", "video.max_pixels=3136", "run.steps=3", "run.optim.warmup_steps=0",
-              "data.max_samples=8"]
+              "data.max_samples=8", "loss_chunk=5", "run.activation_checkpointing=true"]
     runs = {}
     for name, nproc, extra in [("one", 1, ["run.micro_batch=4"]), ("two", 2, ["run.micro_batch=2", f"run.dist.strategy={strategy}"])]:
         (tmp_path / name).mkdir()
