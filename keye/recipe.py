@@ -247,13 +247,23 @@ def dry_run(folder: str | os.PathLike, overrides: list[str] = ()) -> list[dict[s
     return rows
 
 
+# the share of a row's tokens that are vision pads (each merged from 4 ViT patches), for the activation estimate
+VISION_SHARE = 0.5
+
+
 def estimate_stage(cfg: StageConfig, gpus: int) -> dict[str, Any]:
-    """Parameter counts and a per-GPU memory estimate (weights, grads, Adam states) for the stage's
-    strategy. Mixed precision as DeepSpeed/FSDP run it: bf16 weights and grads (2 + 2 bytes), fp32
-    master weights and two Adam moments (12 bytes) for the trainable ones; frozen weights 2 bytes.
-    ZeRO-1 shards the 12, ZeRO-2 also the grads, ZeRO-3/FSDP2 everything. Activations are not included:
-    they depend on sequence length and checkpointing, and are reported separately by a real run."""
+    """Parameter counts and per-GPU memory (bytes): weights, gradients, optimizer states, gathered weights and
+    activations, for the stage's strategy and switches, as the toolkit trains.
+
+    Weights and gradients are float32 (4 + 4 bytes; ``run.precision: bf16`` is autocast), AdamW keeps two
+    float32 moments (8 bytes) per trainable parameter. ZeRO-1 shards the moments, ZeRO-2 also the gradients,
+    ZeRO-3 / FSDP2 everything; those two gather the root's weights and two blocks' at a time. Activations are
+    ``keye.models.memory.activation_plan`` for one micro-batch: LM stages with ``max_length`` take one packed row
+    of that many tokens (``packing``) or ``run.micro_batch`` padded rows, ``VISION_SHARE`` of them vision pads,
+    every position supervised (an upper bound on the loss), with ``run.activation_checkpointing``,
+    ``loss_chunk`` and ``run.precision``. Other stages report weights, gradients and states only."""
     from keye.models import build_model
+    from keye.models.memory import activation_plan
     from keye.train.optim import GROUP_PREFIXES, apply_freeze_plan, group_of
 
     with torch.device("meta"):
@@ -265,14 +275,28 @@ def estimate_stage(cfg: StageConfig, gpus: int) -> dict[str, Any]:
     n_all, n_train = sum(total.values()), sum(trainable.values())
     zero = _zero_stage(cfg)
     shard = lambda x, on: x / gpus if on else x  # noqa: E731
-    weights = shard(2 * n_all, zero >= 3)
-    grads = shard(2 * n_train, zero >= 2)
-    states = shard(12 * n_train, zero >= 1)
-    return {
-        "stage": cfg.out, "model": cfg.model, "strategy": cfg.run.dist.strategy, "zero": zero,
+    blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
+    block = max(sum(p.numel() for p in m.parameters()) for m in blocks)
+    root = n_all - sum(p.numel() for m in blocks for p in m.parameters())
+    row = {
+        "stage": cfg.out, "model": cfg.model, "strategy": cfg.run.dist.strategy, "zero": zero, "gpus": gpus,
         "params": n_all, "trainable": n_train, "by_group": {g: n for g, n in total.items() if n},
-        "gib_per_gpu": (weights + grads + states) / 2**30, "gpus": gpus,
+        "weights": shard(4 * n_all, zero >= 3), "grads": shard(4 * n_train, zero >= 2),
+        "optimizer": shard(8 * n_train, zero >= 1), "gathered": 4 * (root + 2 * block) if zero >= 3 else 0,
+        "tokens": None, "activations": None,
     }
+    max_length = getattr(cfg, "max_length", None)
+    if max_length:
+        tokens = max_length * (1 if getattr(cfg, "packing", False) else cfg.run.micro_batch)
+        vision_trains = "vision" in cfg.train and model.config.vision_mode == "continuous"
+        plan = activation_plan(model.config, tokens, precision=cfg.run.precision,
+                               checkpointing=cfg.run.activation_checkpointing,
+                               loss_chunk=getattr(cfg, "loss_chunk", 0),
+                               patches=int(4 * VISION_SHARE * tokens) if vision_trains else 0)
+        row |= {"tokens": tokens, "activations": plan.total, "activation_parts": plan.__dict__}
+    row["total"] = sum(row[k] or 0 for k in ("weights", "grads", "optimizer", "gathered", "activations"))
+    row["gib_per_gpu"] = row["total"] / 2**30
+    return row
 
 
 def _zero_stage(cfg: StageConfig) -> int:
@@ -288,12 +312,16 @@ def _zero_stage(cfg: StageConfig) -> int:
 
 
 def _print_estimates(rows: list[dict[str, Any]], recipe: RecipeConfig) -> None:
-    print(f"dry run: {recipe.nodes} node(s) x {recipe.gpus_per_node} GPU(s); weights+grads+optimizer states, no activations")
-    print(f"{'stage':<20}{'model':<22}{'strategy':<12}{'params':>10}{'trainable':>11}{'GiB/GPU':>10}")
+    gib = lambda x: f"{x / 2**30:.1f}" if x is not None else "-"  # noqa: E731
+    print(f"dry run: {recipe.nodes} node(s) x {recipe.gpus_per_node} GPU(s); GiB per GPU. Activations: one "
+          f"micro-batch at the stage's max_length, {VISION_SHARE:.0%} vision tokens, every position supervised")
+    print(f"{'stage':<18}{'strategy':<12}{'params':>9}{'train':>9}{'tokens':>8}{'weights':>9}{'grads':>7}"
+          f"{'optim':>7}{'gather':>8}{'activ':>7}{'GiB/GPU':>9}")
     for r in rows:
         strategy = f"{r['strategy']}" + (f"/z{r['zero']}" if r["strategy"] == "deepspeed" else "")
-        print(f"{r['stage']:<20}{r['model']:<22}{strategy:<12}{r['params'] / 1e9:>9.3f}B{r['trainable'] / 1e9:>10.3f}B"
-              f"{r['gib_per_gpu']:>10.1f}")
+        print(f"{r['stage']:<18}{strategy:<12}{r['params'] / 1e9:>8.2f}B{r['trainable'] / 1e9:>8.2f}B"
+              f"{r['tokens'] or '-':>8}{gib(r['weights']):>9}{gib(r['grads']):>7}{gib(r['optimizer']):>7}"
+              f"{gib(r['gathered']):>8}{gib(r['activations']):>7}{r['gib_per_gpu']:>9.1f}")
 
 
 def _write_json(path: Path, data: dict) -> None:

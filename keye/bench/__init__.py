@@ -5,6 +5,8 @@ in one run.
 * ``items``: residual k-means semantic IDs against faiss and scikit-learn (collisions, perplexity, MSE, time,
   peak memory).
 * ``model``: keye-nano's training step and greedy decoding speed on CPU.
+* ``train``: the toolkit's training loop beside a bare transformers loop (tokens/s, peak memory), memory against
+  packed row length beside the memory plan, and on a GPU the 8B / 30B-A3B shapes with MFU.
 * ``cli``: start-up time and memory of the ``keye`` command beside bare Python and ``import torch``.
 
 A benchmark is a module here with ``add_arguments(parser)`` and ``run(args)``, named in ``BENCHMARKS``.
@@ -16,7 +18,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("video", "items", "model", "cli")
+BENCHMARKS = ("video", "items", "model", "cli", "train")
 
 
 def main(argv: list[str] | None = None) -> int:

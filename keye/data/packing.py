@@ -4,9 +4,10 @@ Several tokenised samples share one row of ``max_length`` tokens. Three things k
 
 1. ``position_ids`` restart at 0 for every sample (RoPE sees each sample as if alone);
 2. attention stays inside each sample: ``cu_seqlens`` for varlen kernels (flash-attn's
-   ``cu_seqlens_q/k`` convention), or ``block_causal_mask`` for SDPA / eager attention;
+   ``cu_seqlens_q/k`` convention; ``block_causal_mask`` is its dense (L, L) reference);
    ``keye.data.collate.collate_packed`` hands the model per-token ``segment_ids`` instead, from which
-   ``KeyeForConditionalGeneration`` derives both the restarting 3D mRoPE ids and the mask;
+   ``KeyeForConditionalGeneration`` derives the restarting 3D mRoPE ids and the run boundaries each
+   attention kernel takes (``keye.models.attention``);
 3. labels: the label at each sample's first token is -100, so the shifted next-token loss never
    asks the last token of one sample to predict the first token of the next.
 

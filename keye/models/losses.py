@@ -1,4 +1,8 @@
-"""Router losses for the MoE decoder, as small registered functions.
+"""Losses of the model: the LM head's cross-entropy in chunks, and the MoE router losses as small registered
+functions.
+
+``head_cross_entropy`` never holds the logits of more than ``chunk`` positions: a 128K-token row would
+otherwise materialise 128K x 151,936 float32 logits (74 GiB) and as much again for their gradient.
 
 ``load_balancing`` is transformers' own Switch-Transformer auxiliary loss (Fedus et al. 2021, eq. 4),
 reused rather than copied so it stays identical to ``Qwen3MoeForCausalLM``. ``z_loss`` is the ST-MoE
@@ -11,7 +15,31 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+
+def _head_loss_sum(head: nn.Module, hidden_ND: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden_ND).float(), target_N, reduction="sum")
+
+
+def head_cross_entropy(head: nn.Module, hidden_ND: torch.Tensor, target_N: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden_ND)`` (N, V) against ``target_N`` (N,), ``chunk`` rows at a time.
+
+    Each chunk's logits are dropped after its loss and recomputed in the backward (non-reentrant
+    checkpointing, through the head module itself, so sharded heads gather their weights as usual): peak
+    memory O(chunk x V) instead of O(N x V), for one more head matmul. ``chunk`` 0, or N <= chunk, is the
+    plain head. Logits are taken in float32 either way, as transformers' causal-LM loss does.
+    """
+    if not chunk or len(target_N) <= chunk:
+        return _head_loss_sum(head, hidden_ND, target_N)
+    total = hidden_ND.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(target_N), chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_head_loss_sum, head, hidden_ND[part], target_N[part], use_reentrant=False)
+    return total
 
 
 def load_balancing(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int, attention_mask) -> torch.Tensor:

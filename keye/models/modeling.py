@@ -33,10 +33,10 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeModel, Qwen3MoeTopKRouter
 from vector_quantize_pytorch import SimVQ
 
-from keye.data.packing import same_segment_causal
 from keye.errors import ConfigError, KeyeInputError
+from keye.models.attention import VARLEN_SDPA, Runs, decoder_attention
 from keye.models.configuration import VISION_MODES, KeyeConfig
-from keye.models.losses import ROUTER_LOSSES
+from keye.models.losses import ROUTER_LOSSES, head_cross_entropy
 from keye.models.projector import KeyeProjector
 from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, frame_grids, grid_list
 from keye.models.visual_tokenizer import KeyeVisualTokenizer, code_ids, load_visual_tokenizer, merged_vit_features
@@ -138,25 +138,6 @@ def mrope_positions(
     return positions, deltas
 
 
-def packed_causal_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (B, 1, L, L) mask for packed rows: query i sees key j when j <= i and both belong to the
-    same packed sample (same ``segment_ids`` value; segment_ids, attention_mask: (B, L)).
-
-    Additive float, not bool: transformers hands a 4D mask to the attention kernel as is, and its eager
-    path adds the mask to the scores. Padding (attention_mask 0) is one segment of its own, so no query
-    row is fully masked (an all-masked softmax row is NaN in SDPA) and no real token sees padding.
-    """
-    seg_BL = torch.where(attention_mask.bool(), segment_ids, -1)
-    allowed_BLL = same_segment_causal(seg_BL)
-    mask_BLL = torch.zeros(allowed_BLL.shape, dtype=dtype, device=seg_BL.device)
-    return mask_BLL.masked_fill(~allowed_BLL, torch.finfo(dtype).min)[:, None]
-
-
-# attention implementations that take the 4D mask of a packed row; flash / flex kernels would need
-# cu_seqlens (varlen) instead, which is not wired yet
-PACKED_ATTENTION = ("eager", "sdpa")
-
-
 # ----------------------------------------------------------------------------- vision paths
 
 
@@ -204,7 +185,15 @@ class KeyePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # sdpa (also transformers' default) resolves to varlen_sdpa: the same kernel for every ordinary call, and
+        # per-sample SDPA instead of a dense (B, 1, L, L) mask for packed rows and padded training batches
+        if requested_attention in (None, "sdpa"):
+            requested_attention = VARLEN_SDPA
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -267,6 +256,8 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.rope_deltas: torch.Tensor | None = None  # set on prefill, read while decoding (Qwen2-VL does the same)
         self.post_init()
+        if self.model.config._attn_implementation == "sdpa":  # the decoder resolved it alone (see above)
+            self.model.config._attn_implementation = VARLEN_SDPA
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -369,13 +360,16 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         sparse_logits: bool = False,
         segment_ids: torch.LongTensor | None = None,
         num_frames: torch.LongTensor | None = None,
+        loss_chunk: int = 0,
         **kwargs,
     ) -> KeyeCausalLMOutput:
         """input_ids/attention_mask/labels: (B, L); labels are -100 outside assistant turns.
 
         ``sparse_logits=True`` (training): with labels, the head runs only where a label is set and
         ``logits`` is None. Assistant tokens are a small share of a video prompt, so this skips most of
-        the vocabulary projection and its softmax; the loss is the same.
+        the vocabulary projection and its softmax; the loss is the same. ``loss_chunk`` > 0 then computes the
+        head and its loss that many positions at a time (``keye.models.losses.head_cross_entropy``): memory
+        O(loss_chunk x vocab) instead of O(L x vocab) when most positions carry a label.
 
         position_ids, if given, are (3, B, L) mRoPE positions (or (B, L) for text-only input);
         by default they are derived from the prompt's vision blocks.
@@ -383,7 +377,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         ``segment_ids`` (B, L) marks packed rows (``keye.data.collate.collate_packed``): the sample each
         token belongs to. Positions then restart per sample and attention stays inside each sample (a
         block-diagonal causal mask), so every sample gets the logits it gets alone. Training only: no
-        cache, and ``eager`` or ``sdpa`` attention.
+        cache. Packed rows, and padded batches without a cache, reach the decoder's kernel as run boundaries
+        (``keye.models.attention``): varlen SDPA, a FlexAttention block mask or flash-attn's varlen call, in
+        memory linear in L; ``eager`` builds the dense mask as the reference.
 
         ``num_frames`` (V,): frames per video, as the official processor returns it beside merged
         ``video_grid_thw`` rows; checked against the rows (see ``frame_grids``).
@@ -402,9 +398,10 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             position_ids = self._positions(
                 input_ids, attention_mask, past_len, L, image_grid_thw, video_grid_thw, segment_ids
             )
-        decoder_mask = attention_mask
-        if segment_ids is not None:
-            decoder_mask = self._packed_mask(segment_ids, attention_mask, past_key_values, embeds_BLD.dtype)
+        decoder_mask, attention_kwargs = attention_mask, {}
+        if segment_ids is not None or (past_key_values is None and not bool(attention_mask.all())):
+            decoder_mask, attention_kwargs = self._run_attention(segment_ids, attention_mask, past_key_values,
+                                                                 embeds_BLD.dtype)
         is_moe = self.config.is_moe
         want_router = is_moe and (bool(output_router_logits) or labels is not None)
         extra = {"output_router_logits": want_router} if is_moe else {}
@@ -415,12 +412,13 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **attention_kwargs,
             **extra,
         )
         hidden_BLD = out.last_hidden_state
         loss = lm_loss = aux = z = logits = None
         if labels is not None and sparse_logits:
-            lm_loss = self._sparse_lm_loss(hidden_BLD, labels, kwargs.get("num_items_in_batch"))
+            lm_loss = self._sparse_lm_loss(hidden_BLD, labels, kwargs.get("num_items_in_batch"), loss_chunk)
         else:
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
             logits = self.lm_head(hidden_BLD[:, keep])
@@ -448,24 +446,23 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             router_logits=router_logits,
         )
 
-    def _packed_mask(self, segment_ids, attention_mask, past_key_values, dtype):
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+    def _run_attention(self, segment_ids, attention_mask, past_key_values, dtype):
+        """Mask and attention kwargs that keep attention inside each packed sample (``segment_ids``) or each
+        padded row (a forward without cache), in the form the decoder's kernel takes (``keye.models.attention``)."""
+        if segment_ids is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise KeyeInputError("segment_ids (packed rows) are for training forwards; they cannot extend a cache")
-        impl = self.model.config._attn_implementation
-        if impl not in PACKED_ATTENTION:
-            raise ConfigError(f"packed rows need attention in {PACKED_ATTENTION}, the decoder uses {impl!r}")
-        if segment_ids.shape != attention_mask.shape:
+        if segment_ids is not None and segment_ids.shape != attention_mask.shape:
             raise KeyeInputError(f"segment_ids {tuple(segment_ids.shape)} must match attention_mask "
                                  f"{tuple(attention_mask.shape)}")
-        return packed_causal_mask(segment_ids.to(attention_mask.device), attention_mask, dtype)
+        runs = Runs.of(attention_mask, segment_ids)
+        return decoder_attention(self.model.config._attn_implementation, runs, attention_mask, dtype)
 
-    def _sparse_lm_loss(self, hidden_BLD, labels_BL, num_items_in_batch=None):
+    def _sparse_lm_loss(self, hidden_BLD, labels_BL, num_items_in_batch=None, chunk: int = 0):
         """transformers' causal-LM loss (shift by one, ignore -100, sum / num_items or mean) computed
-        from the supervised positions only."""
+        from the supervised positions only, ``chunk`` of them at a time (``head_cross_entropy``)."""
         target_BL = labels_BL[:, 1:].to(hidden_BLD.device)
         keep_BL = target_BL != -100
-        logits_ND = self.lm_head(hidden_BLD[:, :-1][keep_BL]).float()
-        total = F.cross_entropy(logits_ND, target_BL[keep_BL], reduction="sum")
+        total = head_cross_entropy(self.lm_head, hidden_BLD[:, :-1][keep_BL], target_BL[keep_BL], chunk)
         if num_items_in_batch is not None:
             return total / num_items_in_batch
         return total / keep_BL.sum().clamp(min=1)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 
 from keye.errors import KeyeInputError
+from keye.models.attention import varlen_sdpa
 from keye.models.configuration import KeyeVisionConfig
 
 
@@ -110,23 +111,6 @@ def apply_rotary(x_NHD: torch.Tensor, cos_ND: torch.Tensor, sin_ND: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- attention
-
-
-def varlen_sdpa(q_NHD, k_NHD, v_NHD, seqlens: list[int], scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """Exact per-sequence attention over a packed batch via SDPA.
-
-    Sequences of equal length are stacked into one batched SDPA call, so a clip of same-sized frames
-    costs a single kernel launch; no sequence ever sees another's keys.
-    """
-    out = torch.empty_like(q_NHD)
-    starts = torch.tensor([0, *seqlens[:-1]], device=q_NHD.device).cumsum(0)
-    lengths = torch.tensor(seqlens, device=q_NHD.device)
-    for length in sorted(set(seqlens)):
-        idx_SL = starts[lengths == length][:, None] + torch.arange(length, device=q_NHD.device)
-        q, k, v = (rearrange(t[idx_SL], "s l h d -> s h l d") for t in (q_NHD, k_NHD, v_NHD))
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
-        out[idx_SL] = rearrange(o, "s h l d -> s l h d")
-    return out
 
 
 def varlen_eager(q_NHD, k_NHD, v_NHD, seqlens: list[int], scale: float, dropout: float = 0.0) -> torch.Tensor:

@@ -17,6 +17,7 @@ which is how the tests check them against a single process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -27,9 +28,10 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from keye.errors import ConfigError
+from keye.errors import ConfigError, KeyeInputError
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -52,19 +54,31 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _zero3_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 partitioned (each rank holds a slice; the module sees empty tensors)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def has_sharded_weights(model: nn.Module) -> bool:
-    """Whether some of ``model``'s state is sharded (FSDP2 DTensors) and must be gathered to be saved."""
+    """Whether some of ``model``'s state is sharded (FSDP2 DTensors, ZeRO-3 partitions) and must be gathered to
+    be saved."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(v, DTensor) for v in model.state_dict().values())
+    return bool(_zero3_params(model)) or any(isinstance(v, DTensor) for v in model.state_dict().values())
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s whole state dict as CPU tensors, its sharded (FSDP2 DTensor) entries gathered, so
-    every rank must call it, in the same order. Works on a model that is only partly sharded too (stage
-    0's tower inside the SigLIP pair)."""
+    """``model``'s whole state dict as CPU tensors, its sharded entries (FSDP2 DTensors, ZeRO-3 partitions)
+    gathered, so every rank must call it, in the same order. Works on a model that is only partly sharded too
+    (stage 0's tower inside the SigLIP pair)."""
     from torch.distributed.tensor import DTensor
 
+    partitioned = _zero3_params(model)
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
@@ -91,7 +105,10 @@ class Strategy:
         self.cfg, self.accum_steps, self.grad_clip, self.micro_batch = cfg, accum_steps, grad_clip, micro_batch
         self.rank, self.world_size = init_process_group()
 
-    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def setup(self, model: nn.Module, build_optimizer: OptimizerFactory,
+              whole_copy: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer. ``whole_copy``: ``whole_weights`` will be asked for (a sharding
+        strategy keeps a plain copy of the model to gather into)."""
         return model, build_optimizer(model)
 
     @contextlib.contextmanager
@@ -117,6 +134,12 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
 
+    def whole_weights(self, model: nn.Module) -> nn.Module:
+        """A module holding the whole current weights on this rank, for no-grad work each rank does on its own
+        schedule (generation, scoring), where a sharded forward would wait on the other ranks' collectives.
+        Every rank calls it at the same point of the loop. Here: the model itself."""
+        return self.unwrap(model)
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's state dict on every rank (CPU tensors), for saving."""
         return gathered_state_dict(self.unwrap(model))
@@ -136,7 +159,7 @@ class Strategy:
 
 
 class DDPStrategy(Strategy):
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         return model, build_optimizer(model.module)
 
@@ -153,9 +176,11 @@ class DDPStrategy(Strategy):
 class FSDP2Strategy(Strategy):
     """``fully_shard`` each repeated block (HF's ``_no_split_modules``), then the root module."""
 
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         from torch.distributed.fsdp import fully_shard
 
+        # a plain twin to gather into (whole_weights): one more copy of the weights on every rank
+        self._whole = copy.deepcopy(model) if whole_copy else None
         block_names = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in block_names:
@@ -167,6 +192,13 @@ class FSDP2Strategy(Strategy):
     def accumulating(self, model, boundary):
         model.set_requires_gradient_sync(boundary)
         yield
+
+    def whole_weights(self, model):
+        """The plain twin made at setup, loaded with the shards gathered from every rank (a collective)."""
+        if self._whole is None:
+            raise RuntimeError("FSDP2: whole_weights needs setup(..., whole_copy=True)")
+        self._whole.load_state_dict(gathered_state_dict(model))
+        return self._whole
 
     def optimizer_state_dict(self, model, optimizer):
         """Moments gathered from every shard, keyed by parameter name (the main rank holds them)."""
@@ -184,7 +216,7 @@ class FSDP2Strategy(Strategy):
 class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO from a JSON config; our torch optimizer is handed in (no op compilation on CPU)."""
 
-    def setup(self, model, build_optimizer):
+    def setup(self, model, build_optimizer, whole_copy=False):
         import deepspeed
 
         if not self.cfg.deepspeed_config:
@@ -200,8 +232,10 @@ class DeepSpeedStrategy(Strategy):
         )
         ds_config["train_batch_size"] = self.micro_batch * self.accum_steps * self.world_size
         ds_config.setdefault("zero_allow_untested_optimizer", True)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model), config=ds_config)
-        return engine, optimizer
+        engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model), config=ds_config)
+        # the torch optimizer ZeRO steps (``engine.optimizer`` wraps it): a torch LR schedule takes it, and its
+        # param groups hold the learning rates ZeRO reads
+        return engine, zero.optimizer
 
     def backward(self, loss):
         # The engine divides by gradient_accumulation_steps itself, and counts micro-steps in step():
@@ -221,27 +255,76 @@ class DeepSpeedStrategy(Strategy):
     def unwrap(self, model):
         return model.module
 
-    def full_state_dict(self, model):
-        if model.zero_optimization_stage() == 3:
-            with _gathered(model):
-                return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
-        return super().full_state_dict(model)
-
-    # ZeRO partitions the moments its own way and they are not gathered yet: a DeepSpeed resume restores
-    # weights, schedule, RNG and data position, and the moments start again from zero.
     def optimizer_state_dict(self, model, optimizer):
-        return None
+        """The moments gathered from the ZeRO partitions, keyed by parameter name as FSDP2 keys them (every rank
+        takes part; each gathers a full tensor per parameter and moment). None before the first step."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = optimizer  # the torch optimizer, stepping ZeRO's flat fp32 partitions
+        if not base.state:
+            return None
+        first = next(iter(base.state.values()))
+        moments = [k for k, v in first.items() if k != "step" and isinstance(v, torch.Tensor)]
+        _link_moments(model.optimizer)
+        state = {}
+        for name, param in _trainable(model):
+            state[name] = {k: safe_get_full_optimizer_state(param, k).detach().cpu() for k in moments}
+            state[name]["step"] = torch.as_tensor(first["step"]).detach().cpu().clone()
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
+        return {"state": state, "param_groups": groups}
 
     def load_optimizer_state_dict(self, model, optimizer, state):
-        log.warning("deepspeed: the checkpoint's optimizer moments are not restored (ZeRO shards them its own way)")
+        """Scatter each parameter's moments into this rank's partition, and restore the param groups' settings
+        (the learning rate the schedule had set). ZeRO creates Adam's state in its first step, so it is created
+        here, at the saved step count, for the moments to land in."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if len(state["param_groups"]) != len(optimizer.param_groups):
+            raise KeyeInputError(f"checkpoint: {len(state['param_groups'])} optimizer param groups, the run has "
+                                 f"{len(optimizer.param_groups)} (a different freeze plan?)")
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        entries = state["state"]
+        first = next(iter(entries.values()))
+        moments = [k for k in first if k != "step"]
+        zero = model.optimizer  # ZeRO-1/2 keep their flat fp32 partitions in the param groups, ZeRO-3 apart
+        for flat in getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups:
+            optimizer.state[flat] = {"step": first["step"].clone().float(), **{k: torch.zeros_like(flat) for k in moments}}
+        _link_moments(zero)
+        device = next(model.parameters()).device
+        for name, param in _trainable(model):
+            for key in moments:
+                value = entries[name][key].to(device)
+                if hasattr(param, "ds_id"):
+                    _set_zero3_moment(zero, param, value, key)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
 
 
-@contextlib.contextmanager
-def _gathered(engine):
-    import deepspeed
+def _trainable(engine) -> list[tuple[str, nn.Parameter]]:
+    """The engine's trainable parameters by their names in the unwrapped model, in a fixed order."""
+    return [(name, p) for name, p in engine.module.named_parameters() if p.requires_grad]
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        yield
+
+def _link_moments(zero) -> None:
+    """Point ZeRO-1/2's per-parameter views (what ``safe_get/set_full_optimizer_state`` read and write) at the
+    optimizer state of every param group. ZeRO links them itself right after the first group's first step,
+    when the other groups have no state yet, and never again: their views stay empty (DeepSpeed 0.19.8).
+    Linking again is harmless. ZeRO-3 reads the state directly and has nothing to link."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    for lp_params, flat in zip(getattr(zero, "bit16_groups", []), getattr(zero, "single_partition_of_fp32_groups", [])):
+        lazy_init_hp_params_optimizer_state(lp_params, flat, zero.optimizer.state)
+
+
+def _set_zero3_moment(zero, param, value: torch.Tensor, key: str) -> None:
+    """This rank's slice of ``value`` (the whole moment of ``param``) into its ZeRO-3 partition. ZeRO-3 pads a
+    parameter to equal partitions; DeepSpeed 0.19.8's ``set_full_hp_param`` slices the unpadded value and
+    fails on a last partition that holds padding, so the value is padded first here."""
+    part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    n, rank = part.numel(), zero._get_param_partition_rank(param)
+    flat = F.pad(value.flatten(), (0, max(0, n * (rank + 1) - value.numel())))
+    part.data.copy_(flat[n * rank:n * (rank + 1)])
 
 
 def _fill_auto(config: dict, **values) -> dict:

@@ -25,6 +25,7 @@ have seen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -62,6 +63,8 @@ class RunConfig:
     num_workers: int = 0  # DataLoader worker processes building batches ahead; 0: built in the loop
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimizer states stay fp32)
+    # recompute every ViT and decoder block in the backward instead of keeping its activations
+    activation_checkpointing: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -94,6 +97,23 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block of ``model`` in the backward (non-reentrant ``torch.utils.checkpoint``), keeping only
+    its input: the blocks are the modules that carry transformers' ``gradient_checkpointing`` flag (every
+    decoder layer, the ViT encoder's layer loop). Gradients are unchanged; one more forward is the price.
+    Returns how many modules were switched (a ``ConfigError`` when none)."""
+    checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = checkpoint
+            module.gradient_checkpointing = True
+            switched += 1
+    if not switched:
+        raise ConfigError(f"run.activation_checkpointing: {type(model).__name__} has no blocks to checkpoint")
+    return switched
+
+
 @contextlib.contextmanager
 def stop_after_step() -> Iterator[None]:
     """Within the block, a first Ctrl-C asks every running session to stop after its current step: it
@@ -123,11 +143,12 @@ class TrainSession:
     accum_steps: micro-batches per optimizer step as the strategy sees them (default ``run.accum_steps``).
     plots: PNG name -> metrics drawn into it when the run finishes.
     progress: the metrics shown beside the progress bar.
+    whole_weights: ``whole_weights()`` will be called (under FSDP2 each rank then keeps a plain copy).
     """
 
     def __init__(self, model: nn.Module, run: RunConfig, run_dir: str | Path, *, accum_steps: int | None = None,
                  resume: bool = True, desc: str = "train", plots: dict[str, tuple[str, ...]] | None = None,
-                 progress: tuple[str, ...] = ("loss",)):
+                 progress: tuple[str, ...] = ("loss",), whole_weights: bool = False):
         self.run, self.run_dir = run, Path(run_dir)
         self.strategy = build_strategy(run.dist, accum_steps or run.accum_steps, run.optim.grad_clip, run.micro_batch)
         self.device = resolve_device(run.device)
@@ -139,7 +160,10 @@ class TrainSession:
         if checkpoint is not None:  # weights and RNG go into the plain model, before any wrapping or sharding
             load_model_state(model, checkpoint.model_state(), checkpoint.path)
             checkpoint.restore_rng()
-        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, run.optim))
+        if run.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.model, self.optimizer = self.strategy.setup(model, lambda m: build_optimizer(m, run.optim),
+                                                         whole_copy=whole_weights)
         self.scheduler = build_scheduler(self.optimizer, run.optim, run.steps)
         if checkpoint is not None:
             moments = checkpoint.optimizer_state()
@@ -171,6 +195,12 @@ class TrainSession:
     def unwrapped(self) -> nn.Module:
         """The model under the strategy's wrapper (the module generation and no-grad passes run on)."""
         return self.strategy.unwrap(self.model)
+
+    def whole_weights(self) -> nn.Module:
+        """The model with whole, current weights on this rank, for rank-local no-grad work such as generation
+        (``Strategy.whole_weights``; the session must be opened with ``whole_weights=True``). Every rank calls
+        it at the same point: a sharding strategy gathers."""
+        return self.strategy.whole_weights(self.model)
 
     @property
     def data_position(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 import keye.models  # noqa: F401  (registers the Auto classes)
 from keye.errors import KeyeInputError
-from keye.models.vision import VisionRotaryEmbedding2D, apply_rotary, varlen_eager, varlen_sdpa
+from keye.models.attention import varlen_sdpa
+from keye.models.vision import VisionRotaryEmbedding2D, apply_rotary, varlen_eager
 from keye.video.types import FAST, SLOW
 
 

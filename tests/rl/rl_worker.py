@@ -32,9 +32,9 @@ def main(run_root: str, *overrides: str) -> None:
 
     RLStage.rollout = uneven_rollout
     stage = RLStage(load_stage_config(RECIPE, list(overrides)), Path(run_root))
-    before = {k: v.detach().clone() for k, v in stage.model.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in stage.session.unwrapped.state_dict().items()}
     stage.run()
-    after = {k: v.detach().contiguous() for k, v in stage.model.state_dict().items()}
+    after = {k: v.detach().contiguous() for k, v in stage.session.unwrapped.state_dict().items()}
     moved = sum(not torch.equal(before[k], after[k]) for k in after)
     save_file(after | {"moved": torch.tensor(moved)}, str(Path(run_root) / f"rank{rank}.safetensors"))
 

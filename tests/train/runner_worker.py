@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_runner import TokenModel, collate, count_units, make_dataset  # noqa: E402
 from torch import nn  # noqa: E402
 
-from keye.train.distributed import DistConfig, shutdown_process_group  # noqa: E402
+from keye.train.distributed import DistConfig, gathered_state_dict, shutdown_process_group  # noqa: E402
 from keye.train.metrics import read_metrics  # noqa: E402
 from keye.train.optim import OptimConfig  # noqa: E402
 from keye.train.runner import RunConfig, StepLoss, train  # noqa: E402
@@ -32,8 +32,9 @@ class SeqModel(TokenModel):
                    for seq in batch)
 
 
-def main(strategy: str, run_dir: str, out: str, die_at_call: str = "0") -> None:
-    """``die_at_call`` > 0: every rank is killed in that call of the loss (after the step-3 checkpoint)."""
+def main(strategy: str, run_dir: str, out: str, die_at_call: str = "0", ds_config: str | None = None) -> None:
+    """``die_at_call`` > 0: every rank is killed in that call of the loss (after the step-3 checkpoint);
+    ``ds_config``: the DeepSpeed JSON for strategy ``deepspeed``."""
     calls = 0
 
     def loss_fn(model, batch):
@@ -45,9 +46,9 @@ def main(strategy: str, run_dir: str, out: str, die_at_call: str = "0") -> None:
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = RunConfig(steps=6, micro_batch=GLOBAL_BATCH // world, accum_steps=2, save_every=3,
-                    optim=OptimConfig(lr=0.05, warmup_steps=2), dist=DistConfig(strategy=strategy))
+                    optim=OptimConfig(lr=0.05, warmup_steps=2), dist=DistConfig(strategy=strategy, deepspeed_config=ds_config))
     model = train(SeqModel(), make_dataset(), collate, loss_fn, count_units, cfg, run_dir)
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).tolist() for k, v in model.state_dict().items()}
+    state = {k: v.tolist() for k, v in gathered_state_dict(model).items()}  # FSDP2 / ZeRO-3 shards gathered
     if int(os.environ.get("RANK", 0)) == 0:
         losses = [row["loss"] for row in read_metrics(Path(run_dir) / "metrics.jsonl")]
         Path(out).write_text(json.dumps({"losses": losses, "state": state}))

@@ -19,9 +19,10 @@ def _run(tmp_path, strategy, nproc, ds_config=None):
     return json.loads(out.read_text())
 
 
-def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0):
+def _run_runner(tmp_path, strategy, nproc, name="run", die_at_call=0, ds_config=None):
     out = tmp_path / f"{name}-{strategy}-{nproc}.json"
     args = [str(RUNNER_WORKER), strategy, str(tmp_path / f"{name}-{strategy}-{nproc}"), str(out), str(die_at_call)]
+    args += [str(ROOT / ds_config)] if ds_config else []
     launch(args, nproc, fails=die_at_call > 0)
     return None if die_at_call else json.loads(out.read_text())
 
@@ -44,17 +45,23 @@ def test_two_processes_match_one(tmp_path, single, strategy, ds_config):
         torch.testing.assert_close(torch.tensor(result["state"][key]), torch.tensor(value), rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_runner_on_two_processes_matches_one_and_resumes(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy, ds_config",
+    [("ddp", None), ("fsdp2", None), ("deepspeed", "pipelines/deepspeed/zero2.json"),
+     ("deepspeed", "pipelines/deepspeed/zero3.json")],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
+)
+def test_runner_on_two_processes_matches_one_and_resumes(tmp_path, strategy, ds_config):
     """The runner splits each global batch over the ranks and reduces the loss: the same run as one process
     (the job ends cleanly through shutdown_process_group). Killed after its step-3 checkpoint and resumed,
     the 2-process run is the same again: weights, schedule and the optimizer's moments (gathered from the
-    FSDP2 shards into the checkpoint, sharded again on load) come back."""
+    FSDP2 shards or ZeRO partitions into the checkpoint, by parameter name, and split again on load) come
+    back; moments restarted from zero would change every later step."""
     single = _run_runner(tmp_path, "none", 1)
-    result = _run_runner(tmp_path, strategy, 2)
+    result = _run_runner(tmp_path, strategy, 2, ds_config=ds_config)
     assert single["losses"][-1] < single["losses"][0]
-    _run_runner(tmp_path, strategy, 2, name="cut", die_at_call=9)  # accumulation 2: call 9 is in step 5
-    resumed = _run_runner(tmp_path, strategy, 2, name="cut")
+    _run_runner(tmp_path, strategy, 2, name="cut", die_at_call=9, ds_config=ds_config)  # accumulation 2: step 5
+    resumed = _run_runner(tmp_path, strategy, 2, name="cut", ds_config=ds_config)
     for run in (result, resumed):
         assert run["losses"] == pytest.approx(single["losses"], rel=1e-5)
         for key, value in single["state"].items():
@@ -81,7 +88,8 @@ def test_unknown_strategy_is_a_config_error():
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy):
     """`torchrun -m keye train <stage>` end to end on the real model, with stage 3 (two seeds trained,
-    then averaged): every rank trains its share, the seed models are averaged (sharded under FSDP2),
+    then averaged), the chunked loss and activation checkpointing: every rank trains its share, the seed
+    models are averaged (sharded under FSDP2),
     rank 0 saves (sharded weights gathered first) while the others wait, and the job ends cleanly. The
     losses and the saved model equal a one-process run of the same global batch."""
     from safetensors.torch import load_file
@@ -91,8 +99,10 @@ def test_keye_train_stage_under_torchrun_matches_one_process(tmp_path, strategy)
     generate_world(tmp_path / "world", WorldConfig.from_dict({"seed": 3, "clips": {"train": 8, "val": 0, "test": 0},
                    "scene": {"height": 56, "width": 56}, "crop_size": 56}), progress=False)
     stage = ROOT / "pipelines" / "nano" / "stage3_anneal.yaml"
+    # the memory switches ride along: the head's loss in chunks recomputed in the backward (through the FSDP2
+    # root's weights) and every block checkpointed
     common = ["init_from=null", "video.min_pixels=3136", "video.max_pixels=3136", "run.steps=3", "run.optim.warmup_steps=0",
-              "data.max_samples=8"]
+              "data.max_samples=8", "loss_chunk=5", "run.activation_checkpointing=true"]
     runs = {}
     for name, nproc, extra in [("one", 1, ["run.micro_batch=4"]), ("two", 2, ["run.micro_batch=2", f"run.dist.strategy={strategy}"])]:
         (tmp_path / name).mkdir()

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from keye.data.world import WorldConfig, generate_world
-from keye.recipe import dry_run, load_recipe, load_stage_config, run_recipe, run_stage
+from keye.recipe import dry_run, estimate_stage, load_recipe, load_stage_config, run_recipe, run_stage
 from keye.train.base import load_start
 from keye.train.metrics import read_metrics
 from keye.train.optim import group_of
@@ -363,9 +363,17 @@ def test_big_recipes_dry_run(size, params, capsys):
     assert rows and all(r["params"] == n for r in rows)
     for r in rows:
         assert 0 < r["trainable"] <= r["params"]
-        if r["zero"] == 3:  # everything sharded: (2 + 2 + 12) bytes per trainable param + 2 per frozen, / GPUs
-            expected = (2 * r["params"] + 14 * r["trainable"]) / r["gpus"] / 2**30
-            assert r["gib_per_gpu"] == pytest.approx(expected)
+        if r["zero"] == 3:  # everything sharded: 4 bytes per weight, (4 + 8) more per trainable one, / GPUs
+            states = (4 * r["params"] + 12 * r["trainable"]) / r["gpus"]
+            assert r["weights"] + r["grads"] + r["optimizer"] == pytest.approx(states)
+            assert r["gathered"] > 0
+        parts = ("weights", "grads", "optimizer", "gathered", "activations")
+        assert r["gib_per_gpu"] == pytest.approx(sum(r[k] or 0 for k in parts) / 2**30)
+    anneal = next(r for r in rows if r["stage"] == "stage3_anneal")
+    assert anneal["tokens"] == 32768 and anneal["activations"] > 0  # the recipe's packed row, checkpointed
+    plain = estimate_stage(load_stage_config(ROOT / "pipelines" / size / "stage3_anneal.yaml",
+                                             ["run.activation_checkpointing=false", "loss_chunk=0"]), anneal["gpus"])
+    assert plain["activations"] > 5 * anneal["activations"]
     assert "GiB/GPU" in capsys.readouterr().out
 
 

@@ -51,11 +51,16 @@ class LMStageConfig(StageConfig):
     # pack each micro-batch's samples into rows of max_length tokens (needs max_length), with per-sample
     # positions and attention (keye.data.packing); run.micro_batch still counts samples
     packing: bool = False
+    # the LM head and its loss this many label positions at a time (keye.models.losses.head_cross_entropy):
+    # memory O(loss_chunk x vocab) instead of O(labels x vocab); 0 takes all positions at once
+    loss_chunk: int = 4096
 
     def __post_init__(self):
         super().__post_init__()
         if self.packing and not self.max_length:
             raise ConfigError("packing: true needs max_length, the length of a packed row")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk: must be >= 0 (0: no chunking), got {self.loss_chunk}")
 
 
 @dataclass
@@ -97,9 +102,11 @@ class LMDataset:
         return self.safe.keep_errors
 
 
-def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepLoss:
-    """Summed assistant-token cross-entropy; the MoE router losses ride along as ``aux_loss``."""
-    out = model(**batch, num_items_in_batch=1, sparse_logits=True)  # sum over label tokens; head only there
+def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int = 0) -> StepLoss:
+    """Summed assistant-token cross-entropy (the head ``loss_chunk`` positions at a time); the MoE router
+    losses ride along as ``aux_loss``."""
+    # sum over label tokens; the head runs only there
+    out = model(**batch, num_items_in_batch=1, sparse_logits=True, loss_chunk=loss_chunk)
     aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
     metrics = {"router_aux": float(out.aux_loss.detach())} if out.aux_loss is not None else {}
     return StepLoss(loss_sum=out.lm_loss, aux_loss=aux, metrics=metrics)
@@ -124,7 +131,8 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]
     dataset = LMDataset(rows, SampleBuilder(processor, cfg.video, base_dir=base), cfg.max_length)
-    model = train(model, dataset, lm_collate(processor, cfg), lm_loss_fn, count_label_tokens, cfg.run,
+    loss_fn = functools.partial(lm_loss_fn, loss_chunk=cfg.loss_chunk)
+    model = train(model, dataset, lm_collate(processor, cfg), loss_fn, count_label_tokens, cfg.run,
                   out_dir or stage_dir, desc=cfg.out)
     if dataset.skipped:
         log.warning("%s: skipped samples %s; first: %s", cfg.out, dict(dataset.skipped), dataset.errors[:1])

@@ -47,6 +47,7 @@ from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
+from keye.train.distributed import has_sharded_weights
 from keye.train.rewards import combine_rewards, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
 from keye.train.runner import BatchPlan
@@ -124,12 +125,9 @@ class RLConfig(StageConfig):
                               "importance ratios need fp32 log-probs")
         if self.run.num_workers:
             raise ConfigError("run.num_workers: the RL stage builds its prompts per rollout; leave it at 0")
-        if self.run.dist.strategy not in ("none", "ddp"):
-            # sharded parameters make every forward a collective, and each rank's rollouts decode for as many
-            # steps as its own completions need: the ranks would wait on each other for ever
-            raise ConfigError(f"run.dist.strategy: the RL stage runs with 'none' or 'ddp' (got "
-                              f"{self.run.dist.strategy!r}); sharded rollouts need rank-synchronous decoding, "
-                              "which is not built yet")
+        if self.run.dist.strategy not in ("none", "ddp", "fsdp2"):
+            raise ConfigError(f"run.dist.strategy: the RL stage runs with 'none', 'ddp' or 'fsdp2' (got "
+                              f"{self.run.dist.strategy!r})")
 
 
 # ----------------------------------------------------------------------------- prompts and batches
@@ -396,20 +394,36 @@ class RLStage:
             self.rows = _with_listings(self.rows, cfg.data.listings, self.run_root)
         self.prompts = PromptBuilder(self.processor, cfg.video, base)
 
-        # one optimizer step per minibatch: the strategy's accumulation window is one backward call
+        # one optimizer step per minibatch: the strategy's accumulation window is one backward call. Rollouts,
+        # pi_old and the held-out eval run on whole weights (gathered under FSDP2, once per step): each rank
+        # decodes for as many steps as its own completions need, which sharded forwards could not do without
+        # waiting on each other.
         self.session = TrainSession(model, cfg.run, self.out_dir, accum_steps=1, resume=resume, desc=cfg.out,
                                     plots={"rewards.png": ("reward_mean", "accuracy", "format_pass")},
-                                    progress=("reward_mean", "accuracy"))
+                                    progress=("reward_mean", "accuracy"), whole_weights=True)
+        self.policy = self.session.unwrapped  # whole weights: refreshed at every rollout (``sync_policy``)
+        if has_sharded_weights(self.session.model):
+            self._check_one_vision_layout()
         self.device = self.session.device
         if self.reference is not None:
             self.reference.to(self.device)
         self.plan = BatchPlan(len(self.rows), cfg.rollout.prompts_per_step, self.session.world_size,
                               self.session.rank, cfg.run.seed)
 
-    @property
-    def model(self) -> nn.Module:
-        """The plain policy: generation and the no-grad pi_old pass run on it (peft injects adapters in place)."""
-        return self.session.unwrapped
+    def sync_policy(self) -> nn.Module:
+        """``self.policy``: the policy with whole, current weights on this rank (peft adapters included), which
+        generation and the no-grad log-prob passes run on. Every rank calls it together (FSDP2 gathers)."""
+        self.policy = self.session.whole_weights()
+        return self.policy
+
+    def _check_one_vision_layout(self) -> None:
+        """Sharded forwards are collectives per block: every rank's micro-batch must run the same towers the same
+        number of times, so rows that mix images and videos (or none) would leave the ranks waiting."""
+        layouts = {tuple(sorted({p["type"] for m in self.prompts.samples.messages(row)[0] for p in m["content"]
+                                 if p["type"] in ("image", "video")})) for row in self.rows}
+        if len(layouts) > 1:
+            raise ConfigError(f"run.dist.strategy: fsdp2 needs every RL row to carry the same kinds of visual input "
+                              f"(the rows have {sorted(layouts)}); use ddp, or split the rows by kind")
 
     # ------------------------------------------------------------------ rollouts
 
@@ -419,8 +433,8 @@ class RLStage:
         r = self.cfg.rollout
         prompts = [self.prompts(row) for row in rows]
         batch = to_device(collate_prompts([p for p in prompts for _ in range(r.group_size)], self.pad_id), self.device)
-        self.model.eval()
-        generated = self.model.generate(
+        self.policy.eval()
+        generated = self.policy.generate(
             **batch, do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k or None,
             max_new_tokens=r.max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             suppress_tokens=self.suppress,
@@ -436,6 +450,7 @@ class RLStage:
             position += 1
             return [self.rows[i] for i in self.plan.indices(position - 1)]
 
+        self.sync_policy()
         kept, stats = collect_rollouts(draw, self.sample, self.cfg)
         return kept, position, stats
 
@@ -456,10 +471,10 @@ class RLStage:
             return {}
         temperature, mb = cfg.rollout.temperature, cfg.run.micro_batch
         self.session.model.train()
-        # pi_old: the rollout policy. With one epoch and one minibatch pi == pi_old numerically; with
-        # several, later minibatches see a moved policy and the ratio does its job. No gradient: the
-        # unwrapped policy, outside the wrapper's collectives.
-        policy = self.model
+        # pi_old: the rollout policy (whole weights as of this step's rollout). With one epoch and one minibatch
+        # pi == pi_old numerically; with several, later minibatches see a moved policy and the ratio does its
+        # job. No gradient, outside the wrapper's collectives.
+        policy = self.policy
         _fill_logps(policy, seqs, "old_logps", mb, self.pad_id, temperature, self.suppress, self.device)
         if self.reference is not None:
             _fill_logps(self.reference, seqs, "ref_logps", mb, self.pad_id, temperature, self.suppress, self.device)
@@ -550,7 +565,7 @@ class RLStage:
         """Greedy accuracy and format pass rate on ``rows`` (rendered in the training modes). Under
         torchrun each rank scores every world_size-th row and the counts are summed, so every rank
         returns the same figures for the whole list."""
-        self.model.eval()
+        policy = self.sync_policy().eval()
         world, rank = self.session.strategy.world_size, self.session.strategy.rank
         mine = rows[rank::world]
         correct = formatted = 0
@@ -558,7 +573,7 @@ class RLStage:
             chunk = mine[start : start + batch_size]
             prompts = [self.prompts(r) for r in chunk]
             batch = to_device(collate_prompts(prompts, self.pad_id), self.device)
-            generated = self.model.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
+            generated = policy.generate(**batch, do_sample=False, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
                                             suppress_tokens=self.suppress)
             texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :].cpu(), self.eos_id),
