@@ -117,10 +117,15 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_rerun_resumes(tmp
         return loss_fn(model, batch)
 
     folder = tmp_path / "interrupted"
-    with stop_after_step(), pytest.raises(RunInterrupted, match=r"stopped at step 3 of 6; checkpoint in .*resumes"):
-        run(folder, save_every=0, loss=interrupt_during_step_3)
+    # as in a terminal: a job started in the background of a shell inherits SIGINT ignored
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_after_step(), pytest.raises(RunInterrupted, match=r"stopped at step 3 of 6; checkpoint in .*resumes"):
+            run(folder, save_every=0, loss=interrupt_during_step_3)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the block put Ctrl-C back
+    finally:
+        signal.signal(signal.SIGINT, outside)
     assert latest_checkpoint(folder).path.name == "step_00000003"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the block put Ctrl-C back
     with caplog.at_level(logging.INFO, logger="keye.train.session"):
         resumed, rows = run(folder, save_every=0)
     assert any("resumed from step 3" in r.getMessage() for r in caplog.records)

@@ -108,13 +108,19 @@ def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix:
     return [Turn(q, a, context if i == 0 else "") for i, (q, a) in enumerate(turns)]
 
 
-def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3) -> list[Turn]:
-    """Colour and shape lookups over a window of 1 to ``max_frames`` frames of ``clip``: "What colour is the
-    triangle?" for each object whose shape is unique in the window, "What shape is the blue object?" for each
-    whose colour is; empty when the window shows nothing to ask about."""
+def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_objects: int = 2) -> list[Turn]:
+    """Colour and shape lookups over a window of 1 to ``max_frames`` frames of one shot of ``clip``, each
+    frame showing at least ``min_objects`` objects (with one, the first-listed guess is always right and
+    teaches nothing): "What colour is the triangle?" for each object whose shape is unique in the window,
+    "What shape is the blue object?" for each whose colour is; empty when the clip has no such window."""
     frames = list(frame_objects(clip))
+    shot_of = [clip.shot_of(int(round(seconds * clip.fps))) for seconds, _ in frames]
     width = int(rng.integers(1, max_frames + 1))
-    start = int(rng.integers(max(1, len(frames) - width + 1)))
+    starts = [i for i in range(len(frames) - width + 1) if shot_of[i] == shot_of[i + width - 1]
+              and min(len(seen) for _, seen in frames[i:i + width]) >= min_objects]
+    if not starts:
+        return []
+    start = starts[int(rng.integers(len(starts)))]
     seen = {obj.name: obj for _, objs in frames[start:start + width] for _, _, obj in objs}
     objs = list(seen.values())
     questions = [(f"What colour is the {o.shape}?", o.color) for o in objs if sum(p.shape == o.shape for p in objs) == 1]
