@@ -55,6 +55,7 @@ class RecipeConfig:
     gpus_per_node: int = 1  # the hardware the recipe is sized for (dry-run memory estimates)
     nodes: int = 1
     eval: list[EvalSpec] = field(default_factory=list)  # run on the last stage's model when the recipe ends
+    pretrained: str | None = None  # the shipped start this recipe reproduces (`keye train FOLDER --ship`)
     # what --smoke adds: overrides that run the whole recipe end to end in a few minutes on 2 CPU cores,
     # into <run_root>-smoke
     smoke: list[str] = field(default_factory=list)

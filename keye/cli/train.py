@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   keye train pipelines/nano/sft.yaml run.steps=50 out=sft_short   # one stage, from stage3_anneal's model
   keye train pipelines/nano/rl.yaml               # GSPO after SFT
   keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit   # a visual tokenizer
+  keye train pipelines/nano-base --ship           # train, then ship the run as the keye-nano-base start
   keye train pipelines/8b --dry-run               # meta-device build, parameter counts, GiB per GPU
   torchrun --nproc_per_node 2 -m keye train pipelines/nano run.dist.strategy=fsdp2
 """
@@ -36,11 +37,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not path.exists():
         raise ConfigError(f"{path}: no such recipe folder or stage file")
-    if path.is_file() and (args.skip or args.smoke):
-        raise ConfigError("--skip and --smoke take a recipe folder; a stage file is one stage (set run.steps=...)")
+    if path.is_file() and (args.skip or args.smoke or args.ship):
+        raise ConfigError("--skip, --smoke and --ship take a recipe folder; a stage file is one stage "
+                          "(set run.steps=...)")
+    if args.ship and (args.skip or args.smoke or args.overrides):
+        raise ConfigError("--ship ships the recipe as written: no --skip, --smoke or overrides")
     with stop_after_step():  # Ctrl-C: finish the step, checkpoint it, stop with one line
         if path.is_dir():
             root = run_recipe(path, args.run_root, args.overrides, args.skip, smoke=args.smoke)
+            if args.ship:
+                from keye.shipping import ship_pretrained
+
+                print(f"shipped: {ship_pretrained(path, root)}")
         else:
             root = Path(args.run_root) if args.run_root else stage_run_root(path)
             run_stage(load_recipe_stage(path, args.overrides), root)
@@ -61,4 +69,6 @@ def register(subparsers) -> None:
     parser.add_argument("--dry-run", action="store_true", help="build on the meta device and print sizes and memory")
     parser.add_argument("--smoke", action="store_true",
                         help="the recipe's smoke overrides: every stage end to end in minutes, into <run_root>-smoke")
+    parser.add_argument("--ship", action="store_true",
+                        help="then copy the finished run into the package as the recipe's pretrained start")
     parser.set_defaults(func=run)

@@ -49,6 +49,7 @@ from keye.train.optim import OptimConfig, build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype
 _STOP = threading.Event()  # set by the first Ctrl-C inside stop_after_step()
+FIRST_LOGGED = 3  # steps logged whatever log_every says: a rerun is checked against them in seconds
 
 
 @dataclass
@@ -232,7 +233,7 @@ class TrainSession:
         shown = {k: f"{stats[k]:.4f}" for k in self.progress if k in stats}
         if shown:
             self.bar.set_postfix(shown)
-        if self.log is not None and self.state.step % self.run.log_every == 0:
+        if self.log is not None and (self.state.step <= FIRST_LOGGED or self.state.step % self.run.log_every == 0):
             self.log.log(self.state.step, **stats)
         step, every = self.state.step, self.run.save_every
         saving = (every and step % every == 0) or step == self.run.steps

@@ -112,13 +112,16 @@ def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_
     """Colour and shape lookups over a window of 1 to ``max_frames`` frames of one shot of ``clip``, each
     frame showing at least ``min_objects`` objects (with one, the first-listed guess is always right and
     teaches nothing): "What colour is the triangle?" for each object whose shape is unique in the window,
-    "What shape is the blue object?" for each whose colour is; empty when the clip has no such window."""
+    "What shape is the blue object?" for each whose colour is. The window is narrowed when no window of the
+    drawn width qualifies; empty when not even one frame does."""
     frames = list(frame_objects(clip))
     shot_of = [clip.shot_of(int(round(seconds * clip.fps))) for seconds, _ in frames]
-    width = int(rng.integers(1, max_frames + 1))
-    starts = [i for i in range(len(frames) - width + 1) if shot_of[i] == shot_of[i + width - 1]
-              and min(len(seen) for _, seen in frames[i:i + width]) >= min_objects]
-    if not starts:
+    for width in range(int(rng.integers(1, max_frames + 1)), 0, -1):
+        starts = [i for i in range(len(frames) - width + 1) if shot_of[i] == shot_of[i + width - 1]
+                  and min(len(seen) for _, seen in frames[i:i + width]) >= min_objects]
+        if starts:
+            break
+    else:
         return []
     start = starts[int(rng.integers(len(starts)))]
     seen = {obj.name: obj for _, objs in frames[start:start + width] for _, _, obj in objs}
@@ -141,6 +144,7 @@ def oracle_messages(clip: Clip, question: str) -> list[dict]:
 
 
 
-def pretraining_clip(index: int, config: WorldConfig) -> tuple[Clip, np.random.Generator]:
-    """Pretraining clip ``index`` of ``config``'s world and the generator its questions are drawn from."""
-    return make_clip(config, "text", f"text-{index:08d}")
+def pretraining_clip(index: int, config: WorldConfig, redraw: int = 0) -> tuple[Clip, np.random.Generator]:
+    """Pretraining clip ``index`` of ``config``'s world and the generator its questions are drawn from;
+    ``redraw`` > 0 gives another clip in its place (for a sample the first clip cannot serve)."""
+    return make_clip(config, "text", f"text-{index:08d}" + (f"-{redraw}" if redraw else ""))

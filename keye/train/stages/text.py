@@ -104,8 +104,8 @@ class TextStageConfig(StageConfig):
 class WorldTextDataset:
     """Sample ``i`` = pretraining clip ``i`` of ``config``'s world as a tokenised conversation (built on
     demand, the same for the same index): a whole clip, or with probability ``mix.lookups`` lookups over a
-    window of it. ``meta["guides"]`` lists, per answer, (the position that predicts its first token, the
-    positions of its question's key words)."""
+    window of it (of another clip when it never shows two objects at once). ``meta["guides"]`` lists, per
+    answer, (the position that predicts its first token, the positions of its question's key words)."""
 
     def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str):
         self.size, self.config, self.mix, self.lookups = size, config, mix, lookups
@@ -116,8 +116,14 @@ class WorldTextDataset:
 
     def __getitem__(self, index: int) -> Sample:
         clip, rng = pretraining_clip(index, self.config)
-        turns = lookup_turns(clip, rng) if rng.random() < self.lookups else []
-        turns = turns or conversation(clip, rng, self.config, self.mix)
+        if rng.random() < self.lookups:
+            turns, redraw = lookup_turns(clip, rng), 0
+            while not turns:  # about 1 clip in 5 never shows two objects at once
+                redraw += 1
+                clip, rng = pretraining_clip(index, self.config, redraw)
+                turns = lookup_turns(clip, rng)
+        else:
+            turns = conversation(clip, rng, self.config, self.mix)
         text = self.processor.apply_chat_template(messages(turns), add_generation_prompt=False)
         enc = self.processor(text=[text], return_labels=True)
         ids, answers = enc["input_ids"][0], enc["labels"][0]

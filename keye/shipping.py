@@ -1,0 +1,100 @@
+"""A finished recipe run shipped as a pretrained start (``keye train pipelines/nano-base --ship``).
+
+The run's last model folder is copied into the package (``keye.models.pretrained``, under the name the
+recipe's ``pretrained`` key gives) beside ``provenance.json``: the recipe and the command that reproduce it,
+each stage's seed, steps, time and end-of-stage figures, the world version, the first logged losses (a
+rerun from the same seed must match them) and every file's size and SHA-256. The copy replaces the folder
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from keye.errors import ConfigError
+from keye.models.pretrained import PRETRAINED, PROVENANCE
+from keye.recipe import DONE, load_recipe
+from keye.train.base import MODEL_DIR
+from keye.train.metrics import read_metrics
+
+FIRST_LOSSES = 3  # logged steps recorded per stage (every step up to session.FIRST_LOGGED is logged)
+
+
+def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, command: str | None = None) -> Path:
+    """Copy the finished run of recipe ``folder`` (in ``run_root``, default the recipe's) into the package
+    as its ``pretrained`` start; returns the shipped folder."""
+    recipe = load_recipe(folder)
+    name = recipe.config.pretrained
+    if not name:
+        raise ConfigError(f"{Path(folder) / 'recipe.yaml'}: names no 'pretrained' start to ship")
+    if name not in PRETRAINED:
+        raise ConfigError(f"pretrained: {name!r} has no place in keye.models.pretrained ({', '.join(PRETRAINED)})")
+    root = Path(run_root or recipe.config.run_root)
+    configs = recipe.chained()
+    unfinished = [cfg.out for cfg in configs if not (root / cfg.out / DONE).is_file()]
+    if unfinished:
+        raise ConfigError(f"{root / unfinished[0]}: stage not finished; `keye train {folder}` first")
+    provenance = {
+        "name": name,
+        "recipe": Path(folder).as_posix(),
+        "command": command or f"keye train {Path(folder).as_posix()} --ship",
+        "world_version": _world_version(),
+        "world": recipe.config.world,  # the recipe's generated world (the text stages draw their own clips)
+        "stages": [_stage_record(stage, root / cfg.out) for stage, cfg in zip(recipe.names, configs)],
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    return _replace_folder(PRETRAINED[name], root / configs[-1].out / MODEL_DIR, provenance)
+
+
+def _world_version() -> int:
+    from keye.data.world.generate import WORLD_VERSION
+
+    return WORLD_VERSION
+
+
+def _stage_record(name: str, out_dir: Path) -> dict:
+    """What stage ``name`` ran (its resolved config as the run saved it, overrides included) and logged."""
+    cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
+    logged = read_metrics(out_dir / "metrics.jsonl")
+    record = {
+        "stage": name,
+        "kind": cfg["stage"],
+        "seed": cfg["run"]["seed"],
+        "steps": cfg["run"]["steps"],
+        "micro_batch": cfg["run"]["micro_batch"],
+        "seconds": json.loads((out_dir / DONE).read_text()).get("seconds"),
+        "first_losses": [{"step": r["step"], "loss": r["loss"]} for r in logged[:FIRST_LOSSES]],
+        "last_loss": {"step": logged[-1]["step"], "loss": logged[-1]["loss"]} if logged else None,
+    }
+    if "world" in cfg:
+        record["world"] = cfg["world"]
+    if (out_dir / "eval.json").is_file():
+        record["eval"] = json.loads((out_dir / "eval.json").read_text())
+    return record
+
+
+def _replace_folder(target: Path, model_dir: Path, provenance: dict) -> Path:
+    staging = target.with_name(target.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging)
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    for p in files:
+        p.chmod(0o644)  # saved weights are private to their writer; a package's files are for every user
+    provenance["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    provenance["bytes"] = sum(p.stat().st_size for p in files)
+    (staging / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+    retired = target.with_name(target.name + ".retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    shutil.rmtree(retired, ignore_errors=True)
+    return target

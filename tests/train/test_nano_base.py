@@ -1,0 +1,96 @@
+"""keye-nano-base, the shipped start of the nano recipe: its files against their provenance, its figures
+against a fresh measurement, a rerun of its recipe's first steps against its logged losses, and the
+shipping itself on a smoke run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import keye.models.pretrained as pretrained
+from keye.data.world.generate import WORLD_VERSION
+from keye.errors import ConfigError, KeyeInputError
+from keye.recipe import load_recipe, load_stage_config, run_recipe, run_stage
+from keye.shipping import ship_pretrained
+from keye.train.metrics import read_metrics
+
+BASE = "keye-nano-base"
+
+
+@pytest.fixture(scope="module")
+def provenance():
+    return pretrained.verify_pretrained(BASE)  # every shipped file against its SHA-256
+
+
+def test_the_shipped_base_is_what_its_provenance_says(provenance):
+    folder = pretrained.pretrained_folder(BASE)
+    recipe = load_recipe(provenance["recipe"])
+    assert recipe.config.pretrained == BASE and provenance["command"].startswith(f"keye train {provenance['recipe']}")
+    assert [s["stage"] for s in provenance["stages"]] == recipe.names
+    assert [(s["seed"], s["steps"]) for s in provenance["stages"]] == [(c.run.seed, c.run.steps) for c in recipe.stages]
+    assert provenance["world_version"] == WORLD_VERSION
+    files = [p for p in folder.iterdir() if p.name != pretrained.PROVENANCE]
+    assert sorted(p.name for p in files) == sorted(provenance["sha256"])
+    assert provenance["bytes"] == sum(p.stat().st_size for p in files) < 16 * 2**20
+    assert all(p.suffix != ".bin" for p in files)  # safetensors only
+
+
+def test_the_shipped_base_reads_listings_and_scores_its_recorded_lookup_figure(provenance):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from keye.train.stages.text import lookup_accuracy, text_oracle
+
+    folder = pretrained.pretrained_folder(BASE)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(folder)
+    recorded = next(s["eval"]["lookup"] for s in provenance["stages"] if s["stage"] == "text")
+    measured = lookup_accuracy(model, processor, recorded["n"])
+    assert measured["accuracy"] == pytest.approx(recorded["accuracy"], abs=1 / recorded["n"])
+    # held-out clips written as text: which object is which colour / shape, read off the listing
+    oracle = text_oracle(model, processor, {"val": 12})
+    assert oracle["per_kind"]["color"] == oracle["per_kind"]["shape"] == 1.0
+
+
+def test_a_rerun_of_the_base_recipe_matches_its_first_logged_losses(provenance, tmp_path):
+    first = provenance["stages"][0]
+    steps = len(first["first_losses"])
+    cfg = load_stage_config(f"{provenance['recipe']}/{first['stage']}.yaml", [
+        f"run.steps={steps}", f"data.max_samples={first['steps'] * first['micro_batch']}",  # the same sample order
+        "run.save_every=0", "eval_lookups=0", "eval_clips={}"])
+    run_stage(cfg, tmp_path)
+    rerun = read_metrics(tmp_path / cfg.out / "metrics.jsonl")
+    assert [r["step"] for r in rerun] == [r["step"] for r in first["first_losses"]]
+    assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in first["first_losses"]], rel=1e-4)
+
+
+def test_a_changed_shipped_file_is_named(tmp_path, monkeypatch):
+    copy = tmp_path / BASE
+    shutil.copytree(pretrained.pretrained_folder(BASE), copy)
+    monkeypatch.setitem(pretrained.PRETRAINED, BASE, copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(KeyeInputError, match="model.safetensors"):
+        pretrained.verify_pretrained(BASE)
+
+
+def test_shipping_a_smoke_run_replaces_the_folder_whole(tmp_path, monkeypatch):
+    target = tmp_path / "assets" / BASE
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("from an earlier ship")
+    monkeypatch.setitem(pretrained.PRETRAINED, BASE, target)
+    root = tmp_path / "run"
+    with pytest.raises(ConfigError, match="not finished"):
+        ship_pretrained("pipelines/nano-base", root)
+    run_recipe("pipelines/nano-base", str(root), smoke=True)
+    shipped = ship_pretrained("pipelines/nano-base", root)
+    assert shipped == target and not (target / "stale.txt").exists()
+    provenance = pretrained.verify_pretrained(BASE)
+    for stage in provenance["stages"]:
+        logged = read_metrics(root / stage["stage"] / "metrics.jsonl")
+        assert stage["first_losses"] == [{"step": r["step"], "loss": r["loss"]} for r in logged[:3]]
+    text = next(s for s in provenance["stages"] if s["stage"] == "text")
+    assert text["eval"] == json.loads((root / "text" / "eval.json").read_text())
+    assert pretrained.pretrained_folder(BASE) == target
