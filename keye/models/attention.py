@@ -73,6 +73,9 @@ class Runs:
     run_BL: torch.Tensor
     cu_seqlens: torch.Tensor
     max_length: int
+    # one sample per row, each a prefix of its row (right padding): plain causal attention over the whole
+    # row is then exact for every real token, whose window holds only its own sample
+    right_padded: bool = False
 
     @classmethod
     def of(cls, attention_mask_BL: torch.Tensor, segment_ids_BL: torch.Tensor | None = None) -> Runs:
@@ -87,7 +90,8 @@ class Runs:
         lengths_R = torch.bincount(run_BL.flatten())
         cu = torch.zeros(len(lengths_R) + 1, dtype=torch.int32, device=run_BL.device)
         cu[1:] = lengths_R.cumsum(0)
-        return cls(run_BL, cu, int(lengths_R.max()))
+        right_padded = segment_ids_BL is None and bool((real_BL[:, 1:] <= real_BL[:, :-1]).all())
+        return cls(run_BL, cu, int(lengths_R.max()), right_padded)
 
     def flash_kwargs(self) -> dict:
         """What transformers' flash path (and ``varlen_sdpa``) takes for padding-free varlen attention."""
@@ -150,8 +154,9 @@ def _eager(runs: Runs, mask_BL: torch.Tensor, dtype: torch.dtype):
 
 def _varlen(runs: Runs, mask_BL: torch.Tensor, dtype: torch.dtype):
     # an all-ones 2D mask: transformers then builds no mask (the runs are in the kwargs) and does not read
-    # the restarting 3D positions as packed sequences of its own
-    return torch.ones_like(mask_BL), runs.flash_kwargs()
+    # the restarting 3D positions as packed sequences of its own. Right-padded rows need no runs at all:
+    # one causal call over the batch instead of one per run length (padding outputs are never read)
+    return torch.ones_like(mask_BL), {} if runs.right_padded else runs.flash_kwargs()
 
 
 def _flex(runs: Runs, mask_BL: torch.Tensor, dtype: torch.dtype):
