@@ -426,7 +426,7 @@ def test_a_stage_file_of_a_recipe_starts_from_the_stage_before_it(run_root, tmp_
     assert load_recipe_stage(NANO / "sft.yaml", ["init_from=stage2_multitask"]).init_from == "stage2_multitask"
     renamed = load_recipe_stage(NANO / "sft.yaml", ["out=sft_seed1", "run.seed=1"])
     assert (renamed.out, renamed.init_from) == ("sft_seed1", "stage3_anneal")
-    assert load_recipe_stage(NANO / "stage0_vit.yaml").init_from is None
+    assert load_recipe_stage(NANO / "stage0_vit.yaml").init_from == "keye-nano-base"  # the recipe's own start
     assert load_recipe_stage(ROOT / "pipelines" / "nano-discrete" / "vq.yaml").init_from == "stage0_vit"  # "../nano/..."
     alone = tmp_path / "sft.yaml"
     shutil.copy(NANO / "sft.yaml", alone)

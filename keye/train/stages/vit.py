@@ -216,6 +216,7 @@ def run_vit(cfg: VitConfig, run_root: Path) -> Path:
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]
     builder = SampleBuilder(processor, cfg.video, base_dir=base)
+    torch.manual_seed(cfg.run.seed)  # the head is new in every run: seeded, whatever model the stage starts from
     head = SiglipHead(model.config.vision_config.hidden_size, len(processor.tokenizer))
     pair = SiglipPair(model.visual, head)
     # prepare() logged the counts before the head existed; these include it
