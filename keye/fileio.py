@@ -2,16 +2,18 @@
 
 Every writer goes to a hidden temporary sibling (``.name.tmpPID``) and renames it onto the target, so a
 job killed mid-write leaves the old file or the new one, never a torn mix, and two processes writing the
-same name never share a temporary. Folders (checkpoints, saved models) follow the same rule in their
-own code: written as ``name.tmp/`` and renamed. ``run_lock`` keeps a second run out of a folder a run is
+same name never share a temporary. Folders (checkpoints, saved models, shipped starts) follow the same
+rule through ``atomic_folder``: written as ``.name.tmp/`` and renamed. ``run_lock`` keeps a second run out of a folder a run is
 writing.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -39,6 +41,36 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only still there when the block failed
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path`` to fill; when the block ends it takes the place of
+    ``path`` (a folder already there is removed), and if the block raises it is removed instead. ``path``
+    never holds a half-written folder."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

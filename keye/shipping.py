@@ -9,7 +9,6 @@ whole or not at all.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -18,13 +17,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from keye.data.world.generate import WORLD_VERSION
 from keye.errors import ConfigError
+from keye.fileio import atomic_folder, sha256_file
 from keye.models.pretrained import PRETRAINED, PROVENANCE
 from keye.recipe import DONE, load_recipe
 from keye.train.base import MODEL_DIR
 from keye.train.metrics import read_metrics
+from keye.train.session import FIRST_LOGGED
 
-FIRST_LOSSES = 3  # logged steps recorded per stage (every step up to session.FIRST_LOGGED is logged)
 
 
 def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, command: str | None = None) -> Path:
@@ -45,19 +46,13 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
         "name": name,
         "recipe": Path(folder).as_posix(),
         "command": command or f"keye train {Path(folder).as_posix()} --ship",
-        "world_version": _world_version(),
+        "world_version": WORLD_VERSION,
         "world": recipe.config.world,  # the recipe's generated world (the text stages draw their own clips)
         "stages": [_stage_record(stage, root / cfg.out) for stage, cfg in zip(recipe.names, configs)],
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
     return _replace_folder(PRETRAINED[name], root / configs[-1].out / MODEL_DIR, provenance)
-
-
-def _world_version() -> int:
-    from keye.data.world.generate import WORLD_VERSION
-
-    return WORLD_VERSION
 
 
 def _stage_record(name: str, out_dir: Path) -> dict:
@@ -71,7 +66,7 @@ def _stage_record(name: str, out_dir: Path) -> dict:
         "steps": cfg["run"]["steps"],
         "micro_batch": cfg["run"]["micro_batch"],
         "seconds": json.loads((out_dir / DONE).read_text()).get("seconds"),
-        "first_losses": [{"step": r["step"], "loss": r["loss"]} for r in logged[:FIRST_LOSSES]],
+        "first_losses": [{"step": r["step"], "loss": r["loss"]} for r in logged[:FIRST_LOGGED]],
         "last_loss": {"step": logged[-1]["step"], "loss": logged[-1]["loss"]} if logged else None,
     }
     if "world" in cfg:
@@ -82,19 +77,12 @@ def _stage_record(name: str, out_dir: Path) -> dict:
 
 
 def _replace_folder(target: Path, model_dir: Path, provenance: dict) -> Path:
-    staging = target.with_name(target.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(model_dir, staging)
-    files = sorted(p for p in staging.iterdir() if p.is_file())
-    for p in files:
-        p.chmod(0o644)  # saved weights are private to their writer; a package's files are for every user
-    provenance["sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    provenance["bytes"] = sum(p.stat().st_size for p in files)
-    (staging / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
-    retired = target.with_name(target.name + ".retired")
-    shutil.rmtree(retired, ignore_errors=True)
-    if target.exists():
-        target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
+    with atomic_folder(target) as staging:
+        shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+        files = sorted(p for p in staging.iterdir() if p.is_file())
+        for p in files:
+            p.chmod(0o644)  # saved weights are private to their writer; a package's files are for every user
+        provenance["sha256"] = {p.name: sha256_file(p) for p in files}
+        provenance["bytes"] = sum(p.stat().st_size for p in files)
+        (staging / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
     return target

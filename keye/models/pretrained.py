@@ -8,11 +8,11 @@ world version, the SHA-256 of its weights and its held-out figures. A stage name
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from keye.errors import KeyeInputError
+from keye.fileio import sha256_file
 
 ASSETS = Path(__file__).parent / "assets"
 PRETRAINED = {"keye-nano-base": ASSETS / "keye-nano-base"}  # reproduced by pipelines/nano-base
@@ -33,7 +33,7 @@ def verify_pretrained(name: str) -> dict:
         raise KeyeInputError(f"pretrained start {name!r}: not shipped (known: {', '.join(PRETRAINED)})")
     provenance = json.loads((folder / PROVENANCE).read_text())
     for file, digest in provenance["sha256"].items():
-        actual = hashlib.sha256((folder / file).read_bytes()).hexdigest()
+        actual = sha256_file(folder / file)
         if actual != digest:
             raise KeyeInputError(f"{folder / file}: SHA-256 {actual[:12]}... differs from its provenance's "
                                  f"{digest[:12]}...")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 
 from keye.config import save_config
 from keye.errors import ConfigError
+from keye.fileio import atomic_folder
 from keye.registry import registrar
 from keye.train.distributed import gathered_state_dict, has_sharded_weights
 from keye.train.optim import apply_freeze_plan
@@ -182,13 +181,11 @@ def save_model(model, processor, out_dir: Path) -> Path:
     # the model itself (no full CPU copy on every rank)
     state = gathered_state_dict(model) if has_sharded_weights(model) else None
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    final, tmp = out_dir / MODEL_DIR, out_dir / f".{MODEL_DIR}.tmp"
+    final = out_dir / MODEL_DIR
     if not distributed or torch.distributed.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_folder(final) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            processor.save_pretrained(tmp)
     if distributed:
         torch.distributed.barrier()
     return final

@@ -16,7 +16,6 @@ No pickle anywhere: a checkpoint from an untrusted source cannot execute code on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keye.errors import KeyeInputError
-from keye.fileio import atomic_write_text
+from keye.fileio import atomic_folder, atomic_write_text, sha256_file
 from keye.models.weights import check_safetensors
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,15 @@ def save_checkpoint(
     ``keep``. The RNG states are the calling process's. Returns the checkpoint's folder."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{state.step:08d}"
-    tmp = root / f"{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_folder(final) as tmp:
+        _write_checkpoint(tmp, model_state, optimizer_state, scheduler_state, state)
+    atomic_write_text(root / _LATEST, final.name)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
+
+def _write_checkpoint(tmp: Path, model_state, optimizer_state, scheduler_state, state: TrainState) -> None:
     save_file(_contiguous(model_state), tmp / "model.safetensors")
     meta: dict[str, Any] = {
         "step": state.step,
@@ -83,15 +87,8 @@ def save_checkpoint(
         rng |= {f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     save_file(rng, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write_text(root / _LATEST, final.name)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
@@ -145,7 +142,7 @@ class Checkpoint:
             size = path.stat().st_size
             if size != want["bytes"]:
                 raise KeyeInputError(f"checkpoint {path}: {size} bytes where {want['bytes']} were written (truncated?)")
-            if _sha256(path) != want["sha256"]:
+            if sha256_file(path) != want["sha256"]:
                 raise KeyeInputError(f"checkpoint {path}: its SHA-256 differs from the one written (corrupted)")
 
     @property
@@ -183,14 +180,6 @@ def load_model_state(module: torch.nn.Module, state: dict[str, torch.Tensor], so
     if missing or unexpected:
         raise KeyeInputError(f"checkpoint {source}: does not match the model (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
