@@ -146,3 +146,95 @@ def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
     assert rows[-1]["answer_loss"] < rows[0]["answer_loss"]
     config = json.loads((root / "text" / "model" / "config.json").read_text())
     assert config["text_config"].get("_attn_implementation", "sdpa") != "eager"
+
+
+def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
+    """AttentionTap's weights for two heads of a padded batch equal what eager attention returns for them,
+    its guidance losses and their gradients equal those read off eager weights, the tapped model's logits
+    equal the untapped model's, and removing the tap restores the layer's config."""
+    import copy
+    import functools
+
+    from keye.data.world.text import TextMix
+    from keye.models import build_model
+    from keye.processing import load_nano_processor
+    from keye.train.stages.text import AttentionTap, GuideConfig, WorldTextDataset, collate_guided, text_loss
+
+    processor = load_nano_processor()
+    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.5, processor, "all", cells=0.5)
+    batch = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    assert not bool(batch["attention_mask"].all())  # padded rows
+    torch.manual_seed(0)
+    model = build_model("keye-nano").eval()
+    guide = GuideConfig(previous_token=1.0, key_words=1.0, layer=1, heads=(2, 3))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    plain_logits = model(**inputs).logits
+
+    eager = copy.deepcopy(model)
+    eager.model.config._attn_implementation = "eager"
+    kept = {}
+    eager.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: kept.update(w=out[1]))
+    eager_logits = eager(**inputs).logits
+    mask_BL = batch["attention_mask"].bool()
+    w_BHLL = kept["w"]
+    prev = -torch.diagonal(w_BHLL[:, 2], offset=-1, dim1=-2, dim2=-1).clamp_min(1e-6).log()[mask_BL[:, 1:]].mean()
+    keys = -torch.stack([w_BHLL[b, 3, pos, k].sum().clamp_min(1e-6).log() for b, pos, k in batch["guides"]]).mean()
+    (prev + keys).backward(retain_graph=True)
+
+    config = model.model.layers[1].self_attn.config
+    tap = AttentionTap(model.model.layers[1])
+    out = text_loss(model, dict(batch), guide=guide, tap=tap)
+    assert out.metrics["guide_previous"] == pytest.approx(float(prev.detach()), rel=1e-4)
+    assert out.metrics["guide_keys"] == pytest.approx(float(keys.detach()), rel=1e-4)
+    tapped_logits = model(**inputs).logits
+    log_prev = tap.log_attention(2, mask_BL)
+    real = mask_BL[:, :, None] & mask_BL[:, None, :]  # padding rows and keys differ by design
+    torch.testing.assert_close(log_prev.exp() * real, w_BHLL[:, 2].float() * real, atol=1e-5, rtol=1e-4)
+    b, pos = (torch.tensor([g[i] for g in batch["guides"]]) for i in (0, 1))
+    torch.testing.assert_close(tap.log_attention(3, mask_BL, rows=(b, pos)).exp(), w_BHLL[b, 3, pos].float(),
+                               atol=1e-5, rtol=1e-4)
+    out.aux_loss.backward()  # the guidance terms, and the MoE router terms the reference adds below
+    eager_out = eager(**inputs, labels=batch["input_ids"])
+    (eager_out.loss - eager_out.lm_loss).backward()
+    for name in ("q_proj", "k_proj"):
+        grad = getattr(model.model.layers[1].self_attn, name).weight.grad
+        torch.testing.assert_close(grad, getattr(eager.model.layers[1].self_attn, name).weight.grad, atol=1e-5, rtol=1e-3)
+        assert grad.abs().sum() > 0
+    tap.remove()
+    assert model.model.layers[1].self_attn.config is config and config._attn_implementation != "eager"
+    torch.testing.assert_close(tapped_logits[mask_BL], plain_logits[mask_BL], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager_logits[mask_BL], plain_logits[mask_BL], atol=1e-4, rtol=1e-4)
+
+
+def test_cell_word_lookups_are_answerable_from_what_they_write():
+    """With cells=1 every lookup is written in the frame listings' cell words: the frames rows' layout, or for
+    one frame the lookup probe's (objects, then the question on the same line); each answer is the one object
+    the written window names with the asked shape (or colour)."""
+    import re
+
+    from keye.data.world.scene import COLORS, SHAPES
+    from keye.data.world.text import lookup_turns, messages
+
+    config, layouts = WorldConfig(seed=11), {"frames": 0, "probe": 0}
+    entry = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) (top|middle|bottom) (left|centre|right)\b")
+    for index in range(60):
+        clip, rng = pretraining_clip(index, config)
+        turns = lookup_turns(clip, rng, cells=1.0)
+        if not turns:
+            continue
+        first = messages(turns)[0]["content"]
+        if turns[0].separator == ". ":
+            layouts["probe"] += 1
+            assert first == f"{turns[0].context}. {turns[0].question}" and "s: " not in first
+        else:
+            layouts["frames"] += 1
+            assert re.fullmatch(r"(\d+\.\ds: [^.]+\. ?)+", turns[0].context)
+        objects = {(m.group(1), m.group(2)) for m in entry.finditer(turns[0].context)}
+        assert objects and "grid" not in first
+        for turn in turns:
+            asked = re.match(r"What (colour is the (\w+)|shape is the (\w+) object)\?", turn.question)
+            if asked.group(2):
+                assert [c for c, s in objects if s == asked.group(2)] == [turn.answer]
+            else:
+                assert [s for c, s in objects if c == asked.group(3)] == [turn.answer]
+    assert min(layouts.values()) >= 5, layouts

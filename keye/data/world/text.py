@@ -12,7 +12,10 @@ Positions that fine make motion, pauses and entries answerable from the text (a 
 several frames of a slow object), and the background makes cuts answerable. ``conversation(clip, ...)``
 puts the listing in a user turn and asks the clip's questions in turns, as the world's dense rows do;
 ``oracle_messages(clip, question)`` is the one-question form the text oracle scores. ``lookup_turns``
-asks colour / shape lookups over a window of one to three frames, the shortest form of the binding step.
+asks colour / shape lookups over a window of one to three frames, the shortest form of the binding step,
+over the grid listing or (``cells``) the 3x3 cell words the world's frame listings use (what the recipe's
+model writes when asked for the frames, and the lookup probe's layout), so the skill is not tied to one
+layout.
 
 Every turn carries its question's key words (the colours, shapes and directions it names), so a stage can
 guide attention to them (``keye.train.stages.text``).
@@ -71,13 +74,14 @@ class Turn:
     question: str
     answer: str
     context: str = ""
+    separator: str = "\n"  # between the context and the question
 
 
 def messages(turns: list[Turn]) -> list[dict]:
     """Chat messages for ``turns``: each user turn is its context (if any), a newline, its question."""
     out = []
     for turn in turns:
-        text = f"{turn.context}\n{turn.question}" if turn.context else turn.question
+        text = f"{turn.context}{turn.separator}{turn.question}" if turn.context else turn.question
         out += [{"role": "user", "content": text}, {"role": "assistant", "content": turn.answer}]
     return out
 
@@ -108,12 +112,17 @@ def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix:
     return [Turn(q, a, context if i == 0 else "") for i, (q, a) in enumerate(turns)]
 
 
-def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_objects: int = 2) -> list[Turn]:
+def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_objects: int = 2,
+                 cells: float = 0.0) -> list[Turn]:
     """Colour and shape lookups over a window of 1 to ``max_frames`` frames of one shot of ``clip``, each
     frame showing at least ``min_objects`` objects (with one, the first-listed guess is always right and
     teaches nothing): "What colour is the triangle?" for each object whose shape is unique in the window,
     "What shape is the blue object?" for each whose colour is. The window is narrowed when no window of the
-    drawn width qualifies; empty when not even one frame does."""
+    drawn width qualifies; empty when not even one frame does.
+
+    With probability ``cells`` the window is written in cell words instead of the grid: as the frames rows
+    write it ("0.0s: red circle top left, blue square middle centre. 0.5s: ..."), or, for one frame, half
+    the time as the lookup probe does (the objects, then the question on the same line)."""
     frames = list(frame_objects(clip))
     shot_of = [clip.shot_of(int(round(seconds * clip.fps))) for seconds, _ in frames]
     for width in range(int(rng.integers(1, max_frames + 1)), 0, -1):
@@ -124,13 +133,20 @@ def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_
     else:
         return []
     start = starts[int(rng.integers(len(starts)))]
-    seen = {obj.name: obj for _, objs in frames[start:start + width] for _, _, obj in objs}
+    window = slice(start, start + width)
+    seen = {obj.name: obj for _, objs in frames[window] for _, _, obj in objs}
     objs = list(seen.values())
     questions = [(f"What colour is the {o.shape}?", o.color) for o in objs if sum(p.shape == o.shape for p in objs) == 1]
     questions += [(f"What shape is the {o.color} object?", o.shape) for o in objs if sum(p.color == o.color for p in objs) == 1]
     order = rng.permutation(len(questions))
-    context = f"{LISTING_INTRO}\n{listing(clip, slice(start, start + width))}"
-    return [Turn(*questions[k], context if i == 0 else "") for i, k in enumerate(order)]
+    context, separator = f"{LISTING_INTRO}\n{listing(clip, window)}", "\n"
+    if cells > 0 and rng.random() < cells:
+        texts = frame_texts(clip)[window]
+        if width == 1 and rng.random() < 0.5:
+            context, separator = texts[0][1], ". "
+        else:
+            context = frame_listing(texts)
+    return [Turn(*questions[k], *((context, separator) if i == 0 else ())) for i, k in enumerate(order)]
 
 
 def oracle_text(clip: Clip, question: str) -> str:

@@ -16,8 +16,9 @@ Two auxiliary losses shape two heads of one layer into the circuit's first hop: 
 previous token (``previous_token``), the other, at each answer's position, to the key words of its question
 (``key_words``: the colours, shapes, directions it names). Each is minus the log of the attention on its
 target, averaged; both weights are 0 (off) by default. With them the lookup plateau breaks within a few
-hundred steps (model card). Guidance needs the attention weights, so the decoder runs with eager attention
-while the stage trains; the saved model keeps its own implementation.
+hundred steps (model card). Guidance needs those two heads' attention weights: ``AttentionTap`` records the
+layer's queries and keys as its kernel runs and computes them for the two heads alone, so every layer keeps
+the model's own attention kernel (eager attention on all layers made whole-clip steps ~2x slower).
 
 At the end the decoder is scored teacher-forced, exact answers, on the held-out questions of seed 0's val and
 test clips answered from their listings (the text oracle), and on the lookup probe
@@ -27,16 +28,21 @@ test clips answered from their listings (the text oracle), and on the lookup pro
 from __future__ import annotations
 
 import collections
+import copy
 import functools
 import json
 import logging
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from keye.data.collate import Sample, collate, count_label_tokens
 from keye.data.world import WorldConfig
@@ -52,6 +58,7 @@ from keye.train.session import RunConfig, resolve_device
 from keye.train.stages.lm import lm_loss_fn
 
 log = logging.getLogger(__name__)
+MAX_REDRAWS = 100  # clips drawn for one lookup sample before the world is judged unable to serve lookups
 
 
 @dataclass
@@ -60,6 +67,7 @@ class TextMixConfig:
     captions: float = 0.0  # probability of a turn asking for the caption
     frames: float = 0.0  # probability of a turn asking for the frame listing in the world's cell words
     lookups: float = 0.0  # share of samples that are colour / shape lookups over 1-3 frames instead of a clip
+    cells: float = 0.0  # share of the lookups written in the frame listings' cell words instead of the grid
 
 
 @dataclass
@@ -107,8 +115,9 @@ class WorldTextDataset:
     window of it (of another clip when it never shows two objects at once). ``meta["guides"]`` lists, per
     answer, (the position that predicts its first token, the positions of its question's key words)."""
 
-    def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str):
-        self.size, self.config, self.mix, self.lookups = size, config, mix, lookups
+    def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str,
+                 cells: float = 0.0):
+        self.size, self.config, self.mix, self.lookups, self.cells = size, config, mix, lookups, cells
         self.processor, self.loss = processor, loss
 
     def __len__(self) -> int:
@@ -117,11 +126,14 @@ class WorldTextDataset:
     def __getitem__(self, index: int) -> Sample:
         clip, rng = pretraining_clip(index, self.config)
         if rng.random() < self.lookups:
-            turns, redraw = lookup_turns(clip, rng), 0
+            turns, redraw = lookup_turns(clip, rng, cells=self.cells), 0
             while not turns:  # about 1 clip in 5 never shows two objects at once
                 redraw += 1
+                if redraw > MAX_REDRAWS:
+                    raise ConfigError(f"world {self.config}: {MAX_REDRAWS} clips in a row never show two objects "
+                                      f"at once, so no lookup can be asked; lower mix.lookups or allow more objects")
                 clip, rng = pretraining_clip(index, self.config, redraw)
-                turns = lookup_turns(clip, rng)
+                turns = lookup_turns(clip, rng, cells=self.cells)
         else:
             turns = conversation(clip, rng, self.config, self.mix)
         text = self.processor.apply_chat_template(messages(turns), add_generation_prompt=False)
@@ -165,16 +177,62 @@ def collate_guided(samples: list[Sample], pad_id: int) -> dict:
     return batch
 
 
+TAPPED = "keye_tapped"  # the attention implementation name of the one layer guidance reads
+
+
 class AttentionTap:
-    """Keeps the attention probabilities (B, H, L, L) of one decoder layer from each forward (eager attention
-    returns them; the tap holds the last)."""
+    """Keeps the queries and keys (after RoPE) of one decoder layer's attention from each forward, and gives
+    the log attention probabilities of a head from them: what eager attention would return, while the layer
+    keeps the model's kernel. Only that layer's attention module is switched (to an implementation that
+    records and passes through), so guidance costs one head's (B, L, L) scores and a few rows of another's,
+    not eager attention on every layer. The weights hold for right- or left-padded batches, not packed rows."""
 
     def __init__(self, layer: nn.Module):
-        self.weights: torch.Tensor | None = None
-        self.handle = layer.self_attn.register_forward_hook(self._keep)
+        self.attention = layer.self_attn
+        self.config = self.attention.config
+        # transformers keeps "eager" out of the registry: each modeling file has its own
+        eager = sys.modules[type(self.attention).__module__].eager_attention_forward
+        self.inner = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        self.attention.config = copy.copy(self.config)
+        self.attention.config._attn_implementation = TAPPED
+        self.attention.keye_tap = self
+        self.query_BHLD = self.key_BKLD = None
+        self.scaling = 1.0
 
-    def _keep(self, module, args, output):
-        self.weights = output[1]
+    def keep(self, query_BHLD: torch.Tensor, key_BKLD: torch.Tensor, scaling: float | None) -> None:
+        self.query_BHLD, self.key_BKLD = query_BHLD, key_BKLD
+        self.groups = query_BHLD.shape[1] // key_BKLD.shape[1]
+        self.scaling = scaling if scaling is not None else query_BHLD.shape[-1] ** -0.5
+
+    def log_attention(self, head: int, mask_BL: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+        """Log attention probabilities of ``head`` in the last forward (float32), causal, over the keys
+        ``mask_BL`` marks real (and each query's own position, so no row is empty): (B, L, L), or (G, L) for
+        the query rows ``rows`` = (batch indices, positions) alone."""
+        q_BLD, k_BLD = self.query_BHLD[:, head], self.key_BKLD[:, head // self.groups]
+        L = q_BLD.shape[1]
+        positions = torch.arange(L, device=q_BLD.device)
+        if rows is None:
+            scores = q_BLD.float() @ k_BLD.float().transpose(-1, -2)
+            allowed = (positions[None, :] <= positions[:, None]) & mask_BL.bool()[:, None, :]
+            allowed = allowed | torch.eye(L, dtype=torch.bool, device=q_BLD.device)
+        else:
+            b, pos = rows
+            scores = torch.einsum("gd,gld->gl", q_BLD[b, pos].float(), k_BLD[b].float())
+            allowed = ((positions[None, :] <= pos[:, None]) & mask_BL.bool()[b]) | (positions[None, :] == pos[:, None])
+        return (scores * self.scaling).masked_fill(~allowed, float("-inf")).log_softmax(-1)
+
+    def remove(self) -> None:
+        self.attention.config = self.config
+        del self.attention.keye_tap
+
+
+def _tapped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    module.keye_tap.keep(query, key, scaling)
+    return module.keye_tap.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(TAPPED, _tapped_attention)
 
 
 def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: GuideConfig = GuideConfig(),
@@ -195,17 +253,21 @@ def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: 
         metrics["answer_loss"] = float(answer.detach())
     if not guide.enabled:
         return StepLoss(out.lm_loss, aux, metrics)
-    weights_BHLL = tap.weights
     mask_BL = batch["attention_mask"].bool()
+    floor = math.log(1e-6)  # no gradient below a millionth of the attention: the log's slope there is huge
     if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
-        prev_BL1 = torch.diagonal(weights_BHLL[:, guide.heads[0]], offset=-1, dim1=-2, dim2=-1)
-        prev = -prev_BL1.clamp_min(1e-6).log()[mask_BL[:, 1:]].mean()
+        log_prev_BL1 = torch.diagonal(tap.log_attention(guide.heads[0], mask_BL), offset=-1, dim1=-2, dim2=-1)
+        prev = -log_prev_BL1.clamp_min(floor)[mask_BL[:, 1:]].mean()
         aux = (aux if aux is not None else 0.0) + guide.previous_token * prev
         metrics["guide_previous"] = float(prev.detach())
-    if guide.key_words > 0 and guides:
-        head = weights_BHLL[:, guide.heads[1]]
-        terms = [head[b, pos, keys].sum().clamp_min(1e-6).log() for b, pos, keys in guides]
-        keys_loss = -torch.stack(terms).mean()
+    if guide.key_words > 0 and guides:  # each answer position's summed attention on its question's key words
+        b = torch.tensor([g[0] for g in guides], device=mask_BL.device)
+        pos = torch.tensor([g[1] for g in guides], device=mask_BL.device)
+        log_GL = tap.log_attention(guide.heads[1], mask_BL, rows=(b, pos))
+        on_keys_GL = torch.zeros_like(log_GL, dtype=torch.bool)
+        for g, (_, _, keys) in enumerate(guides):
+            on_keys_GL[g, keys] = True
+        keys_loss = -torch.logsumexp(log_GL.masked_fill(~on_keys_GL, float("-inf")), -1).clamp_min(floor).mean()
         aux = (aux if aux is not None else 0.0) + guide.key_words * keys_loss
         metrics["guide_keys"] = float(keys_loss.detach())
     return StepLoss(out.lm_loss, aux, metrics)
@@ -217,19 +279,13 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
     mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
-    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss)
+    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss, cfg.mix.cells)
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
-    tap = None
-    if cfg.guide.enabled:
-        decoder_config = model.model.config
-        implementation = decoder_config._attn_implementation
-        decoder_config._attn_implementation = "eager"  # the only implementation that returns attention weights
-        tap = AttentionTap(model.model.layers[cfg.guide.layer])
+    tap = AttentionTap(model.model.layers[cfg.guide.layer]) if cfg.guide.enabled else None
     loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, tap=tap)
     model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
-    if cfg.guide.enabled:
-        tap.handle.remove()
-        decoder_config._attn_implementation = implementation
+    if tap is not None:
+        tap.remove()
     device = resolve_device(cfg.run.device)
     results = {"text_oracle": text_oracle(model.to(device), processor, cfg.eval_clips),
                "lookup": lookup_accuracy(model, processor, cfg.eval_lookups)}
