@@ -394,14 +394,14 @@ class KeyeProcessor(ProcessorMixin):
                 raise KeyeInputError(f"{pad}: {have} pad tokens in the ids but the frames give {want} features")
 
     def _assistant_labels(self, texts: list[str], enc) -> torch.Tensor:
-        labels = torch.full_like(enc["input_ids"], -100)
+        """The ids of the tokens that start inside an assistant reply, -100 elsewhere (and on padding)."""
+        starts_BL = enc["offset_mapping"][..., 0]
+        inside_BL = torch.zeros_like(starts_BL, dtype=torch.bool)
         for b, text in enumerate(texts):
-            spans = [m.span(1) for m in _ASSISTANT_SPAN.finditer(text)]
-            starts = enc["offset_mapping"][b, :, 0].tolist()
-            for i, s in enumerate(starts):
-                if enc["attention_mask"][b, i] and any(lo <= s < hi for lo, hi in spans):
-                    labels[b, i] = enc["input_ids"][b, i]
-        return labels
+            for m in _ASSISTANT_SPAN.finditer(text):
+                lo, hi = m.span(1)
+                inside_BL[b] |= (starts_BL[b] >= lo) & (starts_BL[b] < hi)
+        return torch.where(inside_BL & enc["attention_mask"].bool(), enc["input_ids"], -100)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

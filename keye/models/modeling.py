@@ -111,9 +111,12 @@ def mrope_positions(
             tok = ids[i]
             if i and segs[i] != segs[i - 1]:
                 nxt = 0
-            if tok not in grids:
-                pos_3T[:, i] = nxt
-                i, nxt = i + 1, nxt + 1
+            if tok not in grids:  # a run of text tokens of one sample: consecutive positions, one write
+                j = i + 1
+                while j < len(ids) and ids[j] not in grids and segs[j] == segs[j - 1]:
+                    j += 1
+                pos_3T[:, i:j] = torch.arange(nxt, nxt + j - i)
+                i, nxt = j, nxt + j - i
                 continue
             if cursor[tok] >= len(grids[tok]):
                 raise KeyeInputError(f"sample {b}: more vision pad runs than grids in grid_thw for token id {tok}")
