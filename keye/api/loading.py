@@ -182,13 +182,19 @@ def load(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
          dtype: str | torch.dtype | None = None, **pipeline_kwargs) -> KeyePipeline:
     """A ready ``KeyePipeline`` from a toolkit checkpoint folder (``save_pretrained`` of model and
     processor), a published-layout Keye-VL folder (via ``keye.models.adapter`` and ``published_processor``:
-    a missing processor file is an error naming it), or a registered variant name (random weights: for
-    tests and smoke runs).
+    a missing processor file is an error naming it), a pretrained start shipped with the package
+    (``keye-nano-base``, its files checked against their provenance), or a registered variant name (random
+    weights: for tests and smoke runs).
 
     device: default the best available (cuda, mps, cpu); dtype: default bf16 / fp16 / fp32 by device
     ("bfloat16"-style strings are accepted).
     """
+    from keye.models.pretrained import PRETRAINED, pretrained_folder, verify_pretrained
+
     source = os.fspath(name_or_path)
+    if not Path(source).exists() and pretrained_folder(source) is not None:  # a start shipped with the package
+        verify_pretrained(source)
+        source = os.fspath(pretrained_folder(source))
     device = torch.device(device) if device is not None else best_device()
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -203,6 +209,7 @@ def load(name_or_path: str | os.PathLike, *, device: str | torch.device | None =
     if not Path(source).exists():
         from keye.models import VARIANTS
 
-        raise KeyeInputError(f"{source}: no such checkpoint folder or variant (variants: {', '.join(sorted(VARIANTS))})")
+        raise KeyeInputError(f"{source}: no such checkpoint folder, shipped start or variant (shipped: "
+                             f"{', '.join(PRETRAINED)}; variants: {', '.join(sorted(VARIANTS))})")
     raise KeyeInputError(f"{source}: not a Keye checkpoint (expected config.json with model_type 'keye' or a "
                          "published Keye-VL config)")

@@ -64,6 +64,24 @@ def test_a_rerun_of_the_base_recipe_matches_its_first_logged_losses(provenance, 
     assert [r["loss"] for r in rerun] == pytest.approx([r["loss"] for r in first["first_losses"]], rel=1e-4)
 
 
+def test_keye_load_takes_the_shipped_name_and_answers_a_lookup_by_generation():
+    import keye
+    from keye.data.answers import is_correct
+    from keye.data.world.probes import lookup_probe
+    from transformers import AutoModelForImageTextToText
+
+    pipe = keye.load(BASE, device="cpu", dtype="float32")
+    shipped = AutoModelForImageTextToText.from_pretrained(pretrained.pretrained_folder(BASE), dtype=torch.float32,
+                                                          use_safetensors=True).state_dict()
+    weights = pipe.model.state_dict()
+    assert weights.keys() == shipped.keys() and all(torch.equal(weights[k], v) for k, v in shipped.items())
+    # greedy generation, the way a user asks, on colour lookups it reads off the listing; "auto": the base
+    # pretrained on plain chat turns, and the think / no_think switches are SFT's to teach
+    items = [p for p in lookup_probe(40) if p.kind == "color"][:8]
+    answers = pipe.generate([[{"role": "user", "content": p.question}] for p in items], "auto", 4)
+    assert sum(is_correct(a, p.answer) for a, p in zip(answers, items)) >= 6
+
+
 def test_a_changed_shipped_file_is_named(tmp_path, monkeypatch):
     copy = tmp_path / BASE
     shutil.copytree(pretrained.pretrained_folder(BASE), copy)
