@@ -9,6 +9,7 @@ import yaml
 
 CARDS = sorted((Path(__file__).resolve().parents[2] / "model_cards").glob("*.md"))
 MEASURED = ["keye-nano.md", "keye-nano-base.md"]  # the cards of models the repo trains, with figures
+HUB_METRIC_KEYS = {"type", "value", "name", "config", "args", "verified"}
 
 
 def front_matter(card: Path) -> tuple[dict, str]:
@@ -39,5 +40,7 @@ def test_model_index_figures_are_the_tables_figures(name):
         configs.add(dataset["config"])
         for metric in result["metrics"]:
             assert metric["type"] == "accuracy" and 0 <= metric["value"] <= 100
+            # a comma in an unquoted flow-mapping value starts a new key (with no value): quote such names
+            assert set(metric) <= HUB_METRIC_KEYS and None not in metric.values(), f"{name}: {metric}"
             assert f"{metric['value']:.1f}%" in body, f"{name}: {metric['value']} ({dataset['config']}) in no table"
     assert len(configs) == len(results)  # one result per split and mode
