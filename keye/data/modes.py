@@ -35,7 +35,7 @@ DIRECT_ANALYSIS = "This question can be answered directly from what the video sh
 
 Renderer = Callable[[dict], dict]
 CONVERSATION_MODES: dict[str, Renderer] = {}
-# which rows a mode can render: think-with-image needs the crop turn, the others a single-turn row
+# which rows a mode can render: think-with-image needs the crop turn, video a video, the others a single QA row
 _APPLIES: dict[str, Callable[[dict], bool]] = {}
 
 
@@ -48,8 +48,10 @@ def register_mode(name: str, applies: Callable[[dict], bool]) -> Callable[[Rende
     return wrap
 
 
-def _single_turn(row: dict) -> bool:
-    return not row.get("images") and len(row["messages"]) == 2
+def _single_question(row: dict) -> bool:
+    """A single-turn QA row: what the answer-style modes rewrite (a row without a reference ``answer``, such
+    as a frame listing, is only ever kept as written)."""
+    return not row.get("images") and len(row["messages"]) == 2 and "answer" in row
 
 
 def _with_assistant(row: dict, text: str, think_mode: str | None, mode: str) -> dict:
@@ -64,17 +66,17 @@ def _cot(row: dict) -> str:
     return row["cot"]
 
 
-@register_mode("non_thinking", applies=_single_turn)
+@register_mode("non_thinking", applies=_single_question)
 def _non_thinking(row: dict) -> dict:
     return _with_assistant(row, row["answer"], "no_think", "non_thinking")
 
 
-@register_mode("thinking", applies=_single_turn)
+@register_mode("thinking", applies=_single_question)
 def _thinking(row: dict) -> dict:
     return _with_assistant(row, f"<think>{_cot(row)}</think>{row['answer']}", "think", "thinking")
 
 
-@register_mode("auto_think", applies=_single_turn)
+@register_mode("auto_think", applies=_single_question)
 def _auto_think(row: dict) -> dict:
     if row.get("reasoning"):
         text = f"<analysis>{THINK_ANALYSIS}</analysis><think>{_cot(row)}</think>{row['answer']}"

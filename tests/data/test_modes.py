@@ -65,6 +65,20 @@ def test_assign_modes_is_stable_and_follows_weights(world):
         assign_modes(rows, {"telepathy": 1.0})
 
 
+def test_frame_listings_render_only_as_written(world):
+    """A frames row (a listing, no reference answer) renders only in the video mode, so a stage can mix frame
+    listings into QA rows whose answer styles are drawn: they stay listings, never a crash on a missing answer."""
+    out, rows, _ = world
+    frames = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
+    for mode in CONVERSATION_MODES:
+        if mode != "video":
+            with pytest.raises(KeyeInputError, match="cannot be rendered"):
+                render_mode(frames[0], mode)
+    mixed = assign_modes(rows + frames, {"non_thinking": 1.0, "thinking": 1.0, "video": 0.01}, seed=0)
+    assert [r["messages"] for r in mixed if r["mode"] == "video" and "answer" not in r] == [f["messages"] for f in frames]
+    assert sum(r["mode"] == "video" for r in mixed) < len(frames) + len(rows) // 20
+
+
 def test_hints_are_cumulative(world):
     _, rows, _ = world
     row = rows[0]

@@ -39,13 +39,16 @@ def test_the_listing_holds_every_frame_object_and_cut():
         assert changes == len(clip.shots) - 1  # every cut shows as a background change, and nothing else does
 
 
-def test_the_text_stage_refuses_the_held_out_world_and_data_files(tmp_path):
+def test_the_text_stage_refuses_the_held_out_world_data_files_and_shares_over_1(tmp_path):
     stage = tmp_path / "text.yaml"
     stage.write_text("stage: text\nworld: {seed: 0}\n")
     with pytest.raises(ConfigError, match="world.seed: 0 is the held-out world"):
         load_stage_config(stage)
     stage.write_text("stage: text\ndata: {train: [world/train.jsonl]}\n")
     with pytest.raises(ConfigError, match="data.train: the text stage reads no files"):
+        load_stage_config(stage)
+    stage.write_text("stage: text\nmix: {lookups: 0.5, motions: 0.6}\n")
+    with pytest.raises(ConfigError, match=r"mix.lookups \+ mix.motions: 0.5 \+ 0.6 is over 1"):
         load_stage_config(stage)
 
 
@@ -89,18 +92,29 @@ def test_guides_point_at_the_answer_and_its_questions_key_words():
 
     processor = load_nano_processor()
     tok = processor.tokenizer
-    dataset = WorldTextDataset(40, WorldConfig(seed=7), TextMix(), 0.5, processor, "all")
-    checked = 0
-    for i in range(12):
+    dataset = WorldTextDataset(40, WorldConfig(seed=7), TextMix(), 0.4, processor, "all", motions=0.3)
+    checked, mentions, kinds = 0, 0, set()
+    for i in range(16):
         ids = dataset[i].input_ids.tolist()
-        for pos, keys in dataset[i].meta["guides"]:
+        text = tok.decode(ids)
+        # every whole clip is asked its cuts; a lookup only colours and shapes
+        kinds.add("clip" if "scene cuts" in text else "motion" if "Which way does" in text else "lookup")
+        for pos, keys in dataset[i].meta["guides"]:  # an answer, and its question's key words
             assert tok.decode(ids[: pos + 1]).endswith("<|im_start|>assistant\n")  # the answer comes next
             user = tok.decode(ids[:pos]).rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
             question = "\n".join(line for line in user.splitlines()
                                  if line != LISTING_INTRO and not re.match(r"\d+\.\ds ", line))
             assert [tok.decode(ids[k]).strip() for k in keys] == key_words(question), (user, question)
             checked += 1
-    assert checked > 20
+        for pos, first, last in dataset[i].meta["mentions"]:  # a motion answer, and its object's two reads
+            assert tok.decode(ids[: pos + 1]).endswith("<|im_start|>assistant\n")
+            name = re.search(r"Which way does the (\w+ \w+) move[^\n]*<\|im_end\|>\n<\|im_start\|>assistant\n$",
+                             tok.decode(ids[: pos + 1])).group(1)
+            seen = re.findall(rf"{name} (\d+) (\d+)", tok.decode(ids[:pos]))
+            assert [tok.decode(ids[k]).strip() for k in first] == list(seen[0])
+            assert [tok.decode(ids[k]).strip() for k in last] == list(seen[-1]) and len(seen) >= 2
+            mentions += 1
+    assert checked > 20 and mentions > 5 and kinds == {"motion", "lookup", "clip"}, (kinds, mentions)
 
 
 def test_the_answer_term_is_the_mean_cross_entropy_of_the_assistant_tokens():
@@ -150,7 +164,8 @@ def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
 
 def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     """AttentionTap's weights for two heads of a padded batch equal what eager attention returns for them,
-    its guidance losses and their gradients equal those read off eager weights, the tapped model's logits
+    its guidance losses (two layers' taps: previous token and key words on one, motion mentions on another)
+    and their gradients equal those read off eager weights, the tapped model's logits
     equal the untapped model's, and removing the tap restores the layer's config."""
     import copy
     import functools
@@ -161,12 +176,13 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     from keye.train.stages.text import AttentionTap, GuideConfig, WorldTextDataset, collate_guided, text_loss
 
     processor = load_nano_processor()
-    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.5, processor, "all", cells=0.5)
+    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.4, processor, "all", cells=0.5, motions=0.3)
     batch = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
-    assert not bool(batch["attention_mask"].all())  # padded rows
+    assert not bool(batch["attention_mask"].all()) and batch["mentions"]  # padded rows, motion questions
     torch.manual_seed(0)
     model = build_model("keye-nano").eval()
-    guide = GuideConfig(previous_token=1.0, key_words=1.0, layer=1, heads=(2, 3))
+    guide = GuideConfig(previous_token=1.0, key_words=1.0, layer=1, heads=(2, 3), mentions=1.0, mention_layer=2,
+                        mention_heads=(1, 0))
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     plain_logits = model(**inputs).logits
 
@@ -174,18 +190,23 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     eager.model.config._attn_implementation = "eager"
     kept = {}
     eager.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: kept.update(w=out[1]))
+    eager.model.layers[2].self_attn.register_forward_hook(lambda m, a, out: kept.update(w2=out[1]))
     eager_logits = eager(**inputs).logits
     mask_BL = batch["attention_mask"].bool()
     w_BHLL = kept["w"]
     prev = -torch.diagonal(w_BHLL[:, 2], offset=-1, dim1=-2, dim2=-1).clamp_min(1e-6).log()[mask_BL[:, 1:]].mean()
     keys = -torch.stack([w_BHLL[b, 3, pos, k].sum().clamp_min(1e-6).log() for b, pos, k in batch["guides"]]).mean()
-    (prev + keys).backward(retain_graph=True)
+    w2_BHLL = kept["w2"]
+    mentions = -torch.stack([w2_BHLL[b, h, pos, t].sum().clamp_min(1e-6).log() for b, pos, first, last in batch["mentions"]
+                             for h, t in ((1, first), (0, last))]).mean()
+    (prev + keys + mentions).backward(retain_graph=True)
 
     config = model.model.layers[1].self_attn.config
-    tap = AttentionTap(model.model.layers[1])
-    out = text_loss(model, dict(batch), guide=guide, tap=tap)
+    tap, tap2 = AttentionTap(model.model.layers[1]), AttentionTap(model.model.layers[2])
+    out = text_loss(model, dict(batch), guide=guide, taps={1: tap, 2: tap2})
     assert out.metrics["guide_previous"] == pytest.approx(float(prev.detach()), rel=1e-4)
     assert out.metrics["guide_keys"] == pytest.approx(float(keys.detach()), rel=1e-4)
+    assert out.metrics["guide_mentions"] == pytest.approx(float(mentions.detach()), rel=1e-4)
     tapped_logits = model(**inputs).logits
     log_prev = tap.log_attention(2, mask_BL)
     real = mask_BL[:, :, None] & mask_BL[:, None, :]  # padding rows and keys differ by design
@@ -196,11 +217,14 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     out.aux_loss.backward()  # the guidance terms, and the MoE router terms the reference adds below
     eager_out = eager(**inputs, labels=batch["input_ids"])
     (eager_out.loss - eager_out.lm_loss).backward()
-    for name in ("q_proj", "k_proj"):
-        grad = getattr(model.model.layers[1].self_attn, name).weight.grad
-        torch.testing.assert_close(grad, getattr(eager.model.layers[1].self_attn, name).weight.grad, atol=1e-5, rtol=1e-3)
-        assert grad.abs().sum() > 0
+    for layer in (1, 2):
+        for name in ("q_proj", "k_proj"):
+            grad = getattr(model.model.layers[layer].self_attn, name).weight.grad
+            torch.testing.assert_close(grad, getattr(eager.model.layers[layer].self_attn, name).weight.grad,
+                                       atol=1e-5, rtol=1e-3)
+            assert grad.abs().sum() > 0
     tap.remove()
+    tap2.remove()
     assert model.model.layers[1].self_attn.config is config and config._attn_implementation != "eager"
     torch.testing.assert_close(tapped_logits[mask_BL], plain_logits[mask_BL], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager_logits[mask_BL], plain_logits[mask_BL], atol=1e-4, rtol=1e-4)
@@ -238,3 +262,36 @@ def test_cell_word_lookups_are_answerable_from_what_they_write():
             else:
                 assert [s for c, s in objects if c == asked.group(3)] == [turn.answer]
     assert min(layouts.values()) >= 5, layouts
+
+
+def test_motion_windows_are_answerable_from_what_they_write():
+    """Each motion question's answer is what the written frames show: the asked object's first and last
+    listed positions differ along the axis of its direction (y grows downwards), or not at all for "still";
+    the frames are one shot's (one background), two or more of them, and every asked object is listed twice."""
+    import re
+
+    from keye.data.world.text import motion_turns
+
+    config, answers, asked = WorldConfig(seed=12), set(), 0
+    step = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1), "still": (0, 0)}
+    for index in range(80):
+        clip, rng = pretraining_clip(index, config)
+        turns = motion_turns(clip, rng)
+        if not turns:
+            continue
+        lines = turns[0].context.splitlines()[1:]
+        assert len(lines) >= 2 and len({line.split(":")[0].split(" ", 1)[1] for line in lines}) == 1
+        for turn in turns:
+            name = re.match(r"Which way does the (\w+ \w+) move: ", turn.question).group(1)
+            seen = [tuple(int(v) for v in m.groups()) for line in lines for m in [re.search(rf"{name} (\d+) (\d+)", line)] if m]
+            assert len(seen) >= 2, (name, lines)
+            (x0, y0), (x1, y1) = seen[0], seen[-1]
+            sx, sy = step[turn.answer]
+            if turn.answer == "still":
+                assert abs(x1 - x0) <= 1 and abs(y1 - y0) <= 1, (turn.answer, seen)
+            else:
+                moved, other = (x1 - x0, y1 - y0) if sx else (y1 - y0, x1 - x0)
+                assert moved * (sx or sy) > 1 and abs(other) <= 1, (turn.answer, seen)
+            answers.add(turn.answer)
+            asked += 1
+    assert asked >= 60 and answers == set(step), (asked, answers)

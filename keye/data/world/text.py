@@ -15,7 +15,8 @@ puts the listing in a user turn and asks the clip's questions in turns, as the w
 asks colour / shape lookups over a window of one to three frames, the shortest form of the binding step,
 over the grid listing or (``cells``) the 3x3 cell words the world's frame listings use (what the recipe's
 model writes when asked for the frames, and the lookup probe's layout), so the skill is not tied to one
-layout.
+layout. ``motion_turns`` asks which way each object of one shot moves over 2-4 of its frames: the same
+object compared across frames, written as short as the lookups.
 
 Every turn carries its question's key words (the colours, shapes and directions it names), so a stage can
 guide attention to them (``keye.train.stages.text``).
@@ -147,6 +148,36 @@ def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_
         else:
             context = frame_listing(texts)
     return [Turn(*questions[k], *((context, separator) if i == 0 else ())) for i, k in enumerate(order)]
+
+
+def motion_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 4) -> list[Turn]:
+    """"Which way does the red circle move" for each object of one shot of ``clip``, over a listing of 2 to
+    ``max_frames`` of the shot's frames (more when the objects' first and last frames in view need it): the
+    same object compared across frames, the step the motion kinds, movers and pauses share, written short
+    as the lookups are. The frames always hold the shot's ends and each asked object's first and last
+    frames in view, so the listing shows its whole displacement; objects seen in fewer than two of them
+    are not asked. Empty when no object of the drawn shot qualifies."""
+    frames = list(frame_objects(clip))
+    s = int(rng.integers(len(clip.shots)))
+    in_shot = [i for i, (seconds, _) in enumerate(frames) if clip.shot_of(int(round(seconds * clip.fps))) == s]
+    if len(in_shot) < 2:
+        return []
+    ends: set[int] = {in_shot[0], in_shot[-1]}
+    objects = {}
+    for obj in clip.shots[s].objects:
+        seen = [i for i in in_shot if any(o is obj for _, _, o in frames[i][1])]
+        if len(seen) >= 2:
+            objects[obj.name] = obj
+            ends |= {seen[0], seen[-1]}
+    if not objects:
+        return []
+    middle = [i for i in in_shot if i not in ends]
+    extra = int(rng.integers(0, max(0, max_frames - len(ends)) + 1))
+    chosen = sorted(ends | {middle[k] for k in rng.permutation(len(middle))[:extra]})
+    context = "\n".join(listing(clip, slice(i, i + 1)) for i in chosen)
+    names = [objects[n] for n in rng.permutation(sorted(objects))]
+    return [Turn(f"Which way does the {o.name} move: left, right, up, down, or does it stay still?", o.motion,
+                 *((f"{LISTING_INTRO}\n{context}", "\n") if i == 0 else ())) for i, o in enumerate(names)]
 
 
 def oracle_text(clip: Clip, question: str) -> str:

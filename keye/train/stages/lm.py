@@ -126,7 +126,12 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
     model, processor, stage_dir = prepare(cfg, run_root, cfg.lora, adapt)
     rows, base = read_rows(cfg.data.train, run_root)
     if cfg.data.modes:
-        rows = assign_modes(rows, cfg.data.modes, seed=cfg.data.seed)
+        rendered = assign_modes(rows, cfg.data.modes, seed=cfg.data.seed)
+        if len(rendered) < len(rows):
+            log.warning("%s: %d of %d rows fit none of the modes %s (the answer styles need a single-turn row with "
+                        "an 'answer'; video, a video) and are left out", cfg.out, len(rows) - len(rendered), len(rows),
+                        sorted(m for m, w in cfg.data.modes.items() if w > 0))
+        rows = rendered
         log.info("%s: %d rows by mode %s", cfg.out, len(rows), dict(collections.Counter(r.get("mode") for r in rows)))
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]

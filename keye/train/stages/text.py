@@ -4,7 +4,8 @@ pretrained on text (Qwen3) before any vision stage.
 Each sample is a fresh clip of the stage's own world (``world``, seed ``TEXT_SEED`` unless set; never the
 held-out clips of seed 0) written out by ``keye.data.world.text``: its per-frame listing and one question of
 every kind the clip allows, as a chat (``mix`` adds chains of thought, captions, the cell-word frame listing,
-and short colour / shape lookups over 1-3 frames). The loss is next-token over the whole conversation
+short colour / shape lookups over 1-3 frames, and short motion windows: which way each object of one shot
+moves, over 2-4 of its frames). The loss is next-token over the whole conversation
 (``loss: all``: listings too, so the decoder learns how objects move from frame to frame) or over the
 assistant turns only; ``answer_weight`` adds a mean cross-entropy over the answers' tokens alone, so the few
 answer tokens of a long listing are not drowned in it. Only the ``lm`` group trains by default.
@@ -16,9 +17,11 @@ Two auxiliary losses shape two heads of one layer into the circuit's first hop: 
 previous token (``previous_token``), the other, at each answer's position, to the key words of its question
 (``key_words``: the colours, shapes, directions it names). Each is minus the log of the attention on its
 target, averaged; both weights are 0 (off) by default. With them the lookup plateau breaks within a few
-hundred steps (model card). Guidance needs those two heads' attention weights: ``AttentionTap`` records the
-layer's queries and keys as its kernel runs and computes them for the two heads alone, so every layer keeps
-the model's own attention kernel (eager attention on all layers made whole-clip steps 50% slower; the tap costs 6%).
+hundred steps (model card). A third (``mentions``) shapes two heads of a later layer into the reads a motion
+question needs: at its answer position, one head on the asked object's x and y in the first listed frame that
+shows it, the other on those of the last. Guidance needs those heads' attention weights: ``AttentionTap``
+records a layer's queries and keys as its kernel runs and computes them for the guided heads alone, so every
+layer keeps the model's own attention kernel (eager attention on all layers made whole-clip steps 50% slower; the tap costs 6%).
 
 At the end the decoder is scored teacher-forced, exact answers, on the held-out questions of seed 0's val and
 test clips answered from their listings (the text oracle), and on the lookup probe
@@ -49,7 +52,7 @@ from keye.data.world import WorldConfig
 from keye.data.world.generate import make_clip, questions_for_clip
 from keye.data.world.probes import lookup_probe
 from keye.data.world.text import (TEXT_SEED, TextMix, Turn, conversation, key_words, lookup_turns, messages,
-                                  oracle_messages, pretraining_clip)
+                                  motion_turns, oracle_messages, pretraining_clip)
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.train.base import StageConfig, prepare, register_stage, save_model
@@ -58,7 +61,7 @@ from keye.train.session import RunConfig, resolve_device
 from keye.train.stages.lm import lm_loss_fn
 
 log = logging.getLogger(__name__)
-MAX_REDRAWS = 100  # clips drawn for one lookup sample before the world is judged unable to serve lookups
+MAX_REDRAWS = 100  # clips drawn for one lookup / motion sample before the world is judged unable to serve it
 
 
 @dataclass
@@ -68,6 +71,8 @@ class TextMixConfig:
     frames: float = 0.0  # probability of a turn asking for the frame listing in the world's cell words
     lookups: float = 0.0  # share of samples that are colour / shape lookups over 1-3 frames instead of a clip
     cells: float = 0.0  # share of the lookups written in the frame listings' cell words instead of the grid
+    # share of samples asking which way each object of one shot moves, over 2-4 of its frames (motion_turns)
+    motions: float = 0.0
 
 
 @dataclass
@@ -79,10 +84,15 @@ class GuideConfig:
     key_words: float = 0.0
     layer: int = 0
     heads: tuple[int, int] = (0, 1)  # (the previous-token head, the key-word head)
+    # a motion question's answer position attending to its object's coordinates in the first listed frame
+    # that shows it (one head) and in the last (the other): the two reads its direction compares
+    mentions: float = 0.0
+    mention_layer: int = 1
+    mention_heads: tuple[int, int] = (0, 1)  # (first frame, last frame)
 
     @property
     def enabled(self) -> bool:
-        return self.previous_token > 0 or self.key_words > 0
+        return self.previous_token > 0 or self.key_words > 0 or self.mentions > 0
 
 
 @dataclass
@@ -102,9 +112,17 @@ class TextStageConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        g = self.guide
+        if g.mentions > 0 and (g.previous_token > 0 or g.key_words > 0) and g.mention_layer == g.layer \
+                and set(g.mention_heads) & set(g.heads):
+            raise ConfigError(f"guide.mention_heads: {list(g.mention_heads)} of layer {g.layer} are the previous-token and "
+                              f"key-word heads too ({list(g.heads)}); give the mentions other heads or another layer")
         if self.data.train:
             raise ConfigError("data.train: the text stage reads no files; it writes its own text from the clips "
                               "of its world (world.*)")
+        if self.mix.lookups + self.mix.motions > 1:
+            raise ConfigError(f"mix.lookups + mix.motions: {self.mix.lookups} + {self.mix.motions} is over 1; they are "
+                              f"shares of the samples, the rest whole clips")
         if int(self.world.get("seed", TEXT_SEED)) == 0:
             raise ConfigError("world.seed: 0 is the held-out world the text oracle is scored on; pick another seed")
 
@@ -112,12 +130,14 @@ class TextStageConfig(StageConfig):
 class WorldTextDataset:
     """Sample ``i`` = pretraining clip ``i`` of ``config``'s world as a tokenised conversation (built on
     demand, the same for the same index): a whole clip, or with probability ``mix.lookups`` lookups over a
-    window of it (of another clip when it never shows two objects at once). ``meta["guides"]`` lists, per
+    window of it (of another clip when it never shows two objects at once), or with probability
+    ``mix.motions`` the motions of one of its shots. ``meta["guides"]`` lists, per
     answer, (the position that predicts its first token, the positions of its question's key words)."""
 
     def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str,
-                 cells: float = 0.0):
+                 cells: float = 0.0, motions: float = 0.0):
         self.size, self.config, self.mix, self.lookups, self.cells = size, config, mix, lookups, cells
+        self.motions = motions
         self.processor, self.loss = processor, loss
 
     def __len__(self) -> int:
@@ -125,35 +145,51 @@ class WorldTextDataset:
 
     def __getitem__(self, index: int) -> Sample:
         clip, rng = pretraining_clip(index, self.config)
-        if rng.random() < self.lookups:
-            turns, redraw = lookup_turns(clip, rng, cells=self.cells), 0
-            while not turns:  # about 1 clip in 5 never shows two objects at once
-                redraw += 1
-                if redraw > MAX_REDRAWS:
-                    raise ConfigError(f"world {self.config}: {MAX_REDRAWS} clips in a row never show two objects "
-                                      f"at once, so no lookup can be asked; lower mix.lookups or allow more objects")
-                clip, rng = pretraining_clip(index, self.config, redraw)
-                turns = lookup_turns(clip, rng, cells=self.cells)
+        draw = rng.random()
+        if draw < self.lookups:
+            turns = self._redrawn(index, clip, rng, functools.partial(lookup_turns, cells=self.cells),
+                                  "never show two objects at once, so no lookup can be asked; lower mix.lookups "
+                                  "or allow more objects")
+        elif draw < self.lookups + self.motions:
+            turns = self._redrawn(index, clip, rng, motion_turns, "never show an object in two frames of a shot; "
+                                  "lower mix.motions")
         else:
             turns = conversation(clip, rng, self.config, self.mix)
         text = self.processor.apply_chat_template(messages(turns), add_generation_prompt=False)
         enc = self.processor(text=[text], return_labels=True)
         ids, answers = enc["input_ids"][0], enc["labels"][0]
         labels = answers if self.loss == "assistant" else ids.clone()
-        return Sample(ids, labels, meta={"guides": guide_positions(self.processor.tokenizer, text, turns),
-                                         "answer_labels": answers})
+        guides, mentions = guide_positions(self.processor.tokenizer, text, turns)
+        return Sample(ids, labels, meta={"guides": guides, "mentions": mentions, "answer_labels": answers})
+
+    def _redrawn(self, index: int, clip, rng, make_turns, why: str) -> list[Turn]:
+        """``make_turns(clip, rng)``, on other clips in its place while it asks nothing (a lookup needs two
+        objects in view at once, which about 1 clip in 5 never shows)."""
+        turns, redraw = make_turns(clip, rng), 0
+        while not turns:
+            redraw += 1
+            if redraw > MAX_REDRAWS:
+                raise ConfigError(f"world {self.config}: {MAX_REDRAWS} clips in a row {why}")
+            clip, rng = pretraining_clip(index, self.config, redraw)
+            turns = make_turns(clip, rng)
+        return turns
 
 
-def guide_positions(tokenizer, text: str, turns: list[Turn]) -> list[tuple[int, list[int]]]:
-    """Per turn with key words: the token position whose next-token prediction is the answer's first token,
-    and the positions of the tokens holding its question's key words, in the tokenisation of ``text`` (the
-    rendered chat of ``turns``)."""
+_MOTION_QUESTION = re.compile(r"Which way does the (\w+ \w+) move")
+
+
+def guide_positions(tokenizer, text: str, turns: list[Turn]
+                    ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int], list[int]]]]:
+    """In the tokenisation of ``text`` (the rendered chat of ``turns``): per turn with key words, the token
+    position whose next-token prediction is the answer's first token and the positions of its question's
+    key words; per motion question whose object the listing before it names in two frames or more, that
+    answer position and the positions of the object's x and y in the first and in the last of them."""
     starts = [start for start, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
 
     def token_at(char: int) -> int:  # the token whose span starts at or before ``char``
         return max(i for i, s in enumerate(starts) if s <= char)
 
-    guides, cursor = [], 0
+    guides, mentions, cursor = [], [], 0
     for turn in turns:
         q = text.index(turn.question, cursor)
         a = text.index(turn.answer, q + len(turn.question)) if turn.answer else q + len(turn.question)
@@ -162,14 +198,21 @@ def guide_positions(tokenizer, text: str, turns: list[Turn]) -> list[tuple[int, 
         keys = [token_at(q + m.start()) for m in re.finditer(r"[a-z]+", turn.question) if m.group(0) in words]
         if keys:
             guides.append((token_at(a) - 1, sorted(set(keys))))
-    return guides
+        asked = _MOTION_QUESTION.match(turn.question)
+        seen = list(re.finditer(rf"\b{asked.group(1)} (\d+) (\d+)", text[:q])) if asked else []
+        if len(seen) >= 2:
+            first, last = ([token_at(m.start(i)) for i in (1, 2)] for m in (seen[0], seen[-1]))
+            mentions.append((token_at(a) - 1, first, last))
+    return guides, mentions
 
 
 def collate_guided(samples: list[Sample], pad_id: int) -> dict:
-    """``collate`` plus ``guides`` ((row, answer position, key positions) for every guided answer) and
-    ``answer_labels`` (B, L): the labels of the assistant turns alone, -100 elsewhere."""
+    """``collate`` plus ``guides`` ((row, answer position, key positions) for every guided answer),
+    ``mentions`` ((row, answer position, first frame's positions, last frame's) for every motion question)
+    and ``answer_labels`` (B, L): the labels of the assistant turns alone, -100 elsewhere."""
     batch = collate(samples, pad_id)
     batch["guides"] = [(b, pos, keys) for b, s in enumerate(samples) for pos, keys in s.meta.get("guides", [])]
+    batch["mentions"] = [(b, *m) for b, s in enumerate(samples) for m in s.meta.get("mentions", [])]
     batch["answer_labels"] = torch.full_like(batch["labels"], -100)
     for b, s in enumerate(samples):
         answers = s.meta["answer_labels"]
@@ -235,41 +278,54 @@ AttentionInterface.register(TAPPED, _tapped_attention)
 
 
 def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: GuideConfig = GuideConfig(),
-              tap: AttentionTap | None = None) -> StepLoss:
+              taps: dict[int, AttentionTap] | None = None) -> StepLoss:
     """The summed LM loss; as ``aux_loss`` (means): the MoE router terms, ``answer_weight`` times the answers'
-    mean cross-entropy, and the guidance terms. Their values go to the metrics."""
-    guides, answer_labels_BL = batch.pop("guides"), batch.pop("answer_labels")
+    mean cross-entropy, and the guidance terms, read from ``taps`` (one per guided layer). Their values go to
+    the metrics."""
+    guides, mentions = batch.pop("guides"), batch.pop("mentions", [])
+    answer_labels_BL = batch.pop("answer_labels")
     if answer_weight <= 0 and not guide.enabled:
         return lm_loss_fn(model, batch)
     out = model(**batch, num_items_in_batch=1)  # full logits: the answers' loss is read from them too
-    aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
+    terms = [out.loss - out.lm_loss] if out.loss is not out.lm_loss else []
     metrics = {"router_aux": float(out.aux_loss.detach())} if out.aux_loss is not None else {}
+
+    def add(name: str, weight: float, value: torch.Tensor) -> None:
+        terms.append(weight * value)
+        metrics[name] = float(value.detach())
+
     if answer_weight > 0:
         targets_BL = answer_labels_BL[:, 1:]
         picked = targets_BL != -100
-        answer = torch.nn.functional.cross_entropy(out.logits[:, :-1][picked].float(), targets_BL[picked])
-        aux = (aux if aux is not None else 0.0) + answer_weight * answer
-        metrics["answer_loss"] = float(answer.detach())
-    if not guide.enabled:
-        return StepLoss(out.lm_loss, aux, metrics)
+        add("answer_loss", answer_weight,
+            torch.nn.functional.cross_entropy(out.logits[:, :-1][picked].float(), targets_BL[picked]))
     mask_BL = batch["attention_mask"].bool()
-    floor = math.log(1e-6)  # no gradient below a millionth of the attention: the log's slope there is huge
     if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
-        log_prev_BL1 = torch.diagonal(tap.log_attention(guide.heads[0], mask_BL), offset=-1, dim1=-2, dim2=-1)
-        prev = -log_prev_BL1.clamp_min(floor)[mask_BL[:, 1:]].mean()
-        aux = (aux if aux is not None else 0.0) + guide.previous_token * prev
-        metrics["guide_previous"] = float(prev.detach())
+        log_prev_BL1 = torch.diagonal(taps[guide.layer].log_attention(guide.heads[0], mask_BL), offset=-1, dim1=-2, dim2=-1)
+        add("guide_previous", guide.previous_token, -log_prev_BL1.clamp_min(_FLOOR)[mask_BL[:, 1:]].mean())
     if guide.key_words > 0 and guides:  # each answer position's summed attention on its question's key words
-        b = torch.tensor([g[0] for g in guides], device=mask_BL.device)
-        pos = torch.tensor([g[1] for g in guides], device=mask_BL.device)
-        log_GL = tap.log_attention(guide.heads[1], mask_BL, rows=(b, pos))
-        on_keys_GL = torch.zeros_like(log_GL, dtype=torch.bool)
-        for g, (_, _, keys) in enumerate(guides):
-            on_keys_GL[g, keys] = True
-        keys_loss = -torch.logsumexp(log_GL.masked_fill(~on_keys_GL, float("-inf")), -1).clamp_min(floor).mean()
-        aux = (aux if aux is not None else 0.0) + guide.key_words * keys_loss
-        metrics["guide_keys"] = float(keys_loss.detach())
-    return StepLoss(out.lm_loss, aux, metrics)
+        add("guide_keys", guide.key_words, _attention_on(taps[guide.layer], guide.heads[1], mask_BL, guides))
+    if guide.mentions > 0 and mentions:  # a motion answer's attention on its object's first / last coordinates
+        tap = taps[guide.mention_layer]
+        first = _attention_on(tap, guide.mention_heads[0], mask_BL, [(b, pos, f) for b, pos, f, _ in mentions])
+        last = _attention_on(tap, guide.mention_heads[1], mask_BL, [(b, pos, la) for b, pos, _, la in mentions])
+        add("guide_mentions", guide.mentions, (first + last) / 2)
+    return StepLoss(out.lm_loss, sum(terms) if terms else None, metrics)
+
+
+_FLOOR = math.log(1e-6)  # no gradient below a millionth of the attention: the log's slope there is huge
+
+
+def _attention_on(tap: AttentionTap, head: int, mask_BL: torch.Tensor, rows: list[tuple[int, int, list[int]]]
+                  ) -> torch.Tensor:
+    """Minus the log of ``head``'s summed attention from each (row, position) on its target positions, averaged."""
+    b = torch.tensor([r[0] for r in rows], device=mask_BL.device)
+    pos = torch.tensor([r[1] for r in rows], device=mask_BL.device)
+    log_GL = tap.log_attention(head, mask_BL, rows=(b, pos))
+    on_GL = torch.zeros_like(log_GL, dtype=torch.bool)
+    for g, (_, _, targets) in enumerate(rows):
+        on_GL[g, targets] = True
+    return -torch.logsumexp(log_GL.masked_fill(~on_GL, float("-inf")), -1).clamp_min(_FLOOR).mean()
 
 
 @register_stage("text", TextStageConfig)
@@ -278,12 +334,14 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
     mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
-    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss, cfg.mix.cells)
+    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss, cfg.mix.cells, cfg.mix.motions)
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
-    tap = AttentionTap(model.model.layers[cfg.guide.layer]) if cfg.guide.enabled else None
-    loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, tap=tap)
+    guided = ({cfg.guide.layer} if cfg.guide.previous_token > 0 or cfg.guide.key_words > 0 else set()) | (
+        {cfg.guide.mention_layer} if cfg.guide.mentions > 0 else set())
+    taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(guided)}
+    loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, taps=taps)
     model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
-    if tap is not None:
+    for tap in taps.values():
         tap.remove()
     device = resolve_device(cfg.run.device)
     results = {"text_oracle": text_oracle(model.to(device), processor, cfg.eval_clips),
