@@ -48,12 +48,22 @@ def _grid(value: float, size: int) -> int:
 
 def listing(clip: Clip, frames: slice = slice(None)) -> str:
     """The clip's frames (all, or a ``frames`` slice of its 2 fps frames) as text, one line per frame."""
+    return _listing_lines(clip, list(frame_objects(clip))[frames])
+
+
+def _listing_lines(clip: Clip, frames: list) -> str:
+    """``listing``'s lines for ``frames``, items of ``frame_objects(clip)`` (any subset, in the given order)."""
     lines = []
-    for seconds, seen in list(frame_objects(clip))[frames]:
-        shot = clip.shots[clip.shot_of(int(round(seconds * clip.fps)))]
+    for seconds, seen in frames:
+        shot = clip.shots[_shot_at(clip, seconds)]
         objects = ", ".join(f"{obj.name} {_grid(x, clip.width)} {_grid(y, clip.height)}" for x, y, obj in seen)
         lines.append(f"{seconds:.1f}s {'/'.join(shot.background.colors)}: {objects or 'nothing'}")
     return "\n".join(lines)
+
+
+def _shot_at(clip: Clip, seconds: float) -> int:
+    """The shot holding the 2 fps frame at ``seconds``."""
+    return clip.shot_of(int(round(seconds * clip.fps)))
 
 
 _KEY_WORDS = re.compile(rf"\b({'|'.join([*COLORS, *SHAPES, *DIRECTIONS])})\b")
@@ -125,7 +135,7 @@ def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_
     write it ("0.0s: red circle top left, blue square middle centre. 0.5s: ..."), or, for one frame, half
     the time as the lookup probe does (the objects, then the question on the same line)."""
     frames = list(frame_objects(clip))
-    shot_of = [clip.shot_of(int(round(seconds * clip.fps))) for seconds, _ in frames]
+    shot_of = [_shot_at(clip, seconds) for seconds, _ in frames]
     for width in range(int(rng.integers(1, max_frames + 1)), 0, -1):
         starts = [i for i in range(len(frames) - width + 1) if shot_of[i] == shot_of[i + width - 1]
                   and min(len(seen) for _, seen in frames[i:i + width]) >= min_objects]
@@ -140,7 +150,7 @@ def lookup_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 3, min_
     questions = [(f"What colour is the {o.shape}?", o.color) for o in objs if sum(p.shape == o.shape for p in objs) == 1]
     questions += [(f"What shape is the {o.color} object?", o.shape) for o in objs if sum(p.color == o.color for p in objs) == 1]
     order = rng.permutation(len(questions))
-    context, separator = f"{LISTING_INTRO}\n{listing(clip, window)}", "\n"
+    context, separator = f"{LISTING_INTRO}\n{_listing_lines(clip, frames[window])}", "\n"
     if cells > 0 and rng.random() < cells:
         texts = frame_texts(clip)[window]
         if width == 1 and rng.random() < 0.5:
@@ -159,7 +169,7 @@ def motion_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 4) -> l
     are not asked. Empty when no object of the drawn shot qualifies."""
     frames = list(frame_objects(clip))
     s = int(rng.integers(len(clip.shots)))
-    in_shot = [i for i, (seconds, _) in enumerate(frames) if clip.shot_of(int(round(seconds * clip.fps))) == s]
+    in_shot = [i for i, (seconds, _) in enumerate(frames) if _shot_at(clip, seconds) == s]
     if len(in_shot) < 2:
         return []
     ends: set[int] = {in_shot[0], in_shot[-1]}
@@ -174,7 +184,7 @@ def motion_turns(clip: Clip, rng: np.random.Generator, max_frames: int = 4) -> l
     middle = [i for i in in_shot if i not in ends]
     extra = int(rng.integers(0, max(0, max_frames - len(ends)) + 1))
     chosen = sorted(ends | {middle[k] for k in rng.permutation(len(middle))[:extra]})
-    context = "\n".join(listing(clip, slice(i, i + 1)) for i in chosen)
+    context = _listing_lines(clip, [frames[i] for i in chosen])
     names = [objects[n] for n in rng.permutation(sorted(objects))]
     return [Turn(f"Which way does the {o.name} move: left, right, up, down, or does it stay still?", o.motion,
                  *((f"{LISTING_INTRO}\n{context}", "\n") if i == 0 else ())) for i, o in enumerate(names)]

@@ -91,8 +91,18 @@ class GuideConfig:
     mention_heads: tuple[int, int] = (0, 1)  # (first frame, last frame)
 
     @property
+    def first_hop(self) -> bool:
+        """Whether the previous-token or key-word head of ``layer`` is shaped."""
+        return self.previous_token > 0 or self.key_words > 0
+
+    @property
+    def layers(self) -> set[int]:
+        """The layers whose attention some term shapes (empty: guidance off)."""
+        return ({self.layer} if self.first_hop else set()) | ({self.mention_layer} if self.mentions > 0 else set())
+
+    @property
     def enabled(self) -> bool:
-        return self.previous_token > 0 or self.key_words > 0 or self.mentions > 0
+        return bool(self.layers)
 
 
 @dataclass
@@ -113,8 +123,7 @@ class TextStageConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         g = self.guide
-        if g.mentions > 0 and (g.previous_token > 0 or g.key_words > 0) and g.mention_layer == g.layer \
-                and set(g.mention_heads) & set(g.heads):
+        if g.mentions > 0 and g.first_hop and g.mention_layer == g.layer and set(g.mention_heads) & set(g.heads):
             raise ConfigError(f"guide.mention_heads: {list(g.mention_heads)} of layer {g.layer} are the previous-token and "
                               f"key-word heads too ({list(g.heads)}); give the mentions other heads or another layer")
         if self.data.train:
@@ -336,9 +345,7 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
     dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss, cfg.mix.cells, cfg.mix.motions)
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
-    guided = ({cfg.guide.layer} if cfg.guide.previous_token > 0 or cfg.guide.key_words > 0 else set()) | (
-        {cfg.guide.mention_layer} if cfg.guide.mentions > 0 else set())
-    taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(guided)}
+    taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(cfg.guide.layers)}
     loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, taps=taps)
     model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
     for tap in taps.values():
