@@ -92,7 +92,7 @@ def test_guides_point_at_the_answer_and_its_questions_key_words():
 
     processor = load_nano_processor()
     tok = processor.tokenizer
-    dataset = WorldTextDataset(40, WorldConfig(seed=7), TextMix(), 0.4, processor, "all", motions=0.3)
+    dataset = WorldTextDataset(40, WorldConfig(seed=7), TextMix(lookups=0.4, motions=0.3), processor, "all")
     checked, mentions, kinds = 0, 0, set()
     for i in range(16):
         ids = dataset[i].input_ids.tolist()
@@ -129,7 +129,7 @@ def test_the_answer_term_is_the_mean_cross_entropy_of_the_assistant_tokens():
     from keye.train.stages.text import WorldTextDataset, collate_guided, text_loss
 
     processor = load_nano_processor()
-    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.5, processor, "all")
+    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(lookups=0.5), processor, "all")
     collate = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = build_model("keye-nano").eval()
@@ -173,10 +173,11 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     from keye.data.world.text import TextMix
     from keye.models import build_model
     from keye.processing import load_nano_processor
-    from keye.train.stages.text import AttentionTap, GuideConfig, WorldTextDataset, collate_guided, text_loss
+    from keye.train.attention import AttentionTap
+    from keye.train.stages.text import GuideConfig, WorldTextDataset, collate_guided, text_loss
 
     processor = load_nano_processor()
-    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(), 0.4, processor, "all", cells=0.5, motions=0.3)
+    dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(lookups=0.4, cells=0.5, motions=0.3), processor, "all")
     batch = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
     assert not bool(batch["attention_mask"].all()) and batch["mentions"]  # padded rows, motion questions
     torch.manual_seed(0)

@@ -103,13 +103,18 @@ def _answer(qa: QA, chain: bool) -> str:
 
 @dataclass(frozen=True)
 class TextMix:
-    """What one pretraining conversation holds besides the listing and one question of every kind the
-    clip allows (in a random order)."""
+    """What the text pretraining samples hold: whole clips (the listing and one question of every kind the
+    clip allows, in a random order, with the turns below mixed in), or in their stead short lookups or
+    motion windows (``lookup_turns``, ``motion_turns``)."""
 
     chains: float = 0.0  # share of answers written as <think>chain</think>answer
     captions: float = 0.0  # probability of a turn asking for the clip's caption
     # probability of a turn asking for the world's frame listing (the frames rows' task, in 3x3 cell words)
     frames: float = 0.0
+    lookups: float = 0.0  # share of samples that are colour / shape lookups over 1-3 frames instead of a clip
+    cells: float = 0.0  # share of the lookups written in the frame listings' cell words instead of the grid
+    # share of samples asking which way each object of one shot moves, over 2-4 of its frames
+    motions: float = 0.0
 
 
 def conversation(clip: Clip, rng: np.random.Generator, config: WorldConfig, mix: TextMix = TextMix()) -> list[Turn]:

@@ -20,8 +20,9 @@ target, averaged; both weights are 0 (off) by default. With them the lookup plat
 hundred steps (model card). A third (``mentions``) shapes two heads of a later layer into the reads a motion
 question needs: at its answer position, one head on the asked object's x and y in the first listed frame that
 shows it, the other on those of the last. Guidance needs those heads' attention weights: ``AttentionTap``
-records a layer's queries and keys as its kernel runs and computes them for the guided heads alone, so every
-layer keeps the model's own attention kernel (eager attention on all layers made whole-clip steps 50% slower; the tap costs 6%).
+(``keye.train.attention``) records a layer's queries and keys as its kernel runs and computes them for the
+guided heads alone, so every layer keeps the model's own attention kernel (eager attention on all layers made
+whole-clip steps 50% slower; the tap costs 6%).
 
 At the end the decoder is scored teacher-forced, exact answers, on the held-out questions of seed 0's val and
 test clips answered from their listings (the text oracle), and on the lookup probe
@@ -31,21 +32,17 @@ test clips answered from their listings (the text oracle), and on the lookup pro
 from __future__ import annotations
 
 import collections
-import copy
 import functools
 import json
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from keye.data.collate import Sample, collate, count_label_tokens
 from keye.data.world import WorldConfig
@@ -55,6 +52,7 @@ from keye.data.world.text import (TEXT_SEED, TextMix, Turn, conversation, key_wo
                                   motion_turns, oracle_messages, pretraining_clip)
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
+from keye.train.attention import FLOOR, AttentionTap, attention_on
 from keye.train.base import StageConfig, prepare, register_stage, save_model
 from keye.train.runner import StepLoss, train
 from keye.train.session import RunConfig, resolve_device
@@ -62,17 +60,6 @@ from keye.train.stages.lm import lm_loss_fn
 
 log = logging.getLogger(__name__)
 MAX_REDRAWS = 100  # clips drawn for one lookup / motion sample before the world is judged unable to serve it
-
-
-@dataclass
-class TextMixConfig:
-    chains: float = 0.0  # share of answers written as <think>chain</think>answer
-    captions: float = 0.0  # probability of a turn asking for the caption
-    frames: float = 0.0  # probability of a turn asking for the frame listing in the world's cell words
-    lookups: float = 0.0  # share of samples that are colour / shape lookups over 1-3 frames instead of a clip
-    cells: float = 0.0  # share of the lookups written in the frame listings' cell words instead of the grid
-    # share of samples asking which way each object of one shot moves, over 2-4 of its frames (motion_turns)
-    motions: float = 0.0
 
 
 @dataclass
@@ -109,7 +96,7 @@ class GuideConfig:
 class TextStageConfig(StageConfig):
     train: list[str] = field(default_factory=lambda: ["lm"])
     world: dict[str, Any] = field(default_factory=lambda: {"seed": TEXT_SEED})  # WorldConfig fields of the clips
-    mix: TextMixConfig = field(default_factory=TextMixConfig)
+    mix: TextMix = field(default_factory=TextMix)
     loss: Literal["all", "assistant"] = "all"
     # weight of an extra mean cross-entropy over the assistant turns' tokens (0: none): a listing holds ~30x
     # more tokens than the answers about it, and the summed loss barely sees the answers
@@ -143,11 +130,8 @@ class WorldTextDataset:
     ``mix.motions`` the motions of one of its shots. ``meta["guides"]`` lists, per
     answer, (the position that predicts its first token, the positions of its question's key words)."""
 
-    def __init__(self, size: int, config: WorldConfig, mix: TextMix, lookups: float, processor, loss: str,
-                 cells: float = 0.0, motions: float = 0.0):
-        self.size, self.config, self.mix, self.lookups, self.cells = size, config, mix, lookups, cells
-        self.motions = motions
-        self.processor, self.loss = processor, loss
+    def __init__(self, size: int, config: WorldConfig, mix: TextMix, processor, loss: str):
+        self.size, self.config, self.mix, self.processor, self.loss = size, config, mix, processor, loss
 
     def __len__(self) -> int:
         return self.size
@@ -155,11 +139,11 @@ class WorldTextDataset:
     def __getitem__(self, index: int) -> Sample:
         clip, rng = pretraining_clip(index, self.config)
         draw = rng.random()
-        if draw < self.lookups:
-            turns = self._redrawn(index, clip, rng, functools.partial(lookup_turns, cells=self.cells),
+        if draw < self.mix.lookups:
+            turns = self._redrawn(index, clip, rng, functools.partial(lookup_turns, cells=self.mix.cells),
                                   "never show two objects at once, so no lookup can be asked; lower mix.lookups "
                                   "or allow more objects")
-        elif draw < self.lookups + self.motions:
+        elif draw < self.mix.lookups + self.mix.motions:
             turns = self._redrawn(index, clip, rng, motion_turns, "never show an object in two frames of a shot; "
                                   "lower mix.motions")
         else:
@@ -229,63 +213,6 @@ def collate_guided(samples: list[Sample], pad_id: int) -> dict:
     return batch
 
 
-TAPPED = "keye_tapped"  # the attention implementation name of the one layer guidance reads
-
-
-class AttentionTap:
-    """Keeps the queries and keys (after RoPE) of one decoder layer's attention from each forward, and gives
-    the log attention probabilities of a head from them: what eager attention would return, while the layer
-    keeps the model's kernel. Only that layer's attention module is switched (to an implementation that
-    records and passes through), so guidance costs one head's (B, L, L) scores and a few rows of another's,
-    not eager attention on every layer. The weights hold for right- or left-padded batches, not packed rows."""
-
-    def __init__(self, layer: nn.Module):
-        self.attention = layer.self_attn
-        self.config = self.attention.config
-        # transformers keeps "eager" out of the registry: each modeling file has its own
-        eager = sys.modules[type(self.attention).__module__].eager_attention_forward
-        self.inner = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-        self.attention.config = copy.copy(self.config)
-        self.attention.config._attn_implementation = TAPPED
-        self.attention.keye_tap = self
-        self.query_BHLD = self.key_BKLD = None
-
-    def keep(self, query_BHLD: torch.Tensor, key_BKLD: torch.Tensor, scaling: float | None) -> None:
-        self.query_BHLD, self.key_BKLD = query_BHLD, key_BKLD
-        self.groups = query_BHLD.shape[1] // key_BKLD.shape[1]
-        self.scaling = scaling if scaling is not None else query_BHLD.shape[-1] ** -0.5
-
-    def log_attention(self, head: int, mask_BL: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None = None
-                      ) -> torch.Tensor:
-        """Log attention probabilities of ``head`` in the last forward (float32), causal, over the keys
-        ``mask_BL`` marks real (and each query's own position, so no row is empty): (B, L, L), or (G, L) for
-        the query rows ``rows`` = (batch indices, positions) alone."""
-        q_BLD, k_BLD = self.query_BHLD[:, head], self.key_BKLD[:, head // self.groups]
-        L = q_BLD.shape[1]
-        positions = torch.arange(L, device=q_BLD.device)
-        if rows is None:
-            scores = q_BLD.float() @ k_BLD.float().transpose(-1, -2)
-            allowed = (positions[None, :] <= positions[:, None]) & mask_BL.bool()[:, None, :]
-            allowed = allowed | torch.eye(L, dtype=torch.bool, device=q_BLD.device)
-        else:
-            b, pos = rows
-            scores = torch.einsum("gd,gld->gl", q_BLD[b, pos].float(), k_BLD[b].float())
-            allowed = ((positions[None, :] <= pos[:, None]) & mask_BL.bool()[b]) | (positions[None, :] == pos[:, None])
-        return (scores * self.scaling).masked_fill(~allowed, float("-inf")).log_softmax(-1)
-
-    def remove(self) -> None:
-        self.attention.config = self.config
-        del self.attention.keye_tap
-
-
-def _tapped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    module.keye_tap.keep(query, key, scaling)
-    return module.keye_tap.inner(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(TAPPED, _tapped_attention)
-
-
 def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: GuideConfig = GuideConfig(),
               taps: dict[int, AttentionTap] | None = None) -> StepLoss:
     """The summed LM loss; as ``aux_loss`` (means): the MoE router terms, ``answer_weight`` times the answers'
@@ -311,30 +238,15 @@ def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: 
     mask_BL = batch["attention_mask"].bool()
     if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
         log_prev_BL1 = torch.diagonal(taps[guide.layer].log_attention(guide.heads[0], mask_BL), offset=-1, dim1=-2, dim2=-1)
-        add("guide_previous", guide.previous_token, -log_prev_BL1.clamp_min(_FLOOR)[mask_BL[:, 1:]].mean())
+        add("guide_previous", guide.previous_token, -log_prev_BL1.clamp_min(FLOOR)[mask_BL[:, 1:]].mean())
     if guide.key_words > 0 and guides:  # each answer position's summed attention on its question's key words
-        add("guide_keys", guide.key_words, _attention_on(taps[guide.layer], guide.heads[1], mask_BL, guides))
+        add("guide_keys", guide.key_words, attention_on(taps[guide.layer], guide.heads[1], mask_BL, guides))
     if guide.mentions > 0 and mentions:  # a motion answer's attention on its object's first / last coordinates
         tap = taps[guide.mention_layer]
-        first = _attention_on(tap, guide.mention_heads[0], mask_BL, [(b, pos, f) for b, pos, f, _ in mentions])
-        last = _attention_on(tap, guide.mention_heads[1], mask_BL, [(b, pos, la) for b, pos, _, la in mentions])
+        first = attention_on(tap, guide.mention_heads[0], mask_BL, [(b, pos, f) for b, pos, f, _ in mentions])
+        last = attention_on(tap, guide.mention_heads[1], mask_BL, [(b, pos, la) for b, pos, _, la in mentions])
         add("guide_mentions", guide.mentions, (first + last) / 2)
     return StepLoss(out.lm_loss, sum(terms) if terms else None, metrics)
-
-
-_FLOOR = math.log(1e-6)  # no gradient below a millionth of the attention: the log's slope there is huge
-
-
-def _attention_on(tap: AttentionTap, head: int, mask_BL: torch.Tensor, rows: list[tuple[int, int, list[int]]]
-                  ) -> torch.Tensor:
-    """Minus the log of ``head``'s summed attention from each (row, position) on its target positions, averaged."""
-    b = torch.tensor([r[0] for r in rows], device=mask_BL.device)
-    pos = torch.tensor([r[1] for r in rows], device=mask_BL.device)
-    log_GL = tap.log_attention(head, mask_BL, rows=(b, pos))
-    on_GL = torch.zeros_like(log_GL, dtype=torch.bool)
-    for g, (_, _, targets) in enumerate(rows):
-        on_GL[g, targets] = True
-    return -torch.logsumexp(log_GL.masked_fill(~on_GL, float("-inf")), -1).clamp_min(_FLOOR).mean()
 
 
 @register_stage("text", TextStageConfig)
@@ -342,8 +254,7 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     model, processor, out_dir = prepare(cfg, run_root)
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
-    mix = TextMix(cfg.mix.chains, cfg.mix.captions, cfg.mix.frames)
-    dataset = WorldTextDataset(size, world, mix, cfg.mix.lookups, processor, cfg.loss, cfg.mix.cells, cfg.mix.motions)
+    dataset = WorldTextDataset(size, world, cfg.mix, processor, cfg.loss)
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
     taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(cfg.guide.layers)}
     loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, taps=taps)
