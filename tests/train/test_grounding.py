@@ -2,7 +2,6 @@
 decoded pixels), and a short grounded stage-2 run that moves the guided head's attention onto them."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np

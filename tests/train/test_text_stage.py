@@ -2,7 +2,6 @@
 the decoder, and held-out scores on exactly the questions of the world's val / test files."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

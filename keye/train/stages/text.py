@@ -35,7 +35,6 @@ import collections
 import functools
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
