@@ -9,7 +9,9 @@ Data:
   all-MiniLM-L6-v2 (384-d, L2-normalised); the recbole wheel and the embeddings are cached under ``--cache``.
 - ``structured``: ``--n`` x ``--dim`` (default 200,000 x 384) synthetic item embeddings with the structure real
   catalogues have: 200 topics x 24 subtopics with Zipf-distributed popularity, per-subtopic spread, 2% near-duplicate
-  items (re-uploads), an anisotropic spectrum (variance falling as 1/rank), L2-normalised.
+  items (re-uploads), an anisotropic spectrum (variance falling as 1/rank), L2-normalised; ``--data-seed`` picks
+  the set. Every quantizer that codes an item by its nearest centroids gives a re-upload its original's ID, so the
+  table adds ``originals``: the collision rate among the originals alone, what the quantizer itself merges.
 
 Peers, each at its library's defaults (the way a user meets it), L levels of K codes on the residual:
 - ``keye``: ``keye.items.semantic_ids.ResidualKMeans`` with the default recipe (``tokenizers/semantic_ids``);
@@ -118,6 +120,11 @@ def run_sklearn(x, levels, k, seed):
 RUNNERS = {"keye": run_keye, "faiss-loop": run_faiss_loop, "faiss-rq": run_faiss_rq, "sklearn": run_sklearn}
 
 
+def originals(n: int) -> int:
+    """How many leading rows of ``structured(n, ...)`` are originals; the rest are planted re-uploads of them."""
+    return n - int(0.02 * n)
+
+
 def structured(n: int, d: int, seed: int = 0, topics: int = 200, subtopics: int = 24) -> np.ndarray:
     """Synthetic item embeddings with a catalogue's structure (see the module docstring), (n, d) float32."""
     rng = np.random.default_rng(seed)
@@ -127,7 +134,7 @@ def structured(n: int, d: int, seed: int = 0, topics: int = 200, subtopics: int 
     which = rng.choice(len(centers), size=n, p=popularity / popularity.sum())
     spread = rng.uniform(0.3, 0.8, size=len(centers))
     x = centers[which] + spread[which, None] * rng.normal(size=(n, d))
-    dups = int(0.02 * n)  # near-duplicates: the same item uploaded again, a hair apart
+    dups = n - originals(n)  # near-duplicates: the same item uploaded again, a hair apart
     x[n - dups :] = x[rng.integers(0, n - dups, size=dups)] + 0.02 * rng.normal(size=(dups, d))
     x *= np.arange(1, d + 1) ** -0.5
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -146,7 +153,9 @@ def movielens_embeddings(cache: Path) -> Path:
     return out
 
 
-def code_figures(x: np.ndarray, codes: np.ndarray, recon: np.ndarray, k: int) -> dict:
+def code_figures(x: np.ndarray, codes: np.ndarray, recon: np.ndarray, k: int, n_originals: int = 0) -> dict:
+    """The table's figures; with ``n_originals`` > 0 also the collision rate among the first ``n_originals`` rows
+    (the structured set's originals: what the quantizer merges beyond the planted re-uploads)."""
     import torch
 
     from keye.items.metrics import code_usage_metrics, collision_metrics
@@ -154,12 +163,16 @@ def code_figures(x: np.ndarray, codes: np.ndarray, recon: np.ndarray, k: int) ->
     codes_NL = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
     usage = code_usage_metrics(codes_NL, [k] * codes.shape[1])
     collisions = collision_metrics(codes_NL)
+    extra = {}
+    if n_originals:
+        extra["collision_rate_originals"] = collision_metrics(codes_NL[:n_originals])["collision_rate"]
     return {
         "mse": float(np.mean((x.astype(np.float64) - recon) ** 2)),
         "collision_rate": collisions["collision_rate"],
         "collided_share": collisions["collided_share"],
         "perplexity": usage["perplexity"],
         "largest_code_share": usage["largest_code_share"],
+        **extra,
     }
 
 
@@ -186,7 +199,7 @@ def _child(args) -> None:
     peak_mb = _status_mb("VmHWM") - base_mb
     threads = {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads(),
                "blas": max((p["num_threads"] for p in threadpool_info()), default=0)}  # fmt: skip
-    figures = code_figures(x, codes, recon, args.codes)
+    figures = code_figures(x, codes, recon, args.codes, args.originals)
     print(json.dumps({"peer": args.one, "seconds": seconds, "peak_mb": peak_mb, "threads": threads, **figures}))
 
 
@@ -195,6 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="movielens | structured | a parquet file or export folder (pid, embedding)")
     parser.add_argument("--n", type=int, default=200_000, help="structured: items")
     parser.add_argument("--dim", type=int, default=384, help="structured: dimensions")
+    parser.add_argument("--data-seed", type=int, default=0, help="structured: the generator's seed")
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--codes", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="0: each library's own default seed")
@@ -206,11 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--one", choices=PEERS, help=argparse.SUPPRESS)
     parser.add_argument("--npy", dest="data_npy", help=argparse.SUPPRESS)
+    parser.add_argument("--originals", type=int, default=0, help=argparse.SUPPRESS)
 
 
 def load_data(args) -> tuple[np.ndarray, str]:
     if args.data == "structured":
-        return structured(args.n, args.dim, seed=0), f"structured {args.n} x {args.dim}"
+        return structured(args.n, args.dim, seed=args.data_seed), f"structured {args.n} x {args.dim}"
     if args.data == "movielens":
         path = movielens_embeddings(Path(args.cache))
         source = "MovieLens-100K, all-MiniLM-L6-v2"
@@ -231,15 +246,17 @@ def _median_row(runs: list[dict]) -> dict:
 
 def format_table(rows: list[dict], levels: int) -> str:
     ours = next((r for r in rows if r["peer"] == "keye"), None)
+    originals = all("collision_rate_originals" in r for r in rows)
     head = (f"{'peer':<11} {'MSE':>9} {'collisions':>10} {'collided':>9} {'perplexity per level':>22} "
             f"{'top code':>9} {'seconds':>8} {'x keye':>7} {'peak MB':>8}")  # fmt: skip
-    lines = [head]
+    lines = [head + (f" {'originals':>10}" if originals else "")]
     for r in rows:
         ppl = " / ".join(f"{p:.0f}" for p in r["perplexity"])
         ratio = f"{r['seconds'] / ours['seconds']:.2f}" if ours else "n/a"
         lines.append(f"{r['peer']:<11} {r['mse']:>9.3e} {r['collision_rate']:>10.2%} {r['collided_share']:>9.2%} "
                      f"{ppl:>22} {max(r['largest_code_share']):>9.1%} {r['seconds']:>8.2f} {ratio:>7} "
-                     f"{r['peak_mb']:>8.1f}")  # fmt: skip
+                     f"{r['peak_mb']:>8.1f}"
+                     + (f" {r['collision_rate_originals']:>10.2%}" if originals else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -258,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
             for _ in range(args.runs):
                 cmd = [sys.executable, "-m", "keye.bench", "items", "--one", peer, "--npy", str(data),
                        "--levels", str(args.levels), "--codes", str(args.codes), "--seed", str(args.seed),
-                       "--threads", str(args.threads)]  # fmt: skip
+                       "--threads", str(args.threads),
+                       "--originals", str(originals(len(x)) if args.data == "structured" else 0)]  # fmt: skip
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode:
                     print(f"{peer}: failed\n{proc.stderr[-800:]}", file=sys.stderr)

@@ -35,3 +35,18 @@ def test_code_figures_on_a_hand_made_example():
     fig = bench.code_figures(x, codes, recon, 2)
     assert fig["mse"] == 1.0 and fig["collision_rate"] == pytest.approx(0.25) and fig["collided_share"] == 0.5
     assert fig["largest_code_share"] == [0.75, 0.5] and fig["perplexity"][1] == pytest.approx(2.0)
+
+
+def test_the_structured_sets_reuploads_are_its_last_rows_and_originals_collide_apart():
+    n = 500
+    x = bench.structured(n, 16, seed=2)
+    kept = bench.originals(n)
+    assert kept == 490
+    # each planted re-upload sits a hair from an original: far closer than any two originals do
+    sim = x[kept:] @ x[:kept].T
+    between = x[:kept] @ x[:kept].T
+    np.fill_diagonal(between, -1)
+    assert sim.max(1).min() > between.max(1).mean()
+    codes = np.array([[0, 0], [0, 0], [1, 0], [1, 1], [1, 1]])  # the last row: a re-upload of the fourth
+    fig = bench.code_figures(np.zeros((5, 2), np.float32), codes, np.zeros((5, 2)), 2, n_originals=4)
+    assert fig["collision_rate"] == pytest.approx(0.4) and fig["collision_rate_originals"] == pytest.approx(0.25)
