@@ -246,17 +246,17 @@ def _median_row(runs: list[dict]) -> dict:
 
 def format_table(rows: list[dict], levels: int) -> str:
     ours = next((r for r in rows if r["peer"] == "keye"), None)
-    originals = all("collision_rate_originals" in r for r in rows)
+    with_originals = all("collision_rate_originals" in r for r in rows)
     head = (f"{'peer':<11} {'MSE':>9} {'collisions':>10} {'collided':>9} {'perplexity per level':>22} "
             f"{'top code':>9} {'seconds':>8} {'x keye':>7} {'peak MB':>8}")  # fmt: skip
-    lines = [head + (f" {'originals':>10}" if originals else "")]
+    lines = [head + (f" {'originals':>10}" if with_originals else "")]
     for r in rows:
         ppl = " / ".join(f"{p:.0f}" for p in r["perplexity"])
         ratio = f"{r['seconds'] / ours['seconds']:.2f}" if ours else "n/a"
         lines.append(f"{r['peer']:<11} {r['mse']:>9.3e} {r['collision_rate']:>10.2%} {r['collided_share']:>9.2%} "
                      f"{ppl:>22} {max(r['largest_code_share']):>9.1%} {r['seconds']:>8.2f} {ratio:>7} "
                      f"{r['peak_mb']:>8.1f}"
-                     + (f" {r['collision_rate_originals']:>10.2%}" if originals else ""))  # fmt: skip
+                     + (f" {r['collision_rate_originals']:>10.2%}" if with_originals else ""))  # fmt: skip
     return "\n".join(lines)
 
 
