@@ -134,8 +134,8 @@ def structured(n: int, d: int, seed: int = 0, topics: int = 200, subtopics: int 
     which = rng.choice(len(centers), size=n, p=popularity / popularity.sum())
     spread = rng.uniform(0.3, 0.8, size=len(centers))
     x = centers[which] + spread[which, None] * rng.normal(size=(n, d))
-    dups = n - originals(n)  # near-duplicates: the same item uploaded again, a hair apart
-    x[n - dups :] = x[rng.integers(0, n - dups, size=dups)] + 0.02 * rng.normal(size=(dups, d))
+    kept = originals(n)  # the rest are near-duplicates: the same item uploaded again, a hair apart
+    x[kept:] = x[rng.integers(0, kept, size=n - kept)] + 0.02 * rng.normal(size=(n - kept, d))
     x *= np.arange(1, d + 1) ** -0.5
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

@@ -27,8 +27,9 @@ from keye.items.kmeans import distance_blocks, kmeans, nearest
 class KMeansConfig:
     """Per-level k-means. The defaults are the measured ones (README, "Semantic IDs"): balanced levels (no code
     holds more than 1.25x the mean load while training) keep every level's perplexity far above faiss's loops and
-    collide less, at a lower MSE (capacity 1.0 is the most even and collides about as the loops do); random seeding costs nothing where k-means++ costs minutes per level at 8192
-    codes; ``tol`` stops a level once an iteration gains under 0.1% of the inertia."""
+    collide less, at a lower MSE (capacity 1.0 is the most even and collides about as the loops do); random
+    seeding costs nothing where k-means++ costs minutes per level at 8192 codes; ``tol`` stops a level once an
+    iteration gains under 0.1% of the inertia."""
 
     iters: int = 20  # at most this many Lloyd iterations per level (OpenOneRec's train_res_kmeans.py: 20)
     init: Literal["kmeans++", "random"] = "random"
