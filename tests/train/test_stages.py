@@ -247,7 +247,8 @@ def test_pretrain_stage_renders_rows_in_its_data_modes(run_root, chain, monkeypa
             super().__init__(rows, *args, **kwargs)
 
     monkeypatch.setattr(lm, "LMDataset", Spy)
-    cfg = load_stage_config(NANO / "stage3_anneal.yaml", tiny_overrides(**{"run.steps": 1, "data.modes": "{thinking: 1.0}"}))
+    cfg = load_stage_config(NANO / "stage3_anneal.yaml", tiny_overrides(**{
+        "run.steps": 1, "data.modes": "{thinking: 1.0}", "data.train": "[world/train.jsonl]"}))
     cfg.init_from, cfg.out, cfg.merge_seeds = "stage2_multitask", "anneal_thinking", [0]
     run_stage(cfg, run_root)
     written = [json.loads(line) for line in (run_root / "world" / "train.jsonl").read_text().splitlines()]
