@@ -143,12 +143,17 @@ def repair_capacity(
     d2_N: torch.Tensor,
     cap: int,
     chunk_rows: int | None = None,
+    candidates: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move points out of clusters above ``cap`` so that none is; returns the new ``(assign_N, d2_N)``.
 
     ``d2_N`` is each point's squared distance to its assigned centroid. Each over-full cluster keeps its
     ``cap`` closest points; the others go, closest-first, to their nearest cluster that still has room.
     Requires ``cap * K >= N``.
+
+    The moving points' ``candidates`` nearest clusters are found in one distance pass; a round looks only at
+    those, and a point whose candidates have all filled up gets a fresh list. The result is the same as
+    searching every cluster in every round, at a fraction of the distance passes.
     """
     n, k = x_ND.shape[0], centroids_KD.shape[0]
     if cap * k < n:
@@ -165,12 +170,26 @@ def repair_capacity(
     overflow = torch.nonzero(rank_in_cluster >= cap).squeeze(1)
     load_K = counts_K.clamp(max=cap)
     assign_N, d2_N = assign_N.clone(), d2_N.clone()
-    while overflow.numel():
+
+    def nearest_with_room(points: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``m`` nearest clusters with room of each point, nearest first: ``(d2_PM, cluster_PM)``."""
+        d2_PM = torch.empty(points.numel(), m, dtype=d2_N.dtype)
+        cluster_PM = torch.empty(points.numel(), m, dtype=torch.long)
         full_K = load_K >= cap
-        best_d2_O = torch.empty(overflow.numel(), dtype=d2_N.dtype)
-        best_O = torch.empty(overflow.numel(), dtype=torch.long)
-        for rows, d2_BK in distance_blocks(x_ND[overflow], centroids_KD, chunk_rows):
-            best_d2_O[rows], best_O[rows] = d2_BK.masked_fill_(full_K, float("inf")).min(1)
+        for rows, d2_BK in distance_blocks(x_ND[points], centroids_KD, chunk_rows):
+            d2_PM[rows], cluster_PM[rows] = d2_BK.masked_fill_(full_K, float("inf")).topk(m, 1, largest=False)
+        return d2_PM, cluster_PM
+
+    m = min(candidates, k)
+    cand_d2_OM, cand_OM = nearest_with_room(overflow, m)
+    while overflow.numel():
+        # each point's nearest candidate that still has room; a full one is skipped, never a nearer free one
+        best_d2_O, j_O = cand_d2_OM.masked_fill(load_K[cand_OM] >= cap, float("inf")).min(1)
+        best_O = cand_OM.gather(1, j_O.unsqueeze(1)).squeeze(1)
+        spent = torch.nonzero(torch.isinf(best_d2_O)).squeeze(1)
+        if spent.numel():  # every candidate filled up: a fresh list among the clusters with room now
+            cand_d2_OM[spent], cand_OM[spent] = nearest_with_room(overflow[spent], m)
+            best_d2_O[spent], best_O[spent] = cand_d2_OM[spent, 0], cand_OM[spent, 0]
         # closest-first inside each target cluster; only as many as it has room for
         by_dist = torch.argsort(best_d2_O, stable=True)
         by_target = by_dist[torch.argsort(best_O[by_dist], stable=True)]
@@ -183,7 +202,8 @@ def repair_capacity(
         assign_N[moved] = tgt[accepted]
         d2_N[moved] = best_d2_O[by_target[accepted]]
         load_K += torch.bincount(tgt[accepted], minlength=k)
-        overflow = overflow[by_target[~accepted]]
+        waiting = by_target[~accepted]
+        overflow, cand_d2_OM, cand_OM = overflow[waiting], cand_d2_OM[waiting], cand_OM[waiting]
     return assign_N, d2_N
 
 

@@ -96,6 +96,49 @@ def test_repair_moves_the_worst_fitting_points_to_their_nearest_cluster_with_roo
     torch.testing.assert_close(d2_moved, (x - c[moved]).pow(2).sum(1))
 
 
+def _repair_reference(x, c, a, d2, cap):
+    """The repair as specified, without shortcuts: every round, every waiting point looks at every cluster."""
+    k = c.shape[0]
+    d2_all = torch.cdist(x.double(), c.double()).pow(2)
+    a, d2 = a.clone(), d2.clone()
+    load = torch.bincount(a, minlength=k)
+    waiting = []
+    for code in range(k):
+        members = [int(i) for i in torch.nonzero(a == code).squeeze(1)]
+        members.sort(key=lambda i: (float(d2[i]), i))
+        waiting += members[cap:]
+        load[code] = min(int(load[code]), cap)
+    while waiting:
+        claims = {}
+        for i in waiting:
+            row = d2_all[i].masked_fill(load >= cap, float("inf"))
+            claims.setdefault(int(row.argmin()), []).append((float(row.min()), i))
+        waiting = []
+        for code, bids in claims.items():
+            bids.sort()
+            room = cap - int(load[code])
+            for _, i in bids[:room]:
+                a[i] = code
+            load[code] += min(room, len(bids))
+            waiting += [i for _, i in bids[room:]]
+    return a
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 16])
+def test_repair_with_few_candidates_equals_searching_every_cluster_every_round(candidates):
+    g = torch.Generator().manual_seed(3)
+    # a dense core pulls most points into a few clusters, so many rounds and many full candidate lists
+    x = torch.cat([torch.randn(400, 8, generator=g) * 0.2, torch.randn(200, 8, generator=g) * 3])
+    c = x[torch.randperm(600, generator=g)[:40]]
+    a, d2 = km.nearest(x, c)
+    cap = km.capacity_of(600, 40, 1.0)
+    assert int(torch.bincount(a, minlength=40).max()) > 2 * cap
+    moved, d2_moved = km.repair_capacity(x, c, a, d2, cap, candidates=candidates)
+    assert torch.equal(moved, _repair_reference(x, c, a, d2, cap))
+    assert int(torch.bincount(moved, minlength=40).max()) <= cap
+    torch.testing.assert_close(d2_moved, (x - c[moved]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
+
+
 def test_more_codes_than_points_is_a_config_error():
     with pytest.raises(ConfigError, match="at least 8 points"):
         km.kmeans(torch.randn(5, 3), 8)
