@@ -50,9 +50,10 @@ def _chunk_rows(k: int, chunk_rows: int | None) -> int:
 
 
 def distance_blocks(
-    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None
+    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None, x_sq_N: torch.Tensor | None = None
 ) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Yield ``(rows, d2_BK)``: squared distances of a block of points to every centroid, clamped at 0."""
+    """Yield ``(rows, d2_BK)``: squared distances of a block of points to every centroid, clamped at 0.
+    ``x_sq_N``: the points' squared norms, where the caller already has them."""
     step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
     c_sq_K = centroids_KD.pow(2).sum(1)
     for start in range(0, x_ND.shape[0], step):
@@ -60,14 +61,15 @@ def distance_blocks(
         x_BD = x_ND[rows]
         # ||x||^2 + ||c||^2 - 2 x.c in one addmm; float32 cancellation can dip below 0, hence the clamp.
         d2_BK = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
-        d2_BK.add_(x_BD.pow(2).sum(1, keepdim=True)).clamp_(min=0)
+        x_sq_B = x_BD.pow(2).sum(1) if x_sq_N is None else x_sq_N[rows]
+        d2_BK.add_(x_sq_B.unsqueeze(1)).clamp_(min=0)
         yield rows, d2_BK
 
 
 def nearest(
-    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None
+    x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None, x_sq_N: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of every point. Returns ``(assign_N int64, d2_N)``."""
+    """Nearest centroid of every point. Returns ``(assign_N int64, d2_N)``; ``x_sq_N`` as in ``distance_blocks``."""
     assign_N = torch.empty(x_ND.shape[0], dtype=torch.long)
     d2_N = torch.empty(x_ND.shape[0], dtype=x_ND.dtype)
     step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
@@ -78,7 +80,7 @@ def nearest(
         x_BD = x_ND[rows]
         best_B, idx_B = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0).min(1)
         assign_N[rows] = idx_B
-        d2_N[rows] = (best_B + x_BD.pow(2).sum(1)).clamp_(min=0)
+        d2_N[rows] = (best_B + (x_BD.pow(2).sum(1) if x_sq_N is None else x_sq_N[rows])).clamp_(min=0)
     return assign_N, d2_N
 
 
@@ -144,6 +146,7 @@ def repair_capacity(
     cap: int,
     chunk_rows: int | None = None,
     candidates: int = 16,
+    x_sq_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move points out of clusters above ``cap`` so that none is; returns the new ``(assign_N, d2_N)``.
 
@@ -170,13 +173,14 @@ def repair_capacity(
     overflow = torch.nonzero(rank_in_cluster >= cap).squeeze(1)
     load_K = counts_K.clamp(max=cap)
     assign_N, d2_N = assign_N.clone(), d2_N.clone()
+    x_sq_N = x_ND.pow(2).sum(1) if x_sq_N is None else x_sq_N
 
     def nearest_with_room(points: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``m`` nearest clusters with room of each point, nearest first: ``(d2_PM, cluster_PM)``."""
         d2_PM = torch.empty(points.numel(), m, dtype=d2_N.dtype)
         cluster_PM = torch.empty(points.numel(), m, dtype=torch.long)
         full_K = load_K >= cap
-        for rows, d2_BK in distance_blocks(x_ND[points], centroids_KD, chunk_rows):
+        for rows, d2_BK in distance_blocks(x_ND[points], centroids_KD, chunk_rows, x_sq_N[points]):
             d2_PM[rows], cluster_PM[rows] = d2_BK.masked_fill_(full_K, float("inf")).topk(m, 1, largest=False)
         return d2_PM, cluster_PM
 
@@ -232,10 +236,11 @@ def kmeans(
     gen = torch.Generator().manual_seed(seed)
     centroids_KD = INITS[init](x_ND, k, gen, chunk_rows)
     cap = capacity_of(n, k, capacity) if balanced else None
+    x_sq_N = x_ND.pow(2).sum(1)  # once: every assignment needs them
 
     def assign(c_KD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a_N, d2_N = nearest(x_ND, c_KD, chunk_rows)
-        return (a_N, d2_N) if cap is None else repair_capacity(x_ND, c_KD, a_N, d2_N, cap, chunk_rows)
+        a_N, d2_N = nearest(x_ND, c_KD, chunk_rows, x_sq_N)
+        return (a_N, d2_N) if cap is None else repair_capacity(x_ND, c_KD, a_N, d2_N, cap, chunk_rows, x_sq_N=x_sq_N)
 
     prev = math.inf
     it = 0
