@@ -173,14 +173,14 @@ def repair_capacity(
     overflow = torch.nonzero(rank_in_cluster >= cap).squeeze(1)
     load_K = counts_K.clamp(max=cap)
     assign_N, d2_N = assign_N.clone(), d2_N.clone()
-    x_sq_N = x_ND.pow(2).sum(1) if x_sq_N is None else x_sq_N
 
     def nearest_with_room(points: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``m`` nearest clusters with room of each point, nearest first: ``(d2_PM, cluster_PM)``."""
         d2_PM = torch.empty(points.numel(), m, dtype=d2_N.dtype)
         cluster_PM = torch.empty(points.numel(), m, dtype=torch.long)
         full_K = load_K >= cap
-        for rows, d2_BK in distance_blocks(x_ND[points], centroids_KD, chunk_rows, x_sq_N[points]):
+        x_sq_P = None if x_sq_N is None else x_sq_N[points]  # None: distance_blocks squares these points only
+        for rows, d2_BK in distance_blocks(x_ND[points], centroids_KD, chunk_rows, x_sq_P):
             d2_PM[rows], cluster_PM[rows] = d2_BK.masked_fill_(full_K, float("inf")).topk(m, 1, largest=False)
         return d2_PM, cluster_PM
 
