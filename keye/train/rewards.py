@@ -108,11 +108,17 @@ def placement_reward(prompts, completions, frame_texts=None, **_) -> list[float]
         raise ConfigError("reward 'placement' needs each row's frame_texts (the RL stage joins data.listings)")
     out = []
     for completion, listing in zip(completions, frame_texts):
-        at = {f"{float(t):.1f}": text for t, text in listing or []}
-        claims = placement_claims(completion)
-        right = sum(when in at and f"{obj} {cell}" in at[when] for obj, when, cell in claims)
-        out.append(right / len(claims) if claims else 0.0)
+        claims, right = confirmed_claims(completion, listing or [])
+        out.append(right / claims if claims else 0.0)
     return out
+
+
+def confirmed_claims(text: str, listing: list) -> tuple[int, int]:
+    """(placement claims in ``text``, how many of them ``listing`` confirms): [seconds, "red circle top left,
+    ..."] per frame, as the world's frames rows hold it."""
+    at = {f"{float(t):.1f}": objects for t, objects in listing}
+    claims = placement_claims(text)
+    return len(claims), sum(when in at and f"{obj} {cell}" in at[when] for obj, when, cell in claims)
 
 
 def combine_rewards(

@@ -41,7 +41,7 @@ def main(run_root: str, out: str, *overrides: str) -> None:
     stage = RLStage(load_stage_config(RECIPE, list(overrides)), Path(run_root))
     start = {k: v.clone() for k, v in gathered_state_dict(stage.session.model).items()}
     stage.run()
-    held_out = stage.evaluate(stage.rows)
+    held_out, _ = stage.evaluate(stage.rows)
     weights = gathered_state_dict(stage.session.model)  # every rank takes part
     if int(os.environ.get("RANK", 0)) == 0:
         moved = sum(not torch.equal(start[k], weights[k]) for k in weights)

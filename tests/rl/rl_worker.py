@@ -41,10 +41,10 @@ def main(run_root: str, *overrides: str) -> None:
     scored = []
     build_prompt = stage.prompts
     stage.prompts = lambda row: scored.append(row["id"]) or build_prompt(row)
-    split = stage.evaluate(stage.rows)
+    split, _ = stage.evaluate(stage.rows)
     mine = list(scored)
     stage.session.strategy.world_size, stage.session.strategy.rank = 1, 0  # this rank alone, every row (no collective)
-    whole = stage.evaluate(stage.rows)
+    whole, _ = stage.evaluate(stage.rows)
     (Path(run_root) / f"eval{rank}.json").write_text(json.dumps({"split": split, "whole": whole, "scored": mine,
                                                                           "rows": [r["id"] for r in stage.rows]}))
 

@@ -17,7 +17,8 @@ from keye.cli import main
 from keye.recipe import load_stage_config
 from keye.train.rl_losses import masked_mean_B
 from keye.train.session import TrainSession
-from keye.train.stages.rl import PromptBuilder, RLStage, collate_prompts, completion_logps, cut_at_eos, group_advantages
+from keye.train.stages.rl import (PromptBuilder, RLStage, _with_world_listings, collate_prompts, completion_logps,
+                                  cut_at_eos, group_advantages, held_out_figures)
 from keye.video import VideoOptions
 
 RECIPE = Path(__file__).parents[2] / "pipelines" / "nano" / "rl.yaml"
@@ -184,6 +185,9 @@ def test_resume_equals_uninterrupted_with_lora_on_experts(world, processor, monk
     assert [drop(r) for r in a] == [drop(r) for r in b]
     held_out = [json.loads((tmp_path / out / "eval.json").read_text()) for out in ("straight", "resumed")]
     assert held_out[0] == held_out[1] and held_out[0]["n"] == len(_rows(world))
+    answers = [json.loads(line) for line in (tmp_path / "straight" / "eval_answers.jsonl").read_text().splitlines()]
+    assert sorted(a["id"] for a in answers) == sorted(r["id"] for r in _rows(world))
+    assert held_out[0]["accuracy"] == sum(a["correct"] for a in answers) / len(answers)
     assert (tmp_path / "resumed" / "model" / "config.json").is_file()  # LoRA merged into a plain saved model
 
     # only the adapters trained, the expert adapters included; the base weights stayed where they started
@@ -283,3 +287,26 @@ def test_fsdp2_on_two_ranks_equals_one_process(world, tmp_path):
     # embedding rows that got near-zero gradients, where Adam turns reduction-order noise into whole steps)
     for key, value in one.items():
         torch.testing.assert_close(two[key], value, rtol=0, atol=5e-4, msg=key)
+
+
+def test_held_out_rows_get_the_frame_listings_the_world_writes(world):
+    """Held-out clips have no frame rows, so the eval regenerates their listings from the world's config; on
+    train clips, which have frame rows, the regenerated listing is the written one."""
+    written = {json.loads(line)["clip_id"]: json.loads(line)["frame_texts"]
+               for line in (world / "world" / "frames.jsonl").read_text().splitlines()}
+    rows = _with_world_listings(_rows(world), world / "world")
+    assert {r["clip_id"] for r in rows} == set(written)
+    for row in rows:
+        assert row["frame_texts"] == written[row["clip_id"]]
+    assert _with_world_listings(_rows(world), world) == _rows(world)  # no world.json there: rows as they are
+
+
+def test_held_out_figures_pool_the_placement_claims():
+    def record(kind, correct, claims, right):
+        return {"kind": kind, "correct": correct, "formatted": True, "claims": claims, "claims_right": right}
+
+    figures = held_out_figures([record("count", True, 3, 2), record("count", False, 1, 0), record("order", True, 0, 0),
+                                record("order", False, 4, None)])  # the last has no listing to check against
+    assert figures["accuracy"] == 0.5 and figures["per_kind"] == {"count": 0.5, "order": 0.5}
+    assert figures["claims_per_answer"] == 2.0 and figures["claims_right"] == 2 / 4
+    assert held_out_figures([record("count", True, 0, 0)])["claims_right"] is None

@@ -22,8 +22,9 @@ One step of the loop, top to bottom:
 The run's lifecycle is the shared ``TrainSession``: a step's checkpoint holds weights, optimizer, schedule,
 RNG and the data position, so a resumed run samples exactly the rollouts the uninterrupted run would have.
 At the end the policy is saved to ``<run_root>/<out>/model`` like every other stage, and, when ``data.eval``
-lists held-out rows, greedy accuracy and format pass rate go to ``eval.json`` (``run.steps=0`` measures the
-starting checkpoint the same way).
+lists held-out rows, greedy accuracy (overall and per kind), format pass rate and how many of the chains'
+placement claims the clips' frame listings confirm go to ``eval.json``, and every answer to
+``eval_answers.jsonl`` (``run.steps=0`` measures the starting checkpoint the same way).
 
 Run: ``keye train pipelines/nano/rl.yaml [--run-root runs/nano] [key=value ...]``, or as a stage of a recipe.
 """
@@ -43,12 +44,13 @@ from torch import nn
 from keye.data.answers import is_correct
 from keye.data.collate import SampleBuilder
 from keye.data.modes import assign_modes, with_hint
+from keye.data.world.generate import WorldConfig, frame_texts, make_clip
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.distributed import has_sharded_weights
-from keye.train.rewards import combine_rewards, format_ok
+from keye.train.rewards import combine_rewards, confirmed_claims, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
 from keye.train.runner import BatchPlan
 from keye.train.session import RunConfig, TrainSession, to_device
@@ -561,14 +563,15 @@ class RLStage:
     # ------------------------------------------------------------------ held-out
 
     @torch.no_grad()
-    def evaluate(self, rows: list[dict], batch_size: int = 16) -> dict[str, float]:
-        """Greedy accuracy and format pass rate on ``rows`` (rendered in the training modes). Under
-        torchrun each rank scores every world_size-th row and the counts are summed, so every rank
-        returns the same figures for the whole list."""
+    def evaluate(self, rows: list[dict], batch_size: int = 16) -> tuple[dict, list[dict]]:
+        """Greedy answers to ``rows`` (rendered in the training modes): the figures of ``held_out_figures``
+        and one record per row (its completion, whether it is right and well formed, its placement claims
+        and how many the clip's frame listing confirms, where the row has one). Under torchrun each rank
+        answers every world_size-th row and the records are gathered, so every rank returns the same."""
         policy = self.sync_policy().eval()
         world, rank = self.session.strategy.world_size, self.session.strategy.rank
         mine = rows[rank::world]
-        correct = formatted = 0
+        records = []
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             prompts = [self.prompts(r) for r in chunk]
@@ -578,14 +581,37 @@ class RLStage:
                                             suppress_tokens=self.suppress)
             texts = self.processor.batch_decode(cut_at_eos(generated[:, batch["input_ids"].shape[1] :].cpu(), self.eos_id),
                                                 skip_special_tokens=True)
-            correct += sum(is_correct(t, r["answer"], r.get("options")) for t, r in zip(texts, chunk))
-            formatted += sum(format_ok(t, r.get("think_mode")) for t, r in zip(texts, chunk))
+            for text, row in zip(texts, chunk):
+                claims, right = confirmed_claims(text, row.get("frame_texts") or [])
+                records.append({
+                    "id": row.get("id"), "kind": row.get("kind"), "answer": row["answer"], "completion": text,
+                    "correct": bool(is_correct(text, row["answer"], row.get("options"))),
+                    "formatted": bool(format_ok(text, row.get("think_mode"))), "claims": claims,
+                    "claims_right": right if row.get("frame_texts") else None,
+                })
         if world > 1:
-            counts = torch.tensor([correct, formatted], device=self.device)
-            torch.distributed.all_reduce(counts)
-            correct, formatted = (int(c) for c in counts)
-        n = max(len(rows), 1)
-        return {"accuracy": correct / n, "format_pass": formatted / n, "n": len(rows)}
+            gathered: list[list[dict]] = [[] for _ in range(world)]
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        return held_out_figures(records), records
+
+
+def held_out_figures(records: list[dict]) -> dict:
+    """``accuracy`` and ``format_pass`` over the records, ``per_kind`` accuracy, ``claims_per_answer`` (placement
+    claims in a completion) and ``claims_right`` (the share of all claims that the frame listings confirm, over
+    the records that have a listing; None without any)."""
+    n = max(len(records), 1)
+    kinds: dict[str, list[bool]] = {}
+    for r in records:
+        kinds.setdefault(str(r["kind"]), []).append(r["correct"])
+    listed = [r for r in records if r["claims_right"] is not None]
+    claims = sum(r["claims"] for r in listed)
+    return {
+        "accuracy": sum(r["correct"] for r in records) / n, "format_pass": sum(r["formatted"] for r in records) / n,
+        "n": len(records), "per_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+        "claims_per_answer": sum(r["claims"] for r in records) / n,
+        "claims_right": sum(r["claims_right"] for r in listed) / claims if claims else None,
+    }
 
 
 def _select_rows(rows: list[dict], data: RLDataConfig, limit: int | None) -> list[dict]:
@@ -604,6 +630,21 @@ def _with_listings(rows: list[dict], files: list[str], run_root: Path) -> list[d
         raise ConfigError(f"data.listings {files}: no frame_texts for clip(s) {missing[:3]} (of {len(missing)}); the "
                           "placement reward checks each chain against its clip's listing")
     return [{**row, "frame_texts": listings[row["clip_id"]]} for row in rows]
+
+
+def _with_world_listings(rows: list[dict], base: Path) -> list[dict]:
+    """Held-out rows with their clip's ``frame_texts``, regenerated from the world config in ``base`` (the world
+    writes frame rows for its train clips only); rows as they are when ``base`` holds no world."""
+    world_json = base / "world.json"
+    if not world_json.is_file():
+        return rows
+    config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
+    listings: dict[str, list] = {}
+    for row in rows:
+        clip_id = row.get("clip_id")
+        if clip_id and clip_id not in listings and "frame_texts" not in row:
+            listings[clip_id] = [list(p) for p in frame_texts(make_clip(config, clip_id.split("-")[0], clip_id)[0])]
+    return [{**row, "frame_texts": listings[row["clip_id"]]} if row.get("clip_id") in listings else row for row in rows]
 
 
 def build_policy(cfg: RLConfig, run_root: Path, model=None, processor=None):
@@ -653,11 +694,12 @@ def run_rl(cfg: RLConfig, run_root: str | Path, model=None, processor=None, resu
     stage = RLStage(cfg, Path(run_root), model, processor, resume)
     stage.run()
     if cfg.data.eval:
-        eval_rows, _ = read_rows(cfg.data.eval, stage.run_root)
+        eval_rows, base = read_rows(cfg.data.eval, stage.run_root)
         eval_rows = _select_rows(eval_rows, cfg.data, cfg.data.max_eval_samples)
-        result = stage.evaluate(eval_rows)  # rows split over the ranks, counts summed
+        result, records = stage.evaluate(_with_world_listings(eval_rows, base))  # rows split over the ranks
         if stage.session.is_main:
             atomic_write_text(stage.out_dir / "eval.json", json.dumps(result, indent=1))
+            atomic_write_text(stage.out_dir / "eval_answers.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         log.info("%s: held-out %s", cfg.out, result)
     policy = stage.session.finish()
     save_model(policy, stage.processor, stage.out_dir)  # every rank: rank 0 writes, the others wait
