@@ -49,6 +49,12 @@ def _chunk_rows(k: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, _BLOCK_FLOATS // max(k, 1))
 
 
+def _partial_d2(x_BD: torch.Tensor, centroids_KD: torch.Tensor, c_sq_K: torch.Tensor | None = None) -> torch.Tensor:
+    """``||c||^2 - 2 x.c`` in one addmm: squared distances less each row's ``||x||^2``, so ordered as they are."""
+    c_sq_K = centroids_KD.pow(2).sum(1) if c_sq_K is None else c_sq_K
+    return torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
+
+
 def distance_blocks(
     x_ND: torch.Tensor, centroids_KD: torch.Tensor, chunk_rows: int | None = None, x_sq_N: torch.Tensor | None = None
 ) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -59,8 +65,7 @@ def distance_blocks(
     for start in range(0, x_ND.shape[0], step):
         rows = slice(start, min(start + step, x_ND.shape[0]))
         x_BD = x_ND[rows]
-        # ||x||^2 + ||c||^2 - 2 x.c in one addmm; float32 cancellation can dip below 0, hence the clamp.
-        d2_BK = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0)
+        d2_BK = _partial_d2(x_BD, centroids_KD, c_sq_K)  # + ||x||^2: float32 cancellation can dip below 0
         x_sq_B = x_BD.pow(2).sum(1) if x_sq_N is None else x_sq_N[rows]
         d2_BK.add_(x_sq_B.unsqueeze(1)).clamp_(min=0)
         yield rows, d2_BK
@@ -73,12 +78,11 @@ def nearest(
     assign_N = torch.empty(x_ND.shape[0], dtype=torch.long)
     d2_N = torch.empty(x_ND.shape[0], dtype=x_ND.dtype)
     step = _chunk_rows(centroids_KD.shape[0], chunk_rows)
-    # ||x||^2 is the same for every centroid, so the block only needs ||c||^2 - 2 x.c
     c_sq_K = centroids_KD.pow(2).sum(1)
     for start in range(0, x_ND.shape[0], step):
         rows = slice(start, min(start + step, x_ND.shape[0]))
         x_BD = x_ND[rows]
-        best_B, idx_B = torch.addmm(c_sq_K.unsqueeze(0), x_BD, centroids_KD.T, alpha=-2.0).min(1)
+        best_B, idx_B = _partial_d2(x_BD, centroids_KD, c_sq_K).min(1)  # ||x||^2 is the same along a row
         assign_N[rows] = idx_B
         d2_N[rows] = (best_B + (x_BD.pow(2).sum(1) if x_sq_N is None else x_sq_N[rows])).clamp_(min=0)
     return assign_N, d2_N
@@ -147,6 +151,7 @@ def repair_capacity(
     chunk_rows: int | None = None,
     candidates: int = 16,
     x_sq_N: torch.Tensor | None = None,
+    part_NK: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move points out of clusters above ``cap`` so that none is; returns the new ``(assign_N, d2_N)``.
 
@@ -157,6 +162,9 @@ def repair_capacity(
     The moving points' ``candidates`` nearest clusters are found in one distance pass; a round looks only at
     those, and a point whose candidates have all filled up gets a fresh list. The result is the same as
     searching every cluster in every round, at a fraction of the distance passes.
+
+    ``part_NK``: ``_partial_d2`` of every point and cluster, where the caller has them all (small N x K). Each
+    round then searches the waiting points' whole rows, with no lists to select or refresh.
     """
     n, k = x_ND.shape[0], centroids_KD.shape[0]
     if cap * k < n:
@@ -185,15 +193,23 @@ def repair_capacity(
         return d2_PM, cluster_PM
 
     m = min(candidates, k)
-    cand_d2_OM, cand_OM = nearest_with_room(overflow, m)
+    if part_NK is None:
+        cand_d2_OM, cand_OM = nearest_with_room(overflow, m)
+    else:  # whole rows: column j is cluster j, so there is never a list to refresh
+        x_sq_O = x_ND[overflow].pow(2).sum(1) if x_sq_N is None else x_sq_N[overflow]
+        cand_d2_OM, cand_OM = part_NK[overflow].add_(x_sq_O.unsqueeze(1)).clamp_(min=0), None
     while overflow.numel():
         # each point's nearest candidate that still has room; a full one is skipped, never a nearer free one
-        best_d2_O, j_O = cand_d2_OM.masked_fill(load_K[cand_OM] >= cap, float("inf")).min(1)
-        best_O = cand_OM.gather(1, j_O.unsqueeze(1)).squeeze(1)
-        spent = torch.nonzero(torch.isinf(best_d2_O)).squeeze(1)
-        if spent.numel():  # every candidate filled up: a fresh list among the clusters with room now
-            cand_d2_OM[spent], cand_OM[spent] = nearest_with_room(overflow[spent], m)
-            best_d2_O[spent], best_O[spent] = cand_d2_OM[spent, 0], cand_OM[spent, 0]
+        full_OM = load_K >= cap if cand_OM is None else load_K[cand_OM] >= cap
+        best_d2_O, j_O = cand_d2_OM.masked_fill(full_OM, float("inf")).min(1)
+        if cand_OM is None:
+            best_O = j_O
+        else:
+            best_O = cand_OM.gather(1, j_O.unsqueeze(1)).squeeze(1)
+            spent = torch.nonzero(torch.isinf(best_d2_O)).squeeze(1)
+            if spent.numel():  # every candidate filled up: a fresh list among the clusters with room now
+                cand_d2_OM[spent], cand_OM[spent] = nearest_with_room(overflow[spent], m)
+                best_d2_O[spent], best_O[spent] = cand_d2_OM[spent, 0], cand_OM[spent, 0]
         # closest-first inside each target cluster; only as many as it has room for
         by_dist = torch.argsort(best_d2_O, stable=True)
         by_target = by_dist[torch.argsort(best_O[by_dist], stable=True)]
@@ -207,7 +223,8 @@ def repair_capacity(
         d2_N[moved] = best_d2_O[by_target[accepted]]
         load_K += torch.bincount(tgt[accepted], minlength=k)
         waiting = by_target[~accepted]
-        overflow, cand_d2_OM, cand_OM = overflow[waiting], cand_d2_OM[waiting], cand_OM[waiting]
+        overflow, cand_d2_OM = overflow[waiting], cand_d2_OM[waiting]
+        cand_OM = None if cand_OM is None else cand_OM[waiting]
     return assign_N, d2_N
 
 
@@ -238,9 +255,19 @@ def kmeans(
     cap = capacity_of(n, k, capacity) if balanced else None
     x_sq_N = x_ND.pow(2).sum(1)  # once: every assignment needs them
 
+    # a balanced assignment of a small set keeps the whole (N, K) block for the repair's searches
+    whole = cap is not None and _chunk_rows(k, chunk_rows) >= n
+
     def assign(c_KD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cap is None:
+            return nearest(x_ND, c_KD, chunk_rows, x_sq_N)
+        if whole:
+            part_NK = _partial_d2(x_ND, c_KD)
+            best_N, a_N = part_NK.min(1)
+            return repair_capacity(x_ND, c_KD, a_N, best_N.add_(x_sq_N).clamp_(min=0), cap, x_sq_N=x_sq_N,
+                                   part_NK=part_NK)
         a_N, d2_N = nearest(x_ND, c_KD, chunk_rows, x_sq_N)
-        return (a_N, d2_N) if cap is None else repair_capacity(x_ND, c_KD, a_N, d2_N, cap, chunk_rows, x_sq_N=x_sq_N)
+        return repair_capacity(x_ND, c_KD, a_N, d2_N, cap, chunk_rows, x_sq_N=x_sq_N)
 
     prev = math.inf
     it = 0

@@ -86,6 +86,16 @@ def test_balanced_clusters_stay_under_capacity_every_iteration_and_converge():
     assert torch.equal(again, result.assign_N)
 
 
+def test_balanced_kmeans_gives_the_same_clusters_from_whole_distances_and_from_blocks():
+    # 200 x 10 fits one distance block, so the repair gets whole rows; 7-row blocks take the candidate lists
+    x, _ = blobs(50, 4, 6, 1.0, seed=2)
+    whole = km.kmeans(x, 10, seed=0, init="random", balanced=True, iters=50, tol=0.0)
+    blocks = km.kmeans(x, 10, seed=0, init="random", balanced=True, iters=50, tol=0.0, chunk_rows=7)
+    assert torch.equal(whole.assign_N, blocks.assign_N)
+    assert whole.iterations == blocks.iterations > 1
+    torch.testing.assert_close(whole.centroids_KD, blocks.centroids_KD)
+
+
 def test_repair_moves_the_worst_fitting_points_to_their_nearest_cluster_with_room():
     x = torch.tensor([[0.0], [0.1], [0.3], [10.0]])
     c = torch.tensor([[0.0], [10.0]])
@@ -124,7 +134,7 @@ def _repair_reference(x, c, a, d2, cap):
     return a
 
 
-@pytest.mark.parametrize("candidates", [1, 3, 16])
+@pytest.mark.parametrize("candidates", [1, 3, 16, "whole rows"])
 def test_repair_with_few_candidates_equals_searching_every_cluster_every_round(candidates):
     g = torch.Generator().manual_seed(3)
     # a dense core pulls most points into a few clusters, so many rounds and many full candidate lists
@@ -133,7 +143,10 @@ def test_repair_with_few_candidates_equals_searching_every_cluster_every_round(c
     a, d2 = km.nearest(x, c)
     cap = km.capacity_of(600, 40, 1.0)
     assert int(torch.bincount(a, minlength=40).max()) > 2 * cap
-    moved, d2_moved = km.repair_capacity(x, c, a, d2, cap, candidates=candidates)
+    if candidates == "whole rows":  # the caller hands over every distance (kmeans() does when N x K is small)
+        moved, d2_moved = km.repair_capacity(x, c, a, d2, cap, part_NK=km._partial_d2(x, c))
+    else:
+        moved, d2_moved = km.repair_capacity(x, c, a, d2, cap, candidates=candidates)
     assert torch.equal(moved, _repair_reference(x, c, a, d2, cap))
     assert int(torch.bincount(moved, minlength=40).max()) <= cap
     torch.testing.assert_close(d2_moved, (x - c[moved]).pow(2).sum(1), rtol=1e-4, atol=1e-4)
