@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from keye.data.collate import SampleBuilder, collate
+from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
 from keye.data.world.generate import frames_row, make_clip
 from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
@@ -49,19 +50,43 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
     world_dir = Path(world_dir)
     config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
+    return _word_accuracy(model, processor, world_dir, [frames_row(clip) for clip in clips], video, batch_size)
+
+
+@torch.no_grad()
+def chain_word_accuracy(model: nn.Module, processor, world_dir: str | Path, split: str = "test",
+                        video: VideoOptions = VideoOptions(), limit: int | None = None,
+                        batch_size: int = 8) -> dict[str, Any]:
+    """The same score over the reference chains of thought of ``split``'s reasoning questions, rendered in
+    thinking mode as SFT trains them ("<think>The red circle is in the top left at 0.0s and ...</think>2"):
+    the chain's colour, shape and position words, not the answer after it. Set beside
+    ``listing_word_accuracy`` it tells whether a model reads the frames as well inside a chain."""
+    world_dir = Path(world_dir)
+    rows = [json.loads(line) for line in (world_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+    rows = [render_mode(r, "thinking") for r in rows if r.get("reasoning") and r.get("cot")][:limit]
+    end_think = processor.tokenizer.convert_tokens_to_ids("</think>")
+    return _word_accuracy(model, processor, world_dir, rows, video, batch_size, stop_at=end_think)
+
+
+def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict], video: VideoOptions,
+                   batch_size: int, stop_at: int | None = None) -> dict[str, Any]:
+    """Teacher-forced share of the scored words (``word_type``) of the rows' assistant turns that the model's
+    argmax gets right; with ``stop_at``, only the words before that token."""
     builder = SampleBuilder(processor, video, base_dir=world_dir)
     tokenizer, device = processor.tokenizer, next(model.parameters()).device
     was_training = model.training
     model.eval()
     right: dict[str, list[bool]] = collections.defaultdict(list)
-    for start in range(0, len(clips), batch_size):
-        samples = [builder(frames_row(clip)) for clip in clips[start:start + batch_size]]
+    for start in range(0, len(rows), batch_size):
+        samples = [builder(row) for row in rows[start:start + batch_size]]
         batch = collate(samples, pad_id=tokenizer.pad_token_id)
         labels_BL = batch.pop("labels")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         predicted_BL = logits.argmax(-1).cpu()
         for b in range(len(samples)):
-            for positions in _words(tokenizer, labels_BL[b]):
+            stops = (labels_BL[b] == stop_at).nonzero().flatten().tolist() if stop_at is not None else []
+            end = stops[0] if stops else labels_BL.shape[1]
+            for positions in _words(tokenizer, labels_BL[b, :end]):
                 word = tokenizer.decode(labels_BL[b, positions]).strip()
                 kind = word_type(word)
                 if kind is not None:  # position t predicts token t + 1

@@ -1,6 +1,8 @@
-"""Teacher-forced listing word accuracy: a predictor that reads the next reference token scores 1, one that
-gets every colour wrong scores 0 on colours and 1 elsewhere, and the words scored are the listing's."""
+"""Teacher-forced word accuracy of frame listings and of reference chains: a predictor that reads the next
+reference token scores 1, one that gets every colour wrong scores 0 on colours and 1 elsewhere, and the words
+scored are the listing's, or the chain's and not the answer after it."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +12,7 @@ from torch import nn
 from keye.data.world import WorldConfig, generate_world
 from keye.data.world.generate import frame_objects, make_clip
 from keye.data.world.scene import COLORS
-from keye.eval.perception import listing_word_accuracy
+from keye.eval.perception import chain_word_accuracy, listing_word_accuracy, word_type
 from keye.processing import load_nano_processor
 from keye.video import VideoOptions
 
@@ -55,3 +57,22 @@ def test_listing_word_accuracy_scores_the_listing_words(world):
     colour_blind = listing_word_accuracy(NextToken(vocab, wrong), processor, world, video=VIDEO)
     assert colour_blind["per_type"]["colour"] == 0.0 and colour_blind["per_type"]["shape"] == 1.0
     assert colour_blind["accuracy"] == pytest.approx(1 - objects / perfect["words"])
+
+
+def test_chain_word_accuracy_scores_the_chain_words_not_the_answer(world):
+    processor = load_nano_processor()
+    vocab = len(processor.tokenizer)
+    rows = [json.loads(line) for line in (world / "val.jsonl").read_text().splitlines()]
+    chains = [r["cot"] for r in rows if r.get("reasoning") and r.get("cot")]
+    assert chains, "the fixture world asks no reasoning question"
+    scored = sum(word_type(w.strip(".,:")) is not None for c in chains for w in c.lower().split())
+    perfect = chain_word_accuracy(NextToken(vocab), processor, world, split="val", video=VIDEO)
+    assert perfect["accuracy"] == 1.0 and perfect["words"] == scored
+
+    ids = {name: processor.tokenizer.convert_tokens_to_ids("Ġ" + name) for name in COLORS}
+    names = list(ids)
+    wrong = {ids[n]: ids[names[(i + 1) % len(names)]] for i, n in enumerate(names)}
+    colour_blind = chain_word_accuracy(NextToken(vocab, wrong), processor, world, split="val", video=VIDEO)
+    colours = sum(w.strip(".,:") in COLORS for c in chains for w in c.lower().split())
+    assert colour_blind["per_type"]["colour"] == 0.0 and colour_blind["words"] == scored
+    assert colour_blind["accuracy"] == pytest.approx(1 - colours / scored)
