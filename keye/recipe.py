@@ -5,7 +5,7 @@ evaluations to run on the last stage's model and the hardware the recipe is mean
 parsed with the config class of the stage its ``stage:`` key names (``keye.train.stages``). Stages chain:
 each starts from the folder the previous one wrote, so skipping a stage (``--skip``, for ablations) makes the
 next one start where the skipped one would have; the first stage starts from its own ``init_from`` (or a
-fresh model). A stage that already finished (its ``done.json`` is there) is not run again, so a recipe
+fresh model), and so does the stage after a skipped first one. A stage that already finished (its ``done.json`` is there) is not run again, so a recipe
 killed half-way resumes with the stage it was in, and that stage resumes from its last checkpoint.
 
 Overrides are ``key=value`` with dotted keys, routed by their first part: a recipe key (``world.seed=1``,
@@ -71,15 +71,20 @@ class Recipe:
     names: list[str]  # each stage's name in the recipe: its file's name without .yaml
 
     def chained(self, skip: list[str] = ()) -> list[StageConfig]:
-        """The stages not skipped, each starting from the one before it (the first from its own init_from)."""
+        """The stages not skipped, each starting from the one before it; the first from its own ``init_from``, or
+        from a skipped first stage's (skipping stage 0 of a recipe that starts from a pretrained model keeps
+        that start)."""
         unknown = set(skip) - set(self.names)
         if unknown:
             raise ConfigError(f"--skip: no stage named {sorted(unknown)[0]!r} (stages: {self.names})")
         configs: list[StageConfig] = []
+        skipped_first: list[StageConfig] = []  # skipped before any stage ran: the next starts where they would have
         for name, cfg in zip(self.names, self.stages):
             if name in skip:
+                skipped_first += [] if configs else [cfg]
                 continue
-            configs.append(dataclasses.replace(cfg, init_from=configs[-1].out) if configs else cfg)
+            init = configs[-1].out if configs else skipped_first[0].init_from if skipped_first else cfg.init_from
+            configs.append(dataclasses.replace(cfg, init_from=init))
         return configs
 
 

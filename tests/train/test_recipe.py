@@ -61,7 +61,11 @@ def test_rl_is_a_stage_of_a_recipe_and_chains_from_the_stage_before_it(tmp_path)
     recipe = load_recipe(tmp_path, ["rollout.group_size=4"])
     sft, rl = recipe.chained()
     assert type(rl) is RLConfig and rl.init_from == "sft" and rl.rollout.group_size == 4
-    assert recipe.chained(skip=["sft"])[0].init_from == "sft"  # the first stage keeps its own init_from
+    # skipping the first stage, the next starts where it would have: RL on the model SFT would have tuned
+    assert sft.init_from is None and recipe.chained(skip=["sft"])[0].init_from is None  # a fresh model, as SFT's
+    nano = load_recipe(NANO)  # stage 0 starts from the shipped base; without it, stage 1 must too
+    assert nano.chained(skip=["stage0_vit"])[0].init_from == "keye-nano-base"
+    assert nano.chained(skip=["stage0_vit", "stage1_align"])[0].init_from == "keye-nano-base"
     with pytest.raises(ConfigError, match="rollout.group_size must be >= 2"):
         load_recipe(tmp_path, ["rl.rollout.group_size=1"])
 
