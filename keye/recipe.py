@@ -5,8 +5,9 @@ evaluations to run on the last stage's model and the hardware the recipe is mean
 parsed with the config class of the stage its ``stage:`` key names (``keye.train.stages``). Stages chain:
 each starts from the folder the previous one wrote, so skipping a stage (``--skip``, for ablations) makes the
 next one start where the skipped one would have; the first stage starts from its own ``init_from`` (or a
-fresh model), and so does the stage after a skipped first one. A stage that already finished (its ``done.json`` is there) is not run again, so a recipe
-killed half-way resumes with the stage it was in, and that stage resumes from its last checkpoint.
+fresh model), and when it is skipped the next one starts from that ``init_from``. A stage that already finished
+(its ``done.json`` is there) is not run again, so a recipe killed half-way resumes with the stage it was in, and
+that stage resumes from its last checkpoint.
 
 Overrides are ``key=value`` with dotted keys, routed by their first part: a recipe key (``world.seed=1``,
 ``run_root=...``) goes to the recipe, a stage's file name (``sft.run.steps=5``) to that stage alone, and any
