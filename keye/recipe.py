@@ -79,12 +79,11 @@ class Recipe:
         if unknown:
             raise ConfigError(f"--skip: no stage named {sorted(unknown)[0]!r} (stages: {self.names})")
         configs: list[StageConfig] = []
-        skipped_first: list[StageConfig] = []  # skipped before any stage ran: the next starts where they would have
         for name, cfg in zip(self.names, self.stages):
             if name in skip:
-                skipped_first += [] if configs else [cfg]
                 continue
-            init = configs[-1].out if configs else skipped_first[0].init_from if skipped_first else cfg.init_from
+            # the first stage run starts where the recipe's first stage would have, skipped or not
+            init = configs[-1].out if configs else self.stages[0].init_from
             configs.append(dataclasses.replace(cfg, init_from=init))
         return configs
 
