@@ -240,7 +240,7 @@ def _lookup(definition: EvalDefinition) -> list[EvalItem]:
 @register_format("world-text")
 def _world_text(definition: EvalDefinition) -> list[EvalItem]:
     from keye.data.world import WorldConfig
-    from keye.data.world.generate import make_clip
+    from keye.data.world.generate import clips_of_rows
     from keye.data.world.text import oracle_text
 
     path = _annotations(definition)
@@ -249,12 +249,7 @@ def _world_text(definition: EvalDefinition) -> list[EvalItem]:
         raise KeyeInputError(f"{path}: the world-text format rebuilds each clip from the world.json beside the split, "
                              f"and {world_json} is missing")
     config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
-    clips: dict[str, object] = {}
-    items = []
-    for item, row in zip(_world(definition), read_rows(path)):
-        key = (row.get("split") or row["clip_id"].split("-")[0], row["clip_id"])
-        if key not in clips:
-            clips[key] = make_clip(config, *key)[0]
-        items.append(EvalItem(item.id, oracle_text(clips[key], row["question"]), item.answer, item.options, [],
-                              item.categories))
-    return items
+    rows = read_rows(path)
+    clips = clips_of_rows(config, rows)
+    return [EvalItem(item.id, oracle_text(clips[row["clip_id"]], row["question"]), item.answer, item.options, [],
+                     item.categories) for item, row in zip(_world(definition), rows)]

@@ -114,6 +114,17 @@ def make_clip(config: WorldConfig, split: str, clip_id: str) -> tuple[Clip, np.r
     return sample_clip(clip_id, split, config.scene, scene_rng), question_rng
 
 
+def clips_of_rows(config: WorldConfig, rows: list[dict]) -> dict[str, Clip]:
+    """Every clip the rows ask about, rebuilt once each from the world's config (clips are deterministic, so
+    these are the clips the world wrote), keyed by clip id; a row's split is its own, or its id's prefix."""
+    clips: dict[str, Clip] = {}
+    for row in rows:
+        clip_id = row["clip_id"]
+        if clip_id not in clips:
+            clips[clip_id] = make_clip(config, row.get("split") or clip_id.split("-")[0], clip_id)[0]
+    return clips
+
+
 def dense_rng(config: WorldConfig, clip_id: str) -> np.random.Generator:
     """The stream the dense conversation's questions are drawn from."""
     return _clip_streams(config, clip_id)[2]

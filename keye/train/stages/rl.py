@@ -44,7 +44,7 @@ from torch import nn
 from keye.data.answers import is_correct
 from keye.data.collate import SampleBuilder
 from keye.data.modes import assign_modes, with_hint
-from keye.data.world.generate import WorldConfig, frame_texts, make_clip
+from keye.data.world.generate import WorldConfig, clips_of_rows, frame_texts
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
@@ -639,11 +639,8 @@ def _with_world_listings(rows: list[dict], base: Path) -> list[dict]:
     if not world_json.is_file():
         return rows
     config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
-    listings: dict[str, list] = {}
-    for row in rows:
-        clip_id = row.get("clip_id")
-        if clip_id and clip_id not in listings and "frame_texts" not in row:
-            listings[clip_id] = [list(p) for p in frame_texts(make_clip(config, clip_id.split("-")[0], clip_id)[0])]
+    clips = clips_of_rows(config, [row for row in rows if row.get("clip_id") and "frame_texts" not in row])
+    listings = {clip_id: [list(p) for p in frame_texts(clip)] for clip_id, clip in clips.items()}
     return [{**row, "frame_texts": listings[row["clip_id"]]} if row.get("clip_id") in listings else row for row in rows]
 
 
