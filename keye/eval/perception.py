@@ -24,6 +24,7 @@ from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
 from keye.data.world.generate import frames_row, make_clip
 from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
+from keye.eval.formats import read_rows
 from keye.video import VideoOptions
 
 
@@ -62,8 +63,8 @@ def chain_word_accuracy(model: nn.Module, processor, world_dir: str | Path, spli
     the chain's colour, shape and position words, not the answer after it. Set beside
     ``listing_word_accuracy`` it tells whether a model reads the frames as well inside a chain."""
     world_dir = Path(world_dir)
-    rows = [json.loads(line) for line in (world_dir / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-    rows = [render_mode(r, "thinking") for r in rows if r.get("reasoning") and r.get("cot")][:limit]
+    rows = [render_mode(r, "thinking") for r in read_rows(world_dir / f"{split}.jsonl")
+            if r.get("reasoning") and r.get("cot")][:limit]
     end_think = processor.tokenizer.convert_tokens_to_ids("</think>")
     return _word_accuracy(model, processor, world_dir, rows, video, batch_size, stop_at=end_think)
 
