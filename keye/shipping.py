@@ -58,7 +58,8 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
 def _stage_record(name: str, out_dir: Path) -> dict:
     """What stage ``name`` ran (its resolved config as the run saved it, overrides included) and logged."""
     cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
-    logged = read_metrics(out_dir / "metrics.jsonl")
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    logged = [r for r in rows if "loss" in r]  # training steps; run.eval_every adds rows of held-out figures
     record = {
         "stage": name,
         "kind": cfg["stage"],
@@ -69,6 +70,10 @@ def _stage_record(name: str, out_dir: Path) -> dict:
         "first_losses": [{"step": r["step"], "loss": r["loss"]} for r in logged[:FIRST_LOGGED]],
         "last_loss": {"step": logged[-1]["step"], "loss": logged[-1]["loss"]} if logged else None,
     }
+    curve = [{k: v for k, v in r.items() if k == "step" or (k.startswith("eval_") and "/" not in k)}
+             for r in rows if "loss" not in r and any(k.startswith("eval_") for k in r)]
+    if curve:
+        record["eval_curve"] = curve
     if "world" in cfg:
         record["world"] = cfg["world"]
     if (out_dir / "eval.json").is_file():

@@ -150,7 +150,7 @@ def _keye_loop(model, samples, steps: int, micro_batch: int, processor, packed: 
     with tempfile.TemporaryDirectory() as tmp:
         train(model, samples, lm_collate(processor, stage), functools.partial(lm_loss_fn, loss_chunk=stage.loss_chunk),
               count_label_tokens, run, tmp)
-        return [row["step_time"] for row in read_metrics(Path(tmp) / "metrics.jsonl")]
+        return [row["step_time"] for row in read_metrics(Path(tmp) / "metrics.jsonl") if "step_time" in row]
 
 
 def _loop_worker(spec: dict) -> dict:

@@ -68,9 +68,13 @@ def train(
     run_dir: str | Path,
     resume: bool = True,
     desc: str = "train",
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the (unwrapped) model."""
-    session = TrainSession(model, cfg, run_dir, resume=resume, desc=desc)
+    """Train ``model`` in place for ``cfg.steps`` optimizer steps; returns the (unwrapped) model. With
+    ``evaluate`` and ``cfg.eval_every``, its figures on the current weights are logged every that many
+    steps (``TrainSession.log_eval``)."""
+    periodic = evaluate is not None and cfg.eval_every > 0
+    session = TrainSession(model, cfg, run_dir, resume=resume, desc=desc, whole_weights=periodic)
     plan = BatchPlan(len(dataset), cfg.micro_batch, session.world_size, session.rank, cfg.seed)
     position = session.data_position.get("position", 0)
     micro_batches = _micro_batches(dataset, collate, plan, position, cfg.num_workers)
@@ -82,6 +86,8 @@ def train(
                             PRECISIONS[cfg.precision])
         stats["grad_norm"] = session.optimizer_step()
         session.end_step(stats, {"position": position, "epoch": position // plan.per_epoch})
+        if periodic and session.state.step % cfg.eval_every == 0:
+            session.log_eval(evaluate)
     return session.finish()
 
 

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class RunConfig:
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
+    # score the held-out set every N steps into metrics.jsonl as eval_* (stages that have one; 0: at the end only)
+    eval_every: int = 0
     keep_checkpoints: int = 2
     num_workers: int = 0  # DataLoader worker processes building batches ahead; 0: built in the loop
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda", "cuda:1", ...
@@ -246,6 +248,24 @@ class TrainSession:
             raise RunInterrupted(f"stopped at step {step} of {self.run.steps}; checkpoint in "
                                  f"{self.run_dir / 'checkpoints'}; the same command resumes it")
 
+    def log_eval(self, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+        """Score the current weights with ``evaluate`` (whole weights, eval mode, no grad, on the main rank;
+        every rank calls this at the same step) and log its figures as ``eval_<name>``; names without a ``/``
+        (the overall figures, not per-kind breakdowns) go into ``eval.png`` at the end. Returns the figures
+        (empty on the other ranks)."""
+        model = self.whole_weights()
+        figures: dict[str, float] = {}
+        if self.is_main:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                figures = evaluate(model)
+            model.train(was_training)
+            self.log.log(self.state.step, **{f"eval_{k}": v for k, v in figures.items()})
+            overall = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if "/" not in k)
+            self.bar.write(f"{self.bar.desc} step {self.state.step}: {overall}")
+        return figures
+
     def _stop_requested(self) -> bool:
         """Whether a stop was asked for on any rank (the ranks must stop at the same step)."""
         if self.world_size == 1:
@@ -272,5 +292,8 @@ class TrainSession:
         if self.is_main:
             for name, keys in self.plots.items():
                 plot_curves(self.run_dir, keys=keys, name=name)
+            evals = dict.fromkeys(k for row in self.log.rows() for k in row if k.startswith("eval_") and "/" not in k)
+            if evals:
+                plot_curves(self.run_dir, keys=tuple(evals), name="eval.png")
         model = self.unwrapped
         return model.to(self._home) if self.run.dist.strategy in ("none", "ddp") else model

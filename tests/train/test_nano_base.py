@@ -102,13 +102,19 @@ def test_shipping_a_smoke_run_replaces_the_folder_whole(tmp_path, monkeypatch):
     root = tmp_path / "run"
     with pytest.raises(ConfigError, match="not finished"):
         ship_pretrained("pipelines/nano-base", root)
-    run_recipe("pipelines/nano-base", str(root), smoke=True)
+    run_recipe("pipelines/nano-base", str(root), ["text.run.eval_every=1"], smoke=True)
     shipped = ship_pretrained("pipelines/nano-base", root)
     assert shipped == target and not (target / "stale.txt").exists()
     provenance = pretrained.verify_pretrained(BASE)
     for stage in provenance["stages"]:
-        logged = read_metrics(root / stage["stage"] / "metrics.jsonl")
+        logged = [r for r in read_metrics(root / stage["stage"] / "metrics.jsonl") if "loss" in r]
         assert stage["first_losses"] == [{"step": r["step"], "loss": r["loss"]} for r in logged[:3]]
+        assert stage["last_loss"] == {"step": logged[-1]["step"], "loss": logged[-1]["loss"]}
     text = next(s for s in provenance["stages"] if s["stage"] == "text")
     assert text["eval"] == json.loads((root / "text" / "eval.json").read_text())
+    # the held-out curve of text.run.eval_every=1, the last point the final weights' figures
+    assert [point["step"] for point in text["eval_curve"]] == [1, 2]
+    assert text["eval_curve"][-1] == {"step": 2, "eval_text_oracle": text["eval"]["text_oracle"]["accuracy"],
+                                      "eval_lookup": text["eval"]["lookup"]["accuracy"]}
+    assert all("eval_curve" not in s for s in provenance["stages"] if s["stage"] != "text")
     assert pretrained.pretrained_folder(BASE) == target

@@ -53,6 +53,29 @@ def test_loss_falls_and_curve_is_written(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_00000012" / "model.safetensors").exists()
 
 
+def test_periodic_eval_scores_the_weights_of_its_step_in_eval_mode(tmp_path):
+    from safetensors.torch import load_file
+
+    seen_modes = []
+
+    def evaluate(model):
+        seen_modes.append(model.training)
+        return {"head_sum": float(model.lm_head.weight.sum()), "head_sum/first_row": float(model.lm_head.weight[0].sum())}
+
+    cfg = RunConfig(steps=6, micro_batch=4, save_every=2, keep_checkpoints=5, eval_every=2,
+                    optim=OptimConfig(lr=0.05, warmup_steps=2))
+    model = train(TokenModel(), make_dataset(), collate, loss_fn, count_units, cfg, tmp_path / "run", evaluate=evaluate)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_head_sum" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    for row in evals:  # the figures of the weights saved at that step
+        head = load_file(tmp_path / "run" / "checkpoints" / f"step_{row['step']:08d}" / "model.safetensors")["lm_head.weight"]
+        assert row["eval_head_sum"] == pytest.approx(float(head.sum()), rel=1e-6)
+        assert row["eval_head_sum/first_row"] == pytest.approx(float(head[0].sum()), rel=1e-6)
+    assert len({r["eval_head_sum"] for r in evals}) == 3
+    assert seen_modes == [False] * 3 and model.training  # scored in eval mode, handed back training
+    assert (tmp_path / "run" / "eval.png").stat().st_size > 0
+
+
 def test_accumulation_equals_large_batch(tmp_path):
     big, big_rows = run(tmp_path, micro_batch=4, accum=1, name="big")
     acc, acc_rows = run(tmp_path, micro_batch=1, accum=4, name="acc")

@@ -55,7 +55,8 @@ def test_a_short_text_run_trains_the_decoder_only_and_scores_the_held_out_questi
     stage = tmp_path / "text.yaml"
     stage.write_text(yaml.safe_dump({
         "stage": "text", "eval_clips": {"val": 1, "test": 2}, "eval_lookups": 10,
-        "run": {"steps": 8, "micro_batch": 4, "optim": {"lr": 3.0e-3, "warmup_steps": 0, "schedule": "constant"}},
+        "run": {"steps": 8, "micro_batch": 4, "eval_every": 4,
+                "optim": {"lr": 3.0e-3, "warmup_steps": 0, "schedule": "constant"}},
     }))
     cfg = load_stage_config(stage)
     root = tmp_path / "run"
@@ -64,7 +65,7 @@ def test_a_short_text_run_trains_the_decoder_only_and_scores_the_held_out_questi
 
     start = build_model("keye-nano").state_dict()  # what load_start builds: the variant seeded with run.seed
     run_stage(cfg, root)
-    losses = [r["loss"] for r in read_metrics(root / "text" / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(root / "text" / "metrics.jsonl") if "loss" in r]
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
     from transformers import AutoModelForImageTextToText
 
@@ -80,6 +81,13 @@ def test_a_short_text_run_trains_the_decoder_only_and_scores_the_held_out_questi
     assert scores["text_oracle"]["n"] == len(rows)
     assert set(scores["text_oracle"]["per_kind"]) == {r["kind"] for r in rows}
     assert scores["lookup"]["n"] == 10 and 0 < scores["lookup"]["first_listed"] < 1
+
+    # run.eval_every: the same figures on the way, the last of them those of the final weights
+    curve = [r for r in read_metrics(root / "text" / "metrics.jsonl") if "eval_text_oracle" in r]
+    assert [r["step"] for r in curve] == [4, 8]
+    assert curve[-1]["eval_text_oracle"] == scores["text_oracle"]["accuracy"]
+    assert curve[-1]["eval_lookup"] == scores["lookup"]["accuracy"]
+    assert {k: curve[-1][f"eval_text_oracle/{k}"] for k in scores["text_oracle"]["per_kind"]} == scores["text_oracle"]["per_kind"]
 
 
 def test_guides_point_at_the_answer_and_its_questions_key_words():

@@ -257,12 +257,12 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
     taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(cfg.guide.layers)}
     loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, taps=taps)
-    model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out)
+    model = train(model, dataset, collate_fn, loss_fn, count_label_tokens, cfg.run, out_dir, desc=cfg.out,
+                  evaluate=functools.partial(held_out_figures, processor=processor, cfg=cfg))
     for tap in taps.values():
         tap.remove()
     device = resolve_device(cfg.run.device)
-    results = {"text_oracle": text_oracle(model.to(device), processor, cfg.eval_clips),
-               "lookup": lookup_accuracy(model, processor, cfg.eval_lookups)}
+    results = held_out_scores(model.to(device), processor, cfg)
     model.cpu()
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=1))
@@ -272,6 +272,21 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- held-out scores
+
+
+def held_out_scores(model: nn.Module, processor, cfg: TextStageConfig) -> dict[str, Any]:
+    """The text oracle on ``cfg.eval_clips`` and the lookup probe, as ``eval.json`` holds them."""
+    return {"text_oracle": text_oracle(model, processor, cfg.eval_clips),
+            "lookup": lookup_accuracy(model, processor, cfg.eval_lookups)}
+
+
+def held_out_figures(model: nn.Module, processor, cfg: TextStageConfig) -> dict[str, float]:
+    """``held_out_scores`` flattened for the metrics log (``run.eval_every``): the overall figures, and
+    the text oracle per kind as ``text_oracle/<kind>``."""
+    scores = held_out_scores(model, processor, cfg)
+    oracle = scores["text_oracle"]
+    return {"text_oracle": oracle["accuracy"], "lookup": scores["lookup"]["accuracy"],
+            **{f"text_oracle/{kind}": value for kind, value in oracle["per_kind"].items()}}
 
 
 @torch.no_grad()
