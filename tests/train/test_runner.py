@@ -60,7 +60,8 @@ def test_periodic_eval_scores_the_weights_of_its_step_in_eval_mode(tmp_path):
 
     def evaluate(model):
         seen_modes.append(model.training)
-        return {"head_sum": float(model.lm_head.weight.sum()), "head_sum/first_row": float(model.lm_head.weight[0].sum())}
+        head = model.lm_head.weight
+        return {"head_sum": float(head.sum()), "head_sum/first_row": float(head[0].sum())}
 
     cfg = RunConfig(steps=6, micro_batch=4, save_every=2, keep_checkpoints=5, eval_every=2,
                     optim=OptimConfig(lr=0.05, warmup_steps=2))
@@ -68,7 +69,8 @@ def test_periodic_eval_scores_the_weights_of_its_step_in_eval_mode(tmp_path):
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_head_sum" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     for row in evals:  # the figures of the weights saved at that step
-        head = load_file(tmp_path / "run" / "checkpoints" / f"step_{row['step']:08d}" / "model.safetensors")["lm_head.weight"]
+        saved = tmp_path / "run" / "checkpoints" / f"step_{row['step']:08d}" / "model.safetensors"
+        head = load_file(saved)["lm_head.weight"]
         assert row["eval_head_sum"] == pytest.approx(float(head.sum()), rel=1e-6)
         assert row["eval_head_sum/first_row"] == pytest.approx(float(head[0].sum()), rel=1e-6)
     assert len({r["eval_head_sum"] for r in evals}) == 3
