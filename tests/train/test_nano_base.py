@@ -114,7 +114,9 @@ def test_shipping_a_smoke_run_replaces_the_folder_whole(tmp_path, monkeypatch):
     assert text["eval"] == json.loads((root / "text" / "eval.json").read_text())
     # the held-out curve of text.run.eval_every=1, the last point the final weights' figures
     assert [point["step"] for point in text["eval_curve"]] == [1, 2]
-    assert text["eval_curve"][-1] == {"step": 2, "eval_text_oracle": text["eval"]["text_oracle"]["accuracy"],
+    oracle = text["eval"]["text_oracle"]
+    assert text["eval_curve"][-1] == {"step": 2, "eval_text_oracle": oracle["accuracy"],
+                                      "eval_text_oracle_direct": oracle["direct"]["accuracy"],
                                       "eval_lookup": text["eval"]["lookup"]["accuracy"]}
     assert all("eval_curve" not in s for s in provenance["stages"] if s["stage"] != "text")
     assert pretrained.pretrained_folder(BASE) == target

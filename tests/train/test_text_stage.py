@@ -91,6 +91,48 @@ def test_a_short_text_run_trains_the_decoder_only_and_scores_the_held_out_questi
     assert {k: curve[-1][f"eval_text_oracle/{k}"] for k in per_kind} == per_kind
 
 
+class _NextTokenOracle(torch.nn.Module):
+    """Predicts every next token right, except that where a motion question's answer starts it prefers
+    ``<think>``, with the answer's first token second."""
+
+    def __init__(self, vocab: int, think: int, header: list[int], motion_word: int):
+        super().__init__()
+        self.vocab, self.think, self.header, self.motion_word = vocab, think, header, motion_word
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, input_ids, attention_mask):
+        B, L = input_ids.shape
+        logits_BLV = torch.zeros(B, L, self.vocab)
+        logits_BLV[:, :-1].scatter_(-1, input_ids[:, 1:, None], 1.0)
+        n = len(self.header)
+        for b in range(B):
+            ids = input_ids[b].tolist()
+            if self.motion_word in ids:
+                starts = [t for t in range(n - 1, L) if ids[t - n + 1: t + 1] == self.header]
+                logits_BLV[b, starts[-1], self.think] = 2.0
+        return type("Out", (), {"logits": logits_BLV})()
+
+
+def test_the_text_oracle_tells_a_chain_opened_from_a_wrong_answer():
+    from keye.processing import load_nano_processor
+    from keye.train.stages.text import text_oracle
+
+    processor = load_nano_processor()
+    tok = processor.tokenizer
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    model = _NextTokenOracle(len(tok), tok.convert_tokens_to_ids("<think>"), header,
+                             tok(" way", add_special_tokens=False)["input_ids"][0])
+    scores = text_oracle(model, processor, {"val": 2, "test": 2})
+    kinds = scores["per_kind"]
+    assert "motion" in kinds and len(kinds) > 1
+    for kind in kinds:
+        motion = kind == "motion"
+        assert kinds[kind] == (0.0 if motion else 1.0)
+        assert scores["direct"]["per_kind"][kind] == 1.0
+        assert scores["opens_chain"]["per_kind"][kind] == (1.0 if motion else 0.0)
+    assert scores["direct"]["accuracy"] == 1.0 and scores["accuracy"] == 1 - scores["opens_chain"]["share"]
+
+
 def test_guides_point_at_the_answer_and_its_questions_key_words():
     import re
 

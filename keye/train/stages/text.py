@@ -285,7 +285,8 @@ def held_out_figures(model: nn.Module, processor, cfg: TextStageConfig) -> dict[
     the text oracle per kind as ``text_oracle/<kind>``."""
     scores = held_out_scores(model, processor, cfg)
     oracle = scores["text_oracle"]
-    return {"text_oracle": oracle["accuracy"], "lookup": scores["lookup"]["accuracy"],
+    return {"text_oracle": oracle["accuracy"], "text_oracle_direct": oracle["direct"]["accuracy"],
+            "lookup": scores["lookup"]["accuracy"],
             **{f"text_oracle/{kind}": value for kind, value in oracle["per_kind"].items()}}
 
 
@@ -294,10 +295,19 @@ def teacher_forced_exact(model: nn.Module, processor, prompts: list[list[dict]],
                          batch_size: int = 32) -> list[bool]:
     """Whether greedy decoding would write each answer: every answer token is the argmax at its position
     when the prompt and the answer before it are given (one forward per batch)."""
+    return [exact for exact, _, _ in _teacher_forced(model, processor, prompts, answers, batch_size)]
+
+
+@torch.no_grad()
+def _teacher_forced(model: nn.Module, processor, prompts: list[list[dict]], answers: list[str], batch_size: int = 32
+                    ) -> list[tuple[bool, bool, bool]]:
+    """Per answer: (exact, as ``teacher_forced_exact``; exact once ``<think>`` is barred from the first
+    position, i.e. the answer a direct reply would give; whether ``<think>`` is the first argmax)."""
     tokenizer, device = processor.tokenizer, next(model.parameters()).device
+    think = tokenizer.convert_tokens_to_ids("<think>")
     was_training = model.training
     model.eval()
-    out: list[bool] = []
+    out: list[tuple[bool, bool, bool]] = []
     for start in range(0, len(prompts), batch_size):
         rows = []
         for messages, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
@@ -310,16 +320,24 @@ def teacher_forced_exact(model: nn.Module, processor, prompts: list[list[dict]],
         for b, (p, a) in enumerate(rows):
             ids_BL[b, : len(p) + len(a)] = torch.tensor(p + a)
             mask_BL[b, : len(p) + len(a)] = 1
-        predicted_BL = model(input_ids=ids_BL.to(device), attention_mask=mask_BL.to(device)).logits.argmax(-1).cpu()
+        logits_BLV = model(input_ids=ids_BL.to(device), attention_mask=mask_BL.to(device)).logits
+        predicted_BL = logits_BLV.argmax(-1).cpu()
         for b, (p, a) in enumerate(rows):  # position t predicts token t + 1
-            out.append(predicted_BL[b, len(p) - 1 : len(p) + len(a) - 1].tolist() == a)
+            predicted = predicted_BL[b, len(p) - 1 : len(p) + len(a) - 1].tolist()
+            first_V = logits_BLV[b, len(p) - 1].float()
+            first_V[think] = float("-inf")
+            direct = [int(first_V.argmax())] + predicted[1:]
+            out.append((predicted == a, direct == a, predicted[0] == think))
     model.train(was_training)
     return out
 
 
 def text_oracle(model: nn.Module, processor, clips: dict[str, int]) -> dict[str, Any]:
     """Exact-answer accuracy on seed 0's held-out questions (those of its val.jsonl / test.jsonl),
-    each answered from its clip's listing; overall and per kind."""
+    each answered from its clip's listing; overall and per kind. A decoder that saw some answers written as
+    chains may open one (``<think>``) where the answer should start, which exact scoring counts as wrong:
+    ``direct`` is the accuracy with ``<think>`` barred from the first position (what it knows when made to
+    answer), ``opens_chain`` the share of questions where ``<think>`` is the first argmax."""
     config = WorldConfig(seed=0)
     prompts, answers, kinds = [], [], []
     for split, count in clips.items():
@@ -329,7 +347,12 @@ def text_oracle(model: nn.Module, processor, clips: dict[str, int]) -> dict[str,
                 prompts.append(oracle_messages(clip, qa.question))
                 answers.append(qa.answer)
                 kinds.append(qa.kind)
-    return _scores(teacher_forced_exact(model, processor, prompts, answers), kinds)
+    results = _teacher_forced(model, processor, prompts, answers)
+    scores = _scores([exact for exact, _, _ in results], kinds)
+    direct = _scores([d for _, d, _ in results], kinds)
+    chains = _scores([c for _, _, c in results], kinds)
+    return {**scores, "direct": {"accuracy": direct["accuracy"], "per_kind": direct["per_kind"]},
+            "opens_chain": {"share": chains["accuracy"], "per_kind": chains["per_kind"]}}
 
 
 def lookup_accuracy(model: nn.Module, processor, n: int) -> dict[str, Any]:
