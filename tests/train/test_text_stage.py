@@ -2,6 +2,7 @@
 the decoder, and held-out scores on exactly the questions of the world's val / test files."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ class _NextTokenOracle(torch.nn.Module):
             if self.motion_word in ids:
                 starts = [t for t in range(n - 1, L) if ids[t - n + 1: t + 1] == self.header]
                 logits_BLV[b, starts[-1], self.think] = 2.0
-        return type("Out", (), {"logits": logits_BLV})()
+        return SimpleNamespace(logits=logits_BLV)
 
 
 def test_the_text_oracle_tells_a_chain_opened_from_a_wrong_answer():

@@ -324,9 +324,8 @@ def _teacher_forced(model: nn.Module, processor, prompts: list[list[dict]], answ
         predicted_BL = logits_BLV.argmax(-1).cpu()
         for b, (p, a) in enumerate(rows):  # position t predicts token t + 1
             predicted = predicted_BL[b, len(p) - 1 : len(p) + len(a) - 1].tolist()
-            first_V = logits_BLV[b, len(p) - 1].float()
-            first_V[think] = float("-inf")
-            direct = [int(first_V.argmax())] + predicted[1:]
+            best, second = logits_BLV[b, len(p) - 1].topk(2).indices.tolist()
+            direct = [second if best == think else best] + predicted[1:]
             out.append((predicted == a, direct == a, predicted[0] == think))
     model.train(was_training)
     return out
