@@ -1,7 +1,8 @@
 """Typed configs that resolve as defaults <- file <- command-line overrides.
 
-A config is a (nested) dataclass. ``load_config`` starts from its defaults, merges a YAML file, then
-``key.sub=value`` overrides, and validates strictly: an unknown key or a value of the wrong type is a
+A config is a (nested) dataclass. ``load_config`` starts from its defaults, merges a YAML file (which may
+``extends: other.yaml``: that file's settings, with this file's merged over them), then ``key.sub=value``
+overrides, and validates strictly: an unknown key or a value of the wrong type is a
 ``ConfigError`` naming the dotted key and where it came from. ``save_config`` writes the resolved config
 into a run folder so a run can always be reproduced from its own folder (the lingua convention).
 """
@@ -104,7 +105,12 @@ def save_config(config: Any, run_dir: str | os.PathLike, name: str = "config.yam
     return atomic_write_text(Path(run_dir) / name, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+EXTENDS = "extends"  # a config file's key naming the file whose settings it starts from
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in ``path``; with ``extends: other.yaml`` (relative to ``path``'s folder), ``other``'s
+    mapping with this one merged over it (``merge_over``), so a file can restate only what it changes."""
     if not path.is_file():
         raise ConfigError(f"config file {path}: not found")
     try:
@@ -113,7 +119,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    if EXTENDS not in data:
+        return data
+    parent = data.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"config file {path}: '{EXTENDS}' must name a config file, got {parent!r}")
+    parent_path = path.parent / parent
+    chain = (*seen, path.resolve())
+    if parent_path.resolve() in chain:
+        raise ConfigError(f"config file {path}: '{EXTENDS}: {parent}' leads back to itself "
+                          f"({' -> '.join(p.name for p in (*chain, parent_path))})")
+    if not parent_path.is_file():
+        raise ConfigError(f"config file {path}: '{EXTENDS}: {parent}' not found (looked for {parent_path})")
+    return merge_over(_read_yaml(parent_path, chain), data)
+
+
+def merge_over(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top`` merged over it: mappings key by key, any other value (lists too) replaced whole."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

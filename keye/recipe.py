@@ -7,7 +7,9 @@ each starts from the folder the previous one wrote, so skipping a stage (``--ski
 next one start where the skipped one would have; the first stage starts from its own ``init_from`` (or a
 fresh model), and when it is skipped the next one starts from that ``init_from``. A stage that already finished
 (its ``done.json`` is there) is not run again, so a recipe killed half-way resumes with the stage it was in, and
-that stage resumes from its last checkpoint.
+that stage resumes from its last checkpoint. A recipe that ships a pretrained start can also continue from the
+shipped one (``from_shipped``): the stages its provenance records are not run again, and the first stage after
+them starts from its weights.
 
 Overrides are ``key=value`` with dotted keys, routed by their first part: a recipe key (``world.seed=1``,
 ``run_root=...``) goes to the recipe, a stage's file name (``sft.run.steps=5``) to that stage alone, and any
@@ -198,11 +200,22 @@ def run_stage(cfg: StageConfig, run_root: Path) -> Path:
 
 
 def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides: list[str] = (),
-               skip: list[str] = (), smoke: bool = False) -> Path:
+               skip: list[str] = (), smoke: bool = False, from_shipped: bool = False) -> Path:
     """Generate the world (if the recipe has one), then run every stage not skipped, then the recipe's
-    held-out evaluations on the last stage's model. Returns the run folder."""
+    held-out evaluations on the last stage's model. ``from_shipped``: continue the recipe's shipped start
+    instead of running the stages it holds (``shipped_stages``). Returns the run folder."""
     recipe = load_recipe(folder, list(overrides), smoke)  # a typo fails before any work
-    configs = recipe.chained(list(skip))
+    if from_shipped:
+        held = shipped_stages(recipe)
+        configs = recipe.chained([*skip, *held])
+        if not configs:
+            raise ConfigError(f"--from-shipped: the shipped {recipe.config.pretrained} holds every stage of "
+                              f"{recipe.folder} ({', '.join(held)}); nothing is left to run")
+        log.info("%s: stages %s are the shipped %s's; %s starts from its weights", recipe.folder, ", ".join(held),
+                 recipe.config.pretrained, configs[0].out)
+        configs[0] = dataclasses.replace(configs[0], init_from=recipe.config.pretrained)
+    else:
+        configs = recipe.chained(list(skip))
     root = Path(run_root or recipe.config.run_root)
     with run_lock(root):  # a second run into the same folder stops here, before it writes anything
         if recipe.config.world is not None:
@@ -214,6 +227,27 @@ def run_recipe(folder: str | os.PathLike, run_root: str | None = None, overrides
         if recipe.config.eval and configs:
             evaluate_stage(configs[-1], root, recipe.config.eval)
     return root
+
+
+def shipped_stages(recipe: Recipe) -> list[str]:
+    """The stages of ``recipe`` that its shipped pretrained start holds: those its provenance records, which
+    must be the recipe's first stages, in order (its weights checked against their SHA-256 first)."""
+    from keye.models.pretrained import verify_pretrained
+
+    name = recipe.config.pretrained
+    if not name:
+        raise ConfigError(f"{recipe.folder / RECIPE_FILE}: names no 'pretrained' start to continue from")
+    records = verify_pretrained(name)["stages"]
+    held = [record["stage"] for record in records]
+    if held != recipe.names[: len(held)]:
+        raise ConfigError(f"the shipped {name} holds stages {held}, which are not the first stages of "
+                          f"{recipe.folder / RECIPE_FILE} ({recipe.names}); retrain it whole")
+    for record, cfg in zip(records, recipe.stages):
+        if (record["seed"], record["steps"]) != (cfg.run.seed, cfg.run.steps):
+            raise ConfigError(f"the shipped {name}'s stage {record['stage']} ran seed {record['seed']} for "
+                              f"{record['steps']} steps, the recipe's runs seed {cfg.run.seed} for {cfg.run.steps}; "
+                              f"retrain it whole")
+    return held
 
 
 def evaluate_stage(cfg: StageConfig, run_root: Path, specs: list[EvalSpec]) -> dict[str, Any]:

@@ -20,12 +20,11 @@ import yaml
 from keye.data.world.generate import WORLD_VERSION
 from keye.errors import ConfigError
 from keye.fileio import atomic_folder, sha256_file
-from keye.models.pretrained import PRETRAINED, PROVENANCE
+from keye.models.pretrained import PRETRAINED, PROVENANCE, verify_pretrained
 from keye.recipe import DONE, load_recipe
 from keye.train.base import MODEL_DIR
 from keye.train.metrics import read_metrics
 from keye.train.session import FIRST_LOGGED
-
 
 
 def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, command: str | None = None) -> Path:
@@ -39,20 +38,47 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
         raise ConfigError(f"pretrained: {name!r} has no place in keye.models.pretrained ({', '.join(PRETRAINED)})")
     root = Path(run_root or recipe.config.run_root)
     configs = recipe.chained()
-    unfinished = [cfg.out for cfg in configs if not (root / cfg.out / DONE).is_file()]
+    finished = [(root / cfg.out / DONE).is_file() for cfg in configs]
+    # a run that continued the shipped start (`--from-shipped`) holds only the stages after the shipped ones
+    held = [] if all(finished) else _continued_from_shipped(recipe, root, finished)
+    unfinished = [cfg.out for cfg, done in zip(configs, finished) if not done and cfg.out not in held]
     if unfinished:
         raise ConfigError(f"{root / unfinished[0]}: stage not finished; `keye train {folder}` first")
+    records = [_stage_record(stage, root / cfg.out) for stage, cfg in zip(recipe.names, configs) if stage not in held]
     provenance = {
         "name": name,
         "recipe": Path(folder).as_posix(),
-        "command": command or f"keye train {Path(folder).as_posix()} --ship",
+        "command": command or f"keye train {Path(folder).as_posix()}{' --from-shipped' if held else ''} --ship",
         "world_version": WORLD_VERSION,
         "world": recipe.config.world,  # the recipe's generated world (the text stages draw their own clips)
-        "stages": [_stage_record(stage, root / cfg.out) for stage, cfg in zip(recipe.names, configs)],
+        "stages": [*_held_records(name, held), *records],
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
+    if held:
+        provenance["resumed"] = (f"stages {', '.join(held)} are those of the {name} shipped before (each with the "
+                                 f"machine it ran on); the rest ran from its weights, on the machine above")
     return _replace_folder(PRETRAINED[name], root / configs[-1].out / MODEL_DIR, provenance)
+
+
+def _continued_from_shipped(recipe, root: Path, finished: list[bool]) -> list[str]:
+    """The stages a run in ``root`` took from the shipped start: none unless its first finished stage started
+    from the shipped weights and every stage before it is one that start holds."""
+    first = finished.index(True) if any(finished) else None
+    if first is None:
+        return []
+    started = yaml.safe_load((root / recipe.chained()[first].out / "config.yaml").read_text()).get("init_from")
+    held = [record["stage"] for record in verify_pretrained(recipe.config.pretrained)["stages"]]
+    return held if started == recipe.config.pretrained and recipe.names[:first] == held else []
+
+
+def _held_records(name: str, held: list[str]) -> list[dict]:
+    """The shipped start's records of the stages ``held``, each naming the machine and torch it ran on."""
+    if not held:
+        return []
+    provenance = verify_pretrained(name)
+    where = f"{provenance['machine']}, torch {provenance['torch']}"
+    return [{**record, "machine": record.get("machine", where)} for record in provenance["stages"][: len(held)]]
 
 
 def _stage_record(name: str, out_dir: Path) -> dict:

@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   keye train pipelines/nano/rl.yaml               # GSPO after SFT
   keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit   # a visual tokenizer
   keye train pipelines/nano-base --ship           # train, then ship the run as the keye-nano-base start
+  keye train pipelines/nano-base --from-shipped --ship   # only the stages after those keye-nano-base holds
   keye train pipelines/8b --dry-run               # meta-device build, parameter counts, GiB per GPU
   torchrun --nproc_per_node 2 -m keye train pipelines/nano run.dist.strategy=fsdp2
 """
@@ -37,14 +38,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not path.exists():
         raise ConfigError(f"{path}: no such recipe folder or stage file")
-    if path.is_file() and (args.skip or args.smoke or args.ship):
-        raise ConfigError("--skip, --smoke and --ship take a recipe folder; a stage file is one stage "
-                          "(set run.steps=...)")
+    if path.is_file() and (args.skip or args.smoke or args.ship or args.from_shipped):
+        raise ConfigError("--skip, --smoke, --ship and --from-shipped take a recipe folder; a stage file is one stage "
+                          "(set run.steps=..., init_from=...)")
     if args.ship and (args.skip or args.smoke or args.overrides):
         raise ConfigError("--ship ships the recipe as written: no --skip, --smoke or overrides")
     with stop_after_step():  # Ctrl-C: finish the step, checkpoint it, stop with one line
         if path.is_dir():
-            root = run_recipe(path, args.run_root, args.overrides, args.skip, smoke=args.smoke)
+            root = run_recipe(path, args.run_root, args.overrides, args.skip, smoke=args.smoke,
+                              from_shipped=args.from_shipped)
             if args.ship:
                 from keye.shipping import ship_pretrained
 
@@ -71,4 +73,6 @@ def register(subparsers) -> None:
                         help="the recipe's smoke overrides: every stage end to end in minutes, into <run_root>-smoke")
     parser.add_argument("--ship", action="store_true",
                         help="then copy the finished run into the package as the recipe's pretrained start")
+    parser.add_argument("--from-shipped", action="store_true",
+                        help="continue the recipe's shipped pretrained start: run only the stages after those it holds")
     parser.set_defaults(func=run)

@@ -70,3 +70,27 @@ def test_saved_config_reloads_identically(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     assert yaml.safe_load(path.read_text())["freeze"] == ["visual", "mlp_AR"]
     assert load_config(Run, path) == cfg
+
+
+def test_extends_merges_over_its_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\nsteps: 20\noptim: {lr: 3e-4, betas: [0.8, 0.9]}\n"
+                                        "freeze: [visual, lm]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\noptim: {lr: 1e-3}\nfreeze: [visual]\n")
+    (tmp_path / "sub" / "top.yaml").write_text("extends: mid.yaml\nsteps: 5\n")
+    cfg = load_config(Run, tmp_path / "sub" / "top.yaml", ["optim.lr=2e-3"])
+    # mappings merge key by key, lists and scalars are replaced whole, overrides still win
+    assert cfg == Run(name="base", steps=5, optim=Optim(lr=2e-3, betas=(0.8, 0.9)), freeze=["visual"])
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"leads back to itself \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(Run, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: 'extends: gone.yaml' not found"):
+        load_config(Run, tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="'extends' must name a config file"):
+        load_config(Run, tmp_path / "d.yaml")

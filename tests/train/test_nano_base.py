@@ -120,3 +120,44 @@ def test_shipping_a_smoke_run_replaces_the_folder_whole(tmp_path, monkeypatch):
                                       "eval_lookup": text["eval"]["lookup"]["accuracy"]}
     assert all("eval_curve" not in s for s in provenance["stages"] if s["stage"] != "text")
     assert pretrained.pretrained_folder(BASE) == target
+
+
+def test_a_run_from_the_shipped_start_ships_its_stages_after_the_shipped_ones(tmp_path, monkeypatch):
+    """`--from-shipped`: a recipe grown by a stage runs that stage alone, from the shipped weights, and ships
+    with the earlier stages' records kept as they were."""
+    import yaml
+    from safetensors.torch import load_file
+
+    target = tmp_path / "assets" / BASE
+    monkeypatch.setitem(pretrained.PRETRAINED, BASE, target)
+    folder = tmp_path / "recipe"
+    shutil.copytree("pipelines/nano-base", folder)
+    recipe_file = folder / "recipe.yaml"
+    full = yaml.safe_load(recipe_file.read_text())
+    recipe_file.write_text(yaml.safe_dump({**full, "stages": ["lookup.yaml"]}))
+    run_recipe(folder, str(tmp_path / "first"), smoke=True)
+    before = ship_pretrained(folder, tmp_path / "first")
+    earlier = json.loads((before / pretrained.PROVENANCE).read_text())
+    weights_before = load_file(before / "model.safetensors")
+
+    recipe_file.write_text(yaml.safe_dump({**full, "stages": ["lookup.yaml", "text.yaml"]}))
+    with pytest.raises(ConfigError, match="lookup ran seed 0 for 2 steps, the recipe's runs seed 0 for 3"):
+        run_recipe(folder, str(tmp_path / "bad"), ["lookup.run.steps=3"], smoke=True, from_shipped=True)
+    root = tmp_path / "second"
+    run_recipe(folder, str(root), smoke=True, from_shipped=True)
+    assert not (root / "lookup").exists()  # the shipped start holds it
+    assert yaml.safe_load((root / "text" / "config.yaml").read_text())["init_from"] == BASE
+    shipped = ship_pretrained(folder, root)
+    provenance = pretrained.verify_pretrained(BASE)
+    assert [s["stage"] for s in provenance["stages"]] == ["lookup", "text"]
+    machine = f"{earlier['machine']}, torch {earlier['torch']}"
+    assert provenance["stages"][0] == {**earlier["stages"][0], "machine": machine}
+    assert provenance["stages"][1]["first_losses"][0]["step"] == 1 and "machine" not in provenance["stages"][1]
+    assert "--from-shipped" in provenance["command"] and "lookup" in provenance["resumed"]
+    # the text stage trained the decoder of the shipped weights: its vision tower is the shipped one, unchanged
+    after = load_file(shipped / "model.safetensors")
+    assert after.keys() == weights_before.keys()
+    assert all(torch.equal(after[k], v) for k, v in weights_before.items() if "visual" in k)
+    assert any(not torch.equal(after[k], v) for k, v in weights_before.items() if "visual" not in k)
+    with pytest.raises(ConfigError, match="holds every stage"):
+        run_recipe(folder, str(tmp_path / "third"), smoke=True, from_shipped=True)
