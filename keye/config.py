@@ -1,6 +1,6 @@
 """Typed configs that resolve as defaults <- file <- command-line overrides.
 
-A config is a (nested) dataclass. ``load_config`` starts from its defaults, merges a YAML file (which may
+A config is a (nested) dataclass. ``load_config`` starts from its defaults, merges a YAML file (which may say
 ``extends: other.yaml``: that file's settings, with this file's merged over them), then ``key.sub=value``
 overrides, and validates strictly: an unknown key or a value of the wrong type is a
 ``ConfigError`` naming the dotted key and where it came from. ``save_config`` writes the resolved config
