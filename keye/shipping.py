@@ -40,8 +40,10 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
     configs = recipe.chained()
     finished = [(root / cfg.out / DONE).is_file() for cfg in configs]
     # a run that continued the shipped start (`--from-shipped`) holds only the stages after the shipped ones
-    held = [] if all(finished) else _continued_from_shipped(recipe, root, finished)
-    unfinished = [cfg.out for cfg, done in zip(configs, finished) if not done and cfg.out not in held]
+    held_records = [] if all(finished) else _continued_from_shipped(recipe, root, configs, finished)
+    held = [record["stage"] for record in held_records]
+    unfinished = [cfg.out for stage, cfg, done in zip(recipe.names, configs, finished)
+                  if not done and stage not in held]
     if unfinished:
         raise ConfigError(f"{root / unfinished[0]}: stage not finished; `keye train {folder}` first")
     records = [_stage_record(stage, root / cfg.out) for stage, cfg in zip(recipe.names, configs) if stage not in held]
@@ -51,7 +53,7 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
         "command": command or f"keye train {Path(folder).as_posix()}{' --from-shipped' if held else ''} --ship",
         "world_version": WORLD_VERSION,
         "world": recipe.config.world,  # the recipe's generated world (the text stages draw their own clips)
-        "stages": [*_held_records(name, held), *records],
+        "stages": [*held_records, *records],
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
@@ -61,24 +63,21 @@ def ship_pretrained(folder: str | Path, run_root: str | Path | None = None, comm
     return _replace_folder(PRETRAINED[name], root / configs[-1].out / MODEL_DIR, provenance)
 
 
-def _continued_from_shipped(recipe, root: Path, finished: list[bool]) -> list[str]:
-    """The stages a run in ``root`` took from the shipped start: none unless its first finished stage started
-    from the shipped weights and every stage before it is one that start holds."""
-    first = finished.index(True) if any(finished) else None
-    if first is None:
+def _continued_from_shipped(recipe, root: Path, configs: list, finished: list[bool]) -> list[dict]:
+    """The shipped start's records of the stages a run in ``root`` took from it, each naming the machine and
+    torch it ran on: none unless the run's first finished stage started from the shipped weights and every stage
+    before it is one that start holds."""
+    if not any(finished):
         return []
-    started = yaml.safe_load((root / recipe.chained()[first].out / "config.yaml").read_text()).get("init_from")
-    held = [record["stage"] for record in verify_pretrained(recipe.config.pretrained)["stages"]]
-    return held if started == recipe.config.pretrained and recipe.names[:first] == held else []
-
-
-def _held_records(name: str, held: list[str]) -> list[dict]:
-    """The shipped start's records of the stages ``held``, each naming the machine and torch it ran on."""
-    if not held:
+    first = finished.index(True)
+    started = yaml.safe_load((root / configs[first].out / "config.yaml").read_text()).get("init_from")
+    if started != recipe.config.pretrained:
         return []
-    provenance = verify_pretrained(name)
+    provenance = verify_pretrained(started)
+    if [record["stage"] for record in provenance["stages"]] != recipe.names[:first]:
+        return []
     where = f"{provenance['machine']}, torch {provenance['torch']}"
-    return [{**record, "machine": record.get("machine", where)} for record in provenance["stages"][: len(held)]]
+    return [{**record, "machine": record.get("machine", where)} for record in provenance["stages"]]
 
 
 def _stage_record(name: str, out_dir: Path) -> dict:
