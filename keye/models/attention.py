@@ -46,7 +46,7 @@ def varlen_sdpa(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, s
     same-sized frames or a row of equal samples costs one kernel launch; no sequence sees another's keys.
     Returns (N, H, D).
     """
-    out = torch.empty_like(q_NHD)
+    out = None
     gqa = q_NHD.shape[1] != k_NHD.shape[1]
     starts = torch.tensor([0, *seqlens[:-1]], device=q_NHD.device).cumsum(0)
     lengths = torch.tensor(seqlens, device=q_NHD.device)
@@ -54,8 +54,10 @@ def varlen_sdpa(q_NHD: torch.Tensor, k_NHD: torch.Tensor, v_NHD: torch.Tensor, s
         idx_SL = starts[lengths == length][:, None] + torch.arange(length, device=q_NHD.device)
         q, k, v = (rearrange(t[idx_SL], "s l h d -> s h l d") for t in (q_NHD, k_NHD, v_NHD))
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=causal, enable_gqa=gqa)
+        if out is None:  # SDPA's dtype: under autocast it can differ from q's (a norm hands q over in float32)
+            out = o.new_empty(q_NHD.shape)
         out[idx_SL] = rearrange(o, "s h l d -> s l h d")
-    return out
+    return out if out is not None else torch.empty_like(q_NHD)
 
 
 # ----------------------------------------------------------------------------- runs of a batch

@@ -53,3 +53,15 @@ def test_varlen_sdpa_equals_dense_causal_attention_with_grouped_heads():
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
         attn_mask=mask_NN, scale=8**-0.5).transpose(0, 1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_sdpa_under_bf16_autocast_returns_what_sdpa_returns():
+    # Qwen3's q/k norms hand float32 queries to attention while v stays bf16 under autocast; SDPA then runs in
+    # bf16, and the packed output must take that dtype instead of failing on q's
+    torch.manual_seed(0)
+    q, k, v = torch.randn(12, 4, 8), torch.randn(12, 2, 8), torch.randn(12, 2, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_sdpa(q, k, v, [5, 7], 8**-0.5, causal=True)
+    expected = varlen_sdpa(q, k, v.float(), [5, 7], 8**-0.5, causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.02)
