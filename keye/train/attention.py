@@ -82,7 +82,8 @@ def attention_on(tap: AttentionTap, head: int, mask_BL: torch.Tensor, rows: list
     b = torch.tensor([r[0] for r in rows], device=mask_BL.device)
     pos = torch.tensor([r[1] for r in rows], device=mask_BL.device)
     log_GL = tap.log_attention(head, mask_BL, rows=(b, pos))
+    hits = [(g, t) for g, (_, _, targets) in enumerate(rows) for t in targets]  # one scatter, not one per row
+    g, t = torch.tensor(hits, dtype=torch.long, device=log_GL.device).T
     on_GL = torch.zeros_like(log_GL, dtype=torch.bool)
-    for g, (_, _, targets) in enumerate(rows):
-        on_GL[g, targets] = True
+    on_GL[g, t] = True
     return -torch.logsumexp(log_GL.masked_fill(~on_GL, float("-inf")), -1).clamp_min(FLOOR).mean()
