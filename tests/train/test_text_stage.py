@@ -39,7 +39,7 @@ def test_the_listing_holds_every_frame_object_and_cut():
         assert changes == len(clip.shots) - 1  # every cut shows as a background change, and nothing else does
 
 
-def test_the_text_stage_refuses_the_held_out_world_data_files_and_shares_over_1(tmp_path):
+def test_the_text_stage_refuses_the_held_out_world_data_files_shares_over_1_and_clashing_guides(tmp_path):
     stage = tmp_path / "text.yaml"
     stage.write_text("stage: text\nworld: {seed: 0}\n")
     with pytest.raises(ConfigError, match="world.seed: 0 is the held-out world"):
@@ -49,6 +49,13 @@ def test_the_text_stage_refuses_the_held_out_world_data_files_and_shares_over_1(
         load_stage_config(stage)
     stage.write_text("stage: text\nmix: {lookups: 0.5, motions: 0.6}\n")
     with pytest.raises(ConfigError, match=r"mix.lookups \+ mix.motions: 0.5 \+ 0.6 is over 1"):
+        load_stage_config(stage)
+    stage.write_text("stage: text\nguide: {mentions: 1.0, mention_layer: 1, mention_heads: [0, 1], order: 1.0, "
+                     "order_layer: 1, order_head: 1}\n")
+    with pytest.raises(ConfigError, match="guide.order_head: head 1 of layer 1 is shaped by another guide term"):
+        load_stage_config(stage)
+    stage.write_text("stage: text\nguide: {mention_kinds: [motion, colour]}\n")
+    with pytest.raises(ConfigError, match=r"guide.mention_kinds: \['colour'\] unknown"):
         load_stage_config(stage)
 
 
@@ -168,6 +175,46 @@ def test_guides_point_at_the_answer_and_its_questions_key_words():
     assert checked > 20 and mentions > 5 and kinds == {"motion", "lookup", "clip"}, (kinds, mentions)
 
 
+def test_order_and_entry_guides_point_at_the_reads_their_answers_turn_on():
+    """An order answer's target is the name, where first listed, of the option the listing names first, and
+    that option is the world's answer; entry answers get their object's first and last listed x and y once
+    ``mention_kinds`` names them, and only then."""
+    import re
+
+    from keye.data.world.text import TextMix
+    from keye.processing import load_nano_processor
+    from keye.train.stages.text import WorldTextDataset
+
+    processor = load_nano_processor()
+    tok = processor.tokenizer
+    dataset = WorldTextDataset(60, WorldConfig(seed=7), TextMix(), processor, "all", ("motion", "entry"))
+    orders, entries = 0, 0
+    for i in range(40):
+        sample = dataset[i]
+        ids = sample.input_ids.tolist()
+        for pos, targets in sample.meta["orders"]:
+            before = tok.decode(ids[: pos + 1])
+            options = re.search(r"A\. the (\w+ \w+)\nB\. the (\w+ \w+)<\|im_end\|>\n<\|im_start\|>assistant\n$", before)
+            firsts = [before.index(f"{name} ") for name in options.groups()]  # the listing opens the text
+            listed_first = options.group(1 + int(firsts[1] < firsts[0]))
+            assert " ".join(tok.decode(ids[k]).strip() for k in targets) == listed_first
+            assert targets[0] == len(tok(before[: min(firsts)].rstrip(), add_special_tokens=False)["input_ids"])
+            assert tok.decode(ids[pos + 1]) == "AB"[int(firsts[1] < firsts[0])]  # the world's answer agrees
+            orders += 1
+        for pos, first, last in sample.meta["mentions"]:
+            asked = re.search(r"Does the (\w+ \w+) enter the frame[^\n]*<\|im_end\|>\n<\|im_start\|>assistant\n$",
+                              tok.decode(ids[: pos + 1]))
+            if asked:
+                seen = re.findall(rf"{asked.group(1)} (\d+) (\d+)", tok.decode(ids[:pos]))
+                assert [tok.decode(ids[k]).strip() for k in first] == list(seen[0])
+                assert [tok.decode(ids[k]).strip() for k in last] == list(seen[-1])
+                entries += 1
+    assert orders > 5 and entries > 5, (orders, entries)
+    motion_only = WorldTextDataset(60, WorldConfig(seed=7), TextMix(), processor, "all")
+    assert sum(len(motion_only[i].meta["mentions"]) for i in range(40)) < sum(
+        len(dataset[i].meta["mentions"]) for i in range(40))
+
+
 def test_the_answer_term_is_the_mean_cross_entropy_of_the_assistant_tokens():
     """text_loss's answer term equals a direct cross-entropy over the assistant tokens' logits, and its
     summed loss equals the plain LM loss of the same batch."""
@@ -215,7 +262,8 @@ def test_guidance_shapes_its_two_heads_and_the_saved_model_keeps_sdpa(tmp_path):
 
 def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     """AttentionTap's weights for two heads of a padded batch equal what eager attention returns for them,
-    its guidance losses (two layers' taps: previous token and key words on one, motion mentions on another)
+    its guidance losses (three layers' taps: previous token and key words on one, motion mentions on another,
+    the order read on a third)
     and their gradients equal those read off eager weights, the tapped model's logits
     equal the untapped model's, and removing the tap restores the layer's config."""
     import copy
@@ -230,11 +278,11 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     processor = load_nano_processor()
     dataset = WorldTextDataset(8, WorldConfig(seed=9), TextMix(lookups=0.4, cells=0.5, motions=0.3), processor, "all")
     batch = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
-    assert not bool(batch["attention_mask"].all()) and batch["mentions"]  # padded rows, motion questions
+    assert not bool(batch["attention_mask"].all()) and batch["mentions"] and batch["orders"]  # padded rows, both reads
     torch.manual_seed(0)
     model = build_model("keye-nano").eval()
     guide = GuideConfig(previous_token=1.0, key_words=1.0, layer=1, heads=(2, 3), mentions=1.0, mention_layer=2,
-                        mention_heads=(1, 0))
+                        mention_heads=(1, 0), order=1.0, order_layer=3, order_head=1)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     plain_logits = model(**inputs).logits
 
@@ -243,6 +291,7 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     kept = {}
     eager.model.layers[1].self_attn.register_forward_hook(lambda m, a, out: kept.update(w=out[1]))
     eager.model.layers[2].self_attn.register_forward_hook(lambda m, a, out: kept.update(w2=out[1]))
+    eager.model.layers[3].self_attn.register_forward_hook(lambda m, a, out: kept.update(w3=out[1]))
     eager_logits = eager(**inputs).logits
     mask_BL = batch["attention_mask"].bool()
     w_BHLL = kept["w"]
@@ -251,14 +300,16 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     w2_BHLL = kept["w2"]
     mentions = -torch.stack([w2_BHLL[b, h, pos, t].sum().clamp_min(1e-6).log() for b, pos, first, last in batch["mentions"]
                              for h, t in ((1, first), (0, last))]).mean()
-    (prev + keys + mentions).backward(retain_graph=True)
+    order = -torch.stack([kept["w3"][b, 1, pos, t].sum().clamp_min(1e-6).log() for b, pos, t in batch["orders"]]).mean()
+    (prev + keys + mentions + order).backward(retain_graph=True)
 
     config = model.model.layers[1].self_attn.config
-    tap, tap2 = AttentionTap(model.model.layers[1]), AttentionTap(model.model.layers[2])
-    out = text_loss(model, dict(batch), guide=guide, taps={1: tap, 2: tap2})
+    tap, tap2, tap3 = (AttentionTap(model.model.layers[layer]) for layer in (1, 2, 3))
+    out = text_loss(model, dict(batch), guide=guide, taps={1: tap, 2: tap2, 3: tap3})
     assert out.metrics["guide_previous"] == pytest.approx(float(prev.detach()), rel=1e-4)
     assert out.metrics["guide_keys"] == pytest.approx(float(keys.detach()), rel=1e-4)
     assert out.metrics["guide_mentions"] == pytest.approx(float(mentions.detach()), rel=1e-4)
+    assert out.metrics["guide_order"] == pytest.approx(float(order.detach()), rel=1e-4)
     tapped_logits = model(**inputs).logits
     log_prev = tap.log_attention(2, mask_BL)
     real = mask_BL[:, :, None] & mask_BL[:, None, :]  # padding rows and keys differ by design
@@ -269,14 +320,14 @@ def test_the_tap_gives_eager_attentions_weights_and_leaves_the_kernel_alone():
     out.aux_loss.backward()  # the guidance terms, and the MoE router terms the reference adds below
     eager_out = eager(**inputs, labels=batch["input_ids"])
     (eager_out.loss - eager_out.lm_loss).backward()
-    for layer in (1, 2):
+    for layer in (1, 2, 3):
         for name in ("q_proj", "k_proj"):
             grad = getattr(model.model.layers[layer].self_attn, name).weight.grad
             torch.testing.assert_close(grad, getattr(eager.model.layers[layer].self_attn, name).weight.grad,
                                        atol=1e-5, rtol=1e-3)
             assert grad.abs().sum() > 0
-    tap.remove()
-    tap2.remove()
+    for t in (tap, tap2, tap3):
+        t.remove()
     assert model.model.layers[1].self_attn.config is config and config._attn_implementation != "eager"
     torch.testing.assert_close(tapped_logits[mask_BL], plain_logits[mask_BL], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eager_logits[mask_BL], plain_logits[mask_BL], atol=1e-4, rtol=1e-4)

@@ -19,7 +19,9 @@ previous token (``previous_token``), the other, at each answer's position, to th
 target, averaged; both weights are 0 (off) by default. With them the lookup plateau breaks within a few
 hundred steps (model card). A third (``mentions``) shapes two heads of a later layer into the reads a motion
 question needs: at its answer position, one head on the asked object's x and y in the first listed frame that
-shows it, the other on those of the last. Guidance needs those heads' attention weights: ``AttentionTap``
+shows it, the other on those of the last (``mention_kinds`` adds entry questions, whose answer also shows at
+the object's first and last listed frames). A fourth (``order``) shapes one head so that an order question's
+answer position reads the name of whichever option the listing names first. Guidance needs those heads' attention weights: ``AttentionTap``
 (``keye.train.attention``) records a layer's queries and keys as its kernel runs and computes them for the
 guided heads alone, so every layer keeps the model's own attention kernel (eager attention on all layers made
 whole-clip steps 50% slower; the tap costs 6%).
@@ -75,6 +77,14 @@ class GuideConfig:
     mentions: float = 0.0
     mention_layer: int = 1
     mention_heads: tuple[int, int] = (0, 1)  # (first frame, last frame)
+    # the question kinds whose answers the mention heads read for (an entry question's object too: whether it
+    # is in view at its shot's ends shows in its first and last listed frames)
+    mention_kinds: tuple[str, ...] = ("motion",)
+    # an order question's answer position attending to the name, at its first mention in the listing, of
+    # whichever of its two options is listed first: the read that "which appears first" turns on
+    order: float = 0.0
+    order_layer: int = 2
+    order_head: int = 0
 
     @property
     def first_hop(self) -> bool:
@@ -84,7 +94,8 @@ class GuideConfig:
     @property
     def layers(self) -> set[int]:
         """The layers whose attention some term shapes (empty: guidance off)."""
-        return ({self.layer} if self.first_hop else set()) | ({self.mention_layer} if self.mentions > 0 else set())
+        return (({self.layer} if self.first_hop else set()) | ({self.mention_layer} if self.mentions > 0 else set())
+                | ({self.order_layer} if self.order > 0 else set()))
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +123,14 @@ class TextStageConfig(StageConfig):
         if g.mentions > 0 and g.first_hop and g.mention_layer == g.layer and set(g.mention_heads) & set(g.heads):
             raise ConfigError(f"guide.mention_heads: {list(g.mention_heads)} of layer {g.layer} are the previous-token and "
                               f"key-word heads too ({list(g.heads)}); give the mentions other heads or another layer")
+        shaped = ({(g.layer, h) for h in g.heads} if g.first_hop else set()) | (
+            {(g.mention_layer, h) for h in g.mention_heads} if g.mentions > 0 else set())
+        if g.order > 0 and (g.order_layer, g.order_head) in shaped:
+            raise ConfigError(f"guide.order_head: head {g.order_head} of layer {g.order_layer} is shaped by another guide "
+                              f"term already; give the order guide another head or layer")
+        if unknown := set(g.mention_kinds) - set(MENTION_QUESTIONS):
+            raise ConfigError(f"guide.mention_kinds: {sorted(unknown)} unknown; the mention heads read for "
+                              f"{sorted(MENTION_QUESTIONS)}")
         if self.data.train:
             raise ConfigError("data.train: the text stage reads no files; it writes its own text from the clips "
                               "of its world (world.*)")
@@ -129,8 +148,10 @@ class WorldTextDataset:
     ``mix.motions`` the motions of one of its shots. ``meta["guides"]`` lists, per
     answer, (the position that predicts its first token, the positions of its question's key words)."""
 
-    def __init__(self, size: int, config: WorldConfig, mix: TextMix, processor, loss: str):
+    def __init__(self, size: int, config: WorldConfig, mix: TextMix, processor, loss: str,
+                 mention_kinds: tuple[str, ...] = ("motion",)):
         self.size, self.config, self.mix, self.processor, self.loss = size, config, mix, processor, loss
+        self.mention_kinds = mention_kinds
 
     def __len__(self) -> int:
         return self.size
@@ -151,8 +172,9 @@ class WorldTextDataset:
         enc = self.processor(text=[text], return_labels=True)
         ids, answers = enc["input_ids"][0], enc["labels"][0]
         labels = answers if self.loss == "assistant" else ids.clone()
-        guides, mentions = guide_positions(self.processor.tokenizer, text, turns)
-        return Sample(ids, labels, meta={"guides": guides, "mentions": mentions, "answer_labels": answers})
+        guides, mentions, orders = guide_positions(self.processor.tokenizer, text, turns, self.mention_kinds)
+        return Sample(ids, labels, meta={"guides": guides, "mentions": mentions, "orders": orders,
+                                         "answer_labels": answers})
 
     def _redrawn(self, index: int, clip, rng, make_turns, why: str) -> list[Turn]:
         """``make_turns(clip, rng)``, on other clips in its place while it asks nothing (a lookup needs two
@@ -167,21 +189,28 @@ class WorldTextDataset:
         return turns
 
 
-_MOTION_QUESTION = re.compile(r"Which way does the (\w+ \w+) move")
+# the question kinds whose asked object the mention heads read, by the question's wording
+MENTION_QUESTIONS = {"motion": re.compile(r"Which way does the (\w+ \w+) move"),
+                     "entry": re.compile(r"Does the (\w+ \w+) enter the frame")}
+_ORDER_QUESTION = re.compile(r"Which appears first in the video\?\nA\. the (\w+ \w+)\nB\. the (\w+ \w+)")
 
 
-def guide_positions(tokenizer, text: str, turns: list[Turn]
-                    ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int], list[int]]]]:
+def guide_positions(tokenizer, text: str, turns: list[Turn], mention_kinds: tuple[str, ...] = ("motion",)
+                    ) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int], list[int]]],
+                               list[tuple[int, list[int]]]]:
     """In the tokenisation of ``text`` (the rendered chat of ``turns``): per turn with key words, the token
     position whose next-token prediction is the answer's first token and the positions of its question's
-    key words; per motion question whose object the listing before it names in two frames or more, that
-    answer position and the positions of the object's x and y in the first and in the last of them."""
+    key words; per question of ``mention_kinds`` whose object the listing before it names in two frames or
+    more, that answer position and the positions of the object's x and y in the first and in the last of
+    them; per order question whose two options the listing names, that answer position and the positions of
+    the colour and shape words of the option listed first, where it is first listed."""
     starts = [start for start, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
 
     def token_at(char: int) -> int:  # the token whose span starts at or before ``char``
         return max(i for i, s in enumerate(starts) if s <= char)
 
-    guides, mentions, cursor = [], [], 0
+    guides, mentions, orders, cursor = [], [], [], 0
+    asks = [MENTION_QUESTIONS[kind] for kind in mention_kinds]
     for turn in turns:
         q = text.index(turn.question, cursor)
         a = text.index(turn.answer, q + len(turn.question)) if turn.answer else q + len(turn.question)
@@ -190,21 +219,29 @@ def guide_positions(tokenizer, text: str, turns: list[Turn]
         keys = [token_at(q + m.start()) for m in re.finditer(r"[a-z]+", turn.question) if m.group(0) in words]
         if keys:
             guides.append((token_at(a) - 1, sorted(set(keys))))
-        asked = _MOTION_QUESTION.match(turn.question)
+        asked = next((m for ask in asks if (m := ask.match(turn.question))), None)
         seen = list(re.finditer(rf"\b{asked.group(1)} (\d+) (\d+)", text[:q])) if asked else []
         if len(seen) >= 2:
             first, last = ([token_at(m.start(i)) for i in (1, 2)] for m in (seen[0], seen[-1]))
             mentions.append((token_at(a) - 1, first, last))
-    return guides, mentions
+        options = _ORDER_QUESTION.match(turn.question)
+        listed = [re.search(rf"\b({colour}) ({shape}) \d+ \d+", text[:q])
+                  for colour, shape in (name.split() for name in options.groups())] if options else []
+        if listed and all(listed):
+            earlier = min(listed, key=lambda m: m.start())
+            orders.append((token_at(a) - 1, [token_at(earlier.start(1)), token_at(earlier.start(2))]))
+    return guides, mentions, orders
 
 
 def collate_guided(samples: list[Sample], pad_id: int) -> dict:
     """``collate`` plus ``guides`` ((row, answer position, key positions) for every guided answer),
-    ``mentions`` ((row, answer position, first frame's positions, last frame's) for every motion question)
+    ``mentions`` ((row, answer position, first frame's positions, last frame's) for every motion question),
+    ``orders`` ((row, answer position, the first-listed option's name positions) for every order question)
     and ``answer_labels`` (B, L): the labels of the assistant turns alone, -100 elsewhere."""
     batch = collate(samples, pad_id)
     batch["guides"] = [(b, pos, keys) for b, s in enumerate(samples) for pos, keys in s.meta.get("guides", [])]
     batch["mentions"] = [(b, *m) for b, s in enumerate(samples) for m in s.meta.get("mentions", [])]
+    batch["orders"] = [(b, *o) for b, s in enumerate(samples) for o in s.meta.get("orders", [])]
     batch["answer_labels"] = torch.full_like(batch["labels"], -100)
     for b, s in enumerate(samples):
         answers = s.meta["answer_labels"]
@@ -217,7 +254,7 @@ def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: 
     """The summed LM loss; as ``aux_loss`` (means): the MoE router terms, ``answer_weight`` times the answers'
     mean cross-entropy, and the guidance terms, read from ``taps`` (one per guided layer). Their values go to
     the metrics."""
-    guides, mentions = batch.pop("guides"), batch.pop("mentions", [])
+    guides, mentions, orders = batch.pop("guides"), batch.pop("mentions", []), batch.pop("orders", [])
     answer_labels_BL = batch.pop("answer_labels")
     if answer_weight <= 0 and not guide.enabled:
         return lm_loss_fn(model, batch)
@@ -245,6 +282,8 @@ def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: 
         first = attention_on(tap, guide.mention_heads[0], mask_BL, [(b, pos, f) for b, pos, f, _ in mentions])
         last = attention_on(tap, guide.mention_heads[1], mask_BL, [(b, pos, la) for b, pos, _, la in mentions])
         add("guide_mentions", guide.mentions, (first + last) / 2)
+    if guide.order > 0 and orders:  # an order answer's attention on the name of the option listed first
+        add("guide_order", guide.order, attention_on(taps[guide.order_layer], guide.order_head, mask_BL, orders))
     return StepLoss(out.lm_loss, sum(terms) if terms else None, metrics)
 
 
@@ -253,7 +292,7 @@ def run_text(cfg: TextStageConfig, run_root: Path) -> Path:
     model, processor, out_dir = prepare(cfg, run_root)
     world = WorldConfig.from_dict(cfg.world)
     size = cfg.data.max_samples or cfg.run.steps * cfg.run.micro_batch * cfg.run.accum_steps
-    dataset = WorldTextDataset(size, world, cfg.mix, processor, cfg.loss)
+    dataset = WorldTextDataset(size, world, cfg.mix, processor, cfg.loss, tuple(cfg.guide.mention_kinds))
     collate_fn = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)
     taps = {layer: AttentionTap(model.model.layers[layer]) for layer in sorted(cfg.guide.layers)}
     loss_fn = functools.partial(text_loss, answer_weight=cfg.answer_weight, guide=cfg.guide, taps=taps)
