@@ -21,10 +21,10 @@ hundred steps (model card). A third (``mentions``) shapes two heads of a later l
 question needs: at its answer position, one head on the asked object's x and y in the first listed frame that
 shows it, the other on those of the last (``mention_kinds`` adds entry questions, whose answer also shows at
 the object's first and last listed frames). A fourth (``order``) shapes one head so that an order question's
-answer position reads the name of whichever option the listing names first. Guidance needs those heads' attention weights: ``AttentionTap``
-(``keye.train.attention``) records a layer's queries and keys as its kernel runs and computes them for the
-guided heads alone, so every layer keeps the model's own attention kernel (eager attention on all layers made
-whole-clip steps 50% slower; the tap costs 6%).
+answer position reads the name of whichever option the listing names first. Guidance needs those heads'
+attention weights: ``AttentionTap`` (``keye.train.attention``) records a layer's queries and keys as its
+kernel runs and computes them for the guided heads alone, so every layer keeps the model's own attention
+kernel (eager attention on all layers made whole-clip steps 50% slower; the tap costs 6%).
 
 At the end the decoder is scored teacher-forced, exact answers, on the held-out questions of seed 0's val and
 test clips answered from their listings (the text oracle), and on the lookup probe
@@ -126,8 +126,8 @@ class TextStageConfig(StageConfig):
         shaped = ({(g.layer, h) for h in g.heads} if g.first_hop else set()) | (
             {(g.mention_layer, h) for h in g.mention_heads} if g.mentions > 0 else set())
         if g.order > 0 and (g.order_layer, g.order_head) in shaped:
-            raise ConfigError(f"guide.order_head: head {g.order_head} of layer {g.order_layer} is shaped by another guide "
-                              f"term already; give the order guide another head or layer")
+            raise ConfigError(f"guide.order_head: head {g.order_head} of layer {g.order_layer} is shaped by another "
+                              f"guide term already; give the order guide another head or layer")
         if unknown := set(g.mention_kinds) - set(MENTION_QUESTIONS):
             raise ConfigError(f"guide.mention_kinds: {sorted(unknown)} unknown; the mention heads read for "
                               f"{sorted(MENTION_QUESTIONS)}")
