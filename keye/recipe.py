@@ -38,6 +38,7 @@ from keye.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 DONE = "done.json"
+SPENT = "seconds.json"  # wall time of a stage's earlier processes that stopped before it finished
 RECIPE_FILE = "recipe.yaml"
 
 
@@ -186,7 +187,8 @@ def _recipe_of(path: Path) -> Recipe | None:
 
 
 def run_stage(cfg: StageConfig, run_root: Path) -> Path:
-    """Run one stage unless it already finished; returns its folder."""
+    """Run one stage unless it already finished; returns its folder. ``done.json`` holds the seconds the
+    stage took, over every process that ran it (one killed outright adds nothing: it could not write)."""
     stage = get_stage(cfg.stage)
     out_dir = run_root / cfg.out
     if (out_dir / DONE).is_file():
@@ -194,8 +196,15 @@ def run_stage(cfg: StageConfig, run_root: Path) -> Path:
         return out_dir
     started = time.time()
     with run_lock(out_dir):
-        stage.run(cfg, run_root)
-    _write_json(out_dir / DONE, {"stage": cfg.stage, "seconds": round(time.time() - started, 1)})
+        earlier = json.loads((out_dir / SPENT).read_text())["seconds"] if (out_dir / SPENT).is_file() else 0.0
+        try:
+            stage.run(cfg, run_root)
+        except BaseException:  # Ctrl-C or a crash: the resumed run adds this process's time to its own
+            if out_dir.is_dir():
+                _write_json(out_dir / SPENT, {"seconds": round(earlier + time.time() - started, 1)})
+            raise
+    _write_json(out_dir / DONE, {"stage": cfg.stage, "seconds": round(earlier + time.time() - started, 1)})
+    (out_dir / SPENT).unlink(missing_ok=True)
     return out_dir
 
 

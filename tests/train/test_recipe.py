@@ -116,3 +116,37 @@ def test_video_options_of_a_stage_are_validated_when_read():
     cfg = load_stage_config(NANO / "stage1_align.yaml", ["video.total_pixels=784000"])
     assert cfg.video.message() == {"min_pixels": 12544, "max_pixels": 12544, "total_pixels": 784000, "fps": 2.0}
     assert dataclasses.replace(cfg.video, fps=None).message().keys() == {"min_pixels", "max_pixels", "total_pixels"}
+
+
+def test_done_json_counts_the_seconds_of_every_process_that_ran_the_stage(tmp_path, monkeypatch):
+    """A stage stopped once (Ctrl-C, a crash) and resumed reports both processes' time (7 s, then 5 s on the
+    recipe's clock) and leaves no partial tally behind."""
+    from types import SimpleNamespace
+
+    import keye.recipe
+
+    now = {"s": 100.0, "runs": 0}
+    monkeypatch.setattr(keye.recipe, "time", SimpleNamespace(time=lambda: now["s"]))
+
+    @register_stage("flaky", CountingConfig)
+    def run_flaky(cfg: CountingConfig, run_root: Path) -> Path:
+        (run_root / cfg.out).mkdir(parents=True, exist_ok=True)
+        now["runs"] += 1
+        if now["runs"] == 1:
+            now["s"] += 7
+            raise KeyboardInterrupt
+        now["s"] += 5
+        return run_root / cfg.out
+
+    try:
+        (tmp_path / "flaky.yaml").write_text(yaml.safe_dump({"stage": "flaky"}))
+        cfg = keye.recipe.load_stage_config(tmp_path / "flaky.yaml")
+        with pytest.raises(KeyboardInterrupt):
+            keye.recipe.run_stage(cfg, tmp_path)
+        assert json.loads((tmp_path / "flaky" / "seconds.json").read_text()) == {"seconds": 7.0}
+        now["s"] += 1000  # the pause between the two processes does not count
+        keye.recipe.run_stage(cfg, tmp_path)
+        assert json.loads((tmp_path / "flaky" / "done.json").read_text()) == {"stage": "flaky", "seconds": 12.0}
+        assert not (tmp_path / "flaky" / "seconds.json").exists()
+    finally:
+        STAGES.pop("flaky")
