@@ -92,10 +92,17 @@ class GuideConfig:
         return self.previous_token > 0 or self.key_words > 0
 
     @property
+    def shaped_heads(self) -> dict[str, list[tuple[int, int]]]:
+        """The (layer, head) pairs each term that is on shapes, by the key naming its heads."""
+        terms = {"heads": ([(self.layer, h) for h in self.heads], self.first_hop),
+                 "mention_heads": ([(self.mention_layer, h) for h in self.mention_heads], self.mentions > 0),
+                 "order_head": ([(self.order_layer, self.order_head)], self.order > 0)}
+        return {key: heads for key, (heads, on) in terms.items() if on}
+
+    @property
     def layers(self) -> set[int]:
         """The layers whose attention some term shapes (empty: guidance off)."""
-        return (({self.layer} if self.first_hop else set()) | ({self.mention_layer} if self.mentions > 0 else set())
-                | ({self.order_layer} if self.order > 0 else set()))
+        return {layer for heads in self.shaped_heads.values() for layer, _ in heads}
 
     @property
     def enabled(self) -> bool:
@@ -120,14 +127,13 @@ class TextStageConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         g = self.guide
-        if g.mentions > 0 and g.first_hop and g.mention_layer == g.layer and set(g.mention_heads) & set(g.heads):
-            raise ConfigError(f"guide.mention_heads: {list(g.mention_heads)} of layer {g.layer} are the previous-token and "
-                              f"key-word heads too ({list(g.heads)}); give the mentions other heads or another layer")
-        shaped = ({(g.layer, h) for h in g.heads} if g.first_hop else set()) | (
-            {(g.mention_layer, h) for h in g.mention_heads} if g.mentions > 0 else set())
-        if g.order > 0 and (g.order_layer, g.order_head) in shaped:
-            raise ConfigError(f"guide.order_head: head {g.order_head} of layer {g.order_layer} is shaped by another "
-                              f"guide term already; give the order guide another head or layer")
+        shaped_by: dict[tuple[int, int], str] = {}
+        for key, heads in g.shaped_heads.items():
+            for layer, head in heads:
+                if (layer, head) in shaped_by and shaped_by[layer, head] != key:
+                    raise ConfigError(f"guide.{key}: head {head} of layer {layer} is shaped by another guide term "
+                                      f"already (guide.{shaped_by[layer, head]}); give it another head or layer")
+                shaped_by[layer, head] = key
         if unknown := set(g.mention_kinds) - set(MENTION_QUESTIONS):
             raise ConfigError(f"guide.mention_kinds: {sorted(unknown)} unknown; the mention heads read for "
                               f"{sorted(MENTION_QUESTIONS)}")
