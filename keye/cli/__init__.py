@@ -16,7 +16,7 @@ import sys
 
 from keye.errors import KeyeInputError, RunInterrupted
 
-COMMANDS = ("ask", "video", "train", "eval", "world", "items", "demo", "vocab")
+COMMANDS = ("ask", "video", "train", "eval", "probe", "world", "items", "demo", "vocab")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ def add_overrides(parser: argparse.ArgumentParser, example: str = "run.steps=10"
                         help=f"config overrides, dotted keys (e.g. {example}); may follow the options")
 
 
-def add_video_flags(parser: argparse.ArgumentParser) -> None:
-    """``--fps``, ``--max-frames``, ..., ``--[no-]slow-fast`` from ``VideoOptions``, and ``--backend``."""
+def add_video_flags(parser: argparse.ArgumentParser, backend: bool = True) -> None:
+    """``--fps``, ``--max-frames``, ..., ``--[no-]slow-fast`` from ``VideoOptions``, and (``backend``) ``--backend``."""
     group = parser.add_argument_group("video options (keye.video.VideoOptions: the message keys of a video part)")
     for f in dataclasses.fields(VideoOptions):
         flag = "--" + f.name.replace("_", "-")
@@ -36,8 +36,9 @@ def add_video_flags(parser: argparse.ArgumentParser) -> None:
             kind = int if f.metadata.get("integer") else float
             group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
                                help=f.metadata["help"])
-    group.add_argument("--backend", default="auto", metavar="NAME",
-                       help="video decoder: auto (decord, else PyAV), decord or pyav")
+    if backend:
+        group.add_argument("--backend", default="auto", metavar="NAME",
+                           help="video decoder: auto (decord, else PyAV), decord or pyav")
 
 
 def video_options_from(args: argparse.Namespace, base: VideoOptions | None = None) -> VideoOptions:
@@ -47,12 +48,17 @@ def video_options_from(args: argparse.Namespace, base: VideoOptions | None = Non
     return dataclasses.replace(base or VideoOptions(), **given).validated("video flags")
 
 
-def add_model_flags(parser: argparse.ArgumentParser, mode_default: str | None = "auto") -> None:
-    """The flags of every command that runs a model (ask, eval)."""
-    parser.add_argument("--model", required=True, help="checkpoint folder (toolkit or published Keye-VL) or variant name")
-    parser.add_argument("--mode", default=mode_default, choices=list(MODES),
-                        help=f"thinking mode (default {mode_default or 'from the definition'})")
-    parser.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens",
-                        help="longest generated answer, in tokens")
+def add_model_flags(parser: argparse.ArgumentParser, mode_default: str | None = "auto",
+                    generates: bool = True) -> None:
+    """The flags of every command that runs a model (ask, eval, probe); ``generates``: with the thinking mode
+    and answer length of the commands that generate."""
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder (toolkit or published Keye-VL), shipped start (keye-nano-base) "
+                             "or variant name")
+    if generates:
+        parser.add_argument("--mode", default=mode_default, choices=list(MODES),
+                            help=f"thinking mode (default {mode_default or 'from the definition'})")
+        parser.add_argument("--max-new-tokens", type=int, default=None, dest="max_new_tokens",
+                            help="longest generated answer, in tokens")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: best available)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: best for the device)")

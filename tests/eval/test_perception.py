@@ -76,3 +76,27 @@ def test_chain_word_accuracy_scores_the_chain_words_not_the_answer(world):
     colours = sum(w.strip(".,:") in COLORS for c in chains for w in c.lower().split())
     assert colour_blind["per_type"]["colour"] == 0.0 and colour_blind["words"] == scored
     assert colour_blind["accuracy"] == pytest.approx(1 - colours / scored)
+
+
+def test_keye_probe_perception_scores_with_the_sampling_the_model_trained_with(world, tmp_path, capsys):
+    from keye.cli import main
+    from keye.cli.probe import trained_video_options
+    from keye.models import build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model("keye-nano").eval(), load_nano_processor()
+    stage = tmp_path / "stage2"  # a stage folder as the runner writes it: config.yaml beside model/
+    model.save_pretrained(stage / "model")
+    processor.save_pretrained(stage / "model")
+    (stage / "config.yaml").write_text("stage: multitask\nvideo: {fps: 2.0, min_pixels: 3136, max_pixels: 3136, "
+                                       "slow_fast: false}\n")
+    assert trained_video_options(str(stage / "model")) == VIDEO
+    assert main(["probe", "perception", "--model", str(stage / "model"), "--world", str(world), "--device", "cpu",
+                 "--json"]) == 0
+    printed = capsys.readouterr().out
+    reported = json.loads(printed[printed.index("{"):])
+    assert reported == listing_word_accuracy(model, processor, world, video=VIDEO)
+    assert f"{100 * reported['per_type']['colour']:5.1f}%" in printed
+
+    assert main(["probe", "perception", "--model", str(stage / "model"), "--world", str(tmp_path)]) == 2
+    assert "no world.json" in capsys.readouterr().err

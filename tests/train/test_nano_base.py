@@ -52,6 +52,25 @@ def test_the_shipped_base_reads_listings_and_scores_its_recorded_lookup_figure(p
     assert oracle["per_kind"]["color"] == oracle["per_kind"]["shape"] == 1.0
 
 
+def test_keye_probe_text_oracle_reports_the_base_beside_the_worlds_majority_answers(tmp_path, capsys):
+    from keye.cli import main
+    from keye.data.world import WorldConfig, generate_world, guess_baselines
+
+    assert main(["probe", "text-oracle", "--model", BASE, "--clips", "val=12", "--device", "cpu", "--json"]) == 0
+    printed = capsys.readouterr().out
+    reported = json.loads(printed[printed.index("{"):])
+    assert reported["n"] > 12 and reported["per_kind"]["color"] == 1.0
+    # the oracle asks the world's own questions: its majority answers are the world's, counted independently
+    info = generate_world(tmp_path, WorldConfig.from_dict({"seed": 0, "clips": {"train": 0, "val": 12, "test": 0}}),
+                          progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert len(rows) == reported["n"]
+    world = guess_baselines(rows, info["answer_spaces"])
+    assert reported["majority"] == pytest.approx({kind: b["majority"] for kind, b in world.items()})
+    assert main(["probe", "text-oracle", "--model", BASE, "--clips", "val=0"]) == 2
+    assert "--clips 'val=0'" in capsys.readouterr().err
+
+
 def test_a_rerun_of_the_base_recipe_matches_its_first_logged_losses(provenance, tmp_path):
     first = provenance["stages"][0]
     steps = len(first["first_losses"])

@@ -210,7 +210,8 @@ def guide_positions(tokenizer, text: str, turns: list[Turn], mention_kinds: tupl
     more, that answer position and the positions of the object's x and y in the first and in the last of
     them; per order question whose two options the listing names, that answer position and the positions of
     the colour and shape words of the option listed first, where it is first listed."""
-    starts = [start for start, _ in tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [start for start, _ in offsets]
 
     def token_at(char: int) -> int:  # the token whose span starts at or before ``char``
         return max(i for i, s in enumerate(starts) if s <= char)
@@ -279,7 +280,8 @@ def text_loss(model: nn.Module, batch: dict, answer_weight: float = 0.0, guide: 
             torch.nn.functional.cross_entropy(out.logits[:, :-1][picked].float(), targets_BL[picked]))
     mask_BL = batch["attention_mask"].bool()
     if guide.previous_token > 0:  # row t's attention on t - 1, over the real tokens after the first
-        log_prev_BL1 = torch.diagonal(taps[guide.layer].log_attention(guide.heads[0], mask_BL), offset=-1, dim1=-2, dim2=-1)
+        log_BLL = taps[guide.layer].log_attention(guide.heads[0], mask_BL)
+        log_prev_BL1 = torch.diagonal(log_BLL, offset=-1, dim1=-2, dim2=-1)
         add("guide_previous", guide.previous_token, -log_prev_BL1.clamp_min(FLOOR)[mask_BL[:, 1:]].mean())
     if guide.key_words > 0 and guides:  # each answer position's summed attention on its question's key words
         add("guide_keys", guide.key_words, attention_on(taps[guide.layer], guide.heads[1], mask_BL, guides))
@@ -381,7 +383,8 @@ def text_oracle(model: nn.Module, processor, clips: dict[str, int]) -> dict[str,
     each answered from its clip's listing; overall and per kind. A decoder that saw some answers written as
     chains may open one (``<think>``) where the answer should start, which exact scoring counts as wrong:
     ``direct`` is the accuracy with ``<think>`` barred from the first position (what it knows when made to
-    answer), ``opens_chain`` the share of questions where ``<think>`` is the first argmax."""
+    answer), ``opens_chain`` the share of questions where ``<think>`` is the first argmax, ``majority`` per kind
+    the share its most common answer would get."""
     config = WorldConfig(seed=0)
     prompts, answers, kinds = [], [], []
     for split, count in clips.items():
@@ -396,7 +399,8 @@ def text_oracle(model: nn.Module, processor, clips: dict[str, int]) -> dict[str,
     direct = _scores([d for _, d, _ in results], kinds)
     chains = _scores([c for _, _, c in results], kinds)
     return {**scores, "direct": {"accuracy": direct["accuracy"], "per_kind": direct["per_kind"]},
-            "opens_chain": {"share": chains["accuracy"], "per_kind": chains["per_kind"]}}
+            "opens_chain": {"share": chains["accuracy"], "per_kind": chains["per_kind"]},
+            "majority": _majorities(answers, kinds)}
 
 
 def lookup_accuracy(model: nn.Module, processor, n: int) -> dict[str, Any]:
@@ -407,6 +411,14 @@ def lookup_accuracy(model: nn.Module, processor, n: int) -> dict[str, Any]:
     scores = _scores(right, [p.kind for p in items])
     scores["first_listed"] = sum(p.first_listed == p.answer for p in items) / max(len(items), 1)
     return scores
+
+
+def _majorities(answers: list[str], kinds: list[str]) -> dict[str, float]:
+    """Per kind, the share of its questions that its most common answer gets right (the blind baseline)."""
+    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for answer, kind in zip(answers, kinds):
+        by_kind[kind][answer] += 1
+    return {k: c.most_common(1)[0][1] / c.total() for k, c in sorted(by_kind.items())}
 
 
 def _scores(right: list[bool], kinds: list[str]) -> dict[str, Any]:

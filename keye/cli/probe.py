@@ -1,0 +1,128 @@
+"""``keye probe NAME --model M``: the teacher-forced measures the nano model cards report, on any checkpoint.
+
+* ``perception``: frame-listing word accuracy (colour, shape, position, "nothing") on a world's clips,
+  the video given; the ceiling the video questions sit under.
+* ``chains``: the same words inside the reference chains of thought of the reasoning questions.
+* ``text-oracle``: exact answers to seed 0's questions, each asked over its clip's listing as text (no
+  video); what the decoder can do once perception is perfect.
+* ``lookup``: one frame's listing, "What colour is the triangle?"; the first-listed guess beside it.
+
+The video sampling defaults to the one the model was trained with, read from the ``config.yaml`` of the
+stage folder that holds the model (``runs/nano/sft/model`` -> ``runs/nano/sft/config.yaml``); the video flags
+override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from keye.cli.options import add_model_flags, add_video_flags, video_options_from
+from keye.errors import KeyeInputError
+
+PROBES = ("perception", "chains", "text-oracle", "lookup")
+
+EXAMPLES = """examples:
+  keye probe perception --model runs/nano/sft/model --world runs/nano/world
+  keye probe chains --model runs/nano/sft/model --world runs/nano/world --limit 50
+  keye probe text-oracle --model keye-nano-base                  # seed 0's val + test questions (560)
+  keye probe text-oracle --model keye-nano-base --clips train=400  # 1600 questions of clips no stage saw
+  keye probe lookup --model runs/nano-base/lookup/model --items 400
+"""
+
+
+def trained_video_options(model: str):
+    """The ``video`` section of the stage config beside a model folder, or None when there is none."""
+    from keye.config import from_dict, read_config_data
+    from keye.video import VideoOptions
+
+    config = Path(model).parent / "config.yaml"
+    if not config.is_file():
+        return None
+    video = read_config_data(str(config)).get("video")
+    return from_dict(VideoOptions, video, source=str(config), prefix="video.").validated(str(config)) if video else None
+
+
+def parse_clips(specs: list[str]) -> dict[str, int]:
+    """["train=400", "val=40"] -> {"train": 400, "val": 40}."""
+    clips = {}
+    for spec in specs:
+        split, _, count = spec.partition("=")
+        if split not in ("train", "val", "test") or not count.isdigit() or int(count) < 1:
+            raise KeyeInputError(f"--clips {spec!r}: expected SPLIT=N with SPLIT train, val or test and N >= 1")
+        clips[split] = int(count)
+    return clips
+
+
+def run(args: argparse.Namespace) -> int:
+    from keye.api import load
+
+    if args.limit is not None and args.limit < 1:
+        raise KeyeInputError(f"--limit must be at least 1, got {args.limit}")
+    if args.probe in ("perception", "chains"):
+        if not args.world:
+            raise KeyeInputError(f"keye probe {args.probe} needs --world (a world folder with its world.json)")
+        if not (Path(args.world) / "world.json").is_file():
+            raise KeyeInputError(f"--world {args.world}: no world.json there (generate one with `keye world`)")
+    clips = parse_clips(args.clips) if args.clips else {"val": 40, "test": 100}
+    pipe = load(args.model, device=args.device, dtype=args.dtype)
+    model, processor = pipe.model, pipe.processor
+    if args.probe in ("perception", "chains"):
+        from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
+
+        video = video_options_from(args, trained_video_options(args.model))
+        measure = listing_word_accuracy if args.probe == "perception" else chain_word_accuracy
+        split = args.split or ("val" if args.probe == "perception" else "test")
+        result = measure(model, processor, args.world, split, video=video, limit=args.limit)
+        title = f"{args.probe}, {split} split of {args.world}, {result['words']} words"
+        rows = result["per_type"]
+    elif args.probe == "text-oracle":
+        from keye.train.stages.text import text_oracle
+
+        result = text_oracle(model, processor, clips)
+        asked = " ".join(f"{split}={count}" for split, count in clips.items())
+        title = f"text oracle, {result['n']} questions of seed 0's clips {asked}"
+        rows = result["per_kind"]
+    else:
+        from keye.train.stages.text import lookup_accuracy
+
+        result = lookup_accuracy(model, processor, args.items)
+        title = f"lookup, {result['n']} items; the first-listed guess scores {100 * result['first_listed']:.1f}%"
+        rows = result["per_kind"]
+    print(f"{args.model}: {title}")
+    print(table(result["accuracy"], rows, result.get("majority")))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def table(overall: float, rows: dict[str, float], majority: dict[str, float] | None = None) -> str:
+    """Overall and per-row accuracies in percent, with the majority answer's where known."""
+    width = max(map(len, ["overall", *rows]))
+    lines = []
+    for name, value in [("overall", overall), *rows.items()]:
+        line = f"  {name:<{width}}  {100 * value:5.1f}%"
+        if majority is not None and name in majority:
+            line += f"   (majority answer {100 * majority[name]:.1f}%)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "probe", help="teacher-forced measures of a checkpoint (perception, chains, text oracle, lookup)",
+        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("probe", choices=PROBES, help="what to measure")
+    add_model_flags(parser, generates=False)
+    parser.add_argument("--world", help="world folder (perception, chains): its world.json and the split's videos")
+    parser.add_argument("--split", choices=("train", "val", "test"),
+                        help="world split (default: val for perception, test for chains)")
+    parser.add_argument("--limit", type=int, help="perception, chains: only the first N clips / chains")
+    parser.add_argument("--clips", nargs="+", metavar="SPLIT=N",
+                        help="text-oracle: seed 0's clips to ask about (default: val=40 test=100)")
+    parser.add_argument("--items", type=int, default=400, help="lookup: number of probe items (default 400)")
+    parser.add_argument("--json", action="store_true", help="also print the result as JSON")
+    add_video_flags(parser, backend=False)  # the probes decode as training did
+    parser.set_defaults(func=run)
