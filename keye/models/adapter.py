@@ -88,16 +88,17 @@ class KeyeStateDictAdapter:
         return published
 
 
-def _rope_parameters(published: dict) -> tuple[dict, list | None]:
+def _rope_parameters(published: dict) -> tuple[dict, list | None, bool]:
     """The published ``rope_scaling`` (or ``rope_parameters``) -> transformers ``rope_parameters`` for the
-    decoder, and the mRoPE sections.
+    decoder, the mRoPE sections and whether they interleave (``mrope_interleaved``, vLLM's spelling).
 
-    Every key but ``mrope_section`` goes to transformers, which applies the type through its own
+    Every key but those two goes to transformers, which applies the type through its own
     ``ROPE_INIT_FUNCTIONS`` (linear, dynamic, yarn, longrope, llama3, ...). ``type: mrope`` is Qwen2-VL's
     name for mRoPE with unscaled frequencies, i.e. ``default``.
     """
     rope = dict(published.get("rope_scaling") or published.get("rope_parameters") or {})
     mrope_section = rope.pop("mrope_section", None)
+    interleaved = bool(rope.pop("mrope_interleaved", False))
     kinds = {"default" if k == "mrope" else k for k in (rope.pop("type", None), rope.pop("rope_type", None)) if k}
     if len(kinds) > 1:
         raise ConfigError(f"config.json rope_scaling: 'type' and 'rope_type' disagree ({sorted(kinds)})")
@@ -107,7 +108,7 @@ def _rope_parameters(published: dict) -> tuple[dict, list | None]:
                           f"(default, {', '.join(ROPE_INIT_FUNCTIONS)})")
     if "rope_theta" in published:
         rope["rope_theta"] = published["rope_theta"]
-    return {"rope_type": kind, **rope}, mrope_section
+    return {"rope_type": kind, **rope}, mrope_section, interleaved
 
 
 def config_from_published(published: dict) -> KeyeConfig:
@@ -119,13 +120,13 @@ def config_from_published(published: dict) -> KeyeConfig:
     """
     vision = {k: v for k, v in published.get("vision_config", {}).items() if k in _VISION_KEYS}
     text = {k: published[k] for k in _TEXT_KEYS if k in published}
-    text["rope_parameters"], mrope_section = _rope_parameters(published)
+    text["rope_parameters"], mrope_section, interleaved = _rope_parameters(published)
     text["model_type"] = "qwen3_moe" if "num_experts" in text else "qwen3"
     merge = published.get("vision_config", {}).get("spatial_merge_size", 2)
     try:
         return KeyeConfig(
             vision_config=vision, projector_config={"merge_size": merge}, text_config=text,
-            mrope_section=mrope_section, published_config=copy.deepcopy(published),
+            mrope_section=mrope_section, mrope_interleaved=interleaved, published_config=copy.deepcopy(published),
             **{k: published[k] for k in _TOKEN_KEYS if k in published},
         )
     except KeyeInputError:
@@ -142,6 +143,8 @@ def _published_fields(config: KeyeConfig) -> dict:
     out["rope_theta"] = rope.pop("rope_theta")
     kind = rope.pop("rope_type", "default")
     out["rope_scaling"] = {"type": kind, "rope_type": kind, **rope, "mrope_section": list(config.mrope_section)}
+    if config.mrope_interleaved:
+        out["rope_scaling"]["mrope_interleaved"] = True
     vision = config.vision_config.to_dict()
     out["vision_config"] = {k: vision[k] for k in _VISION_KEYS} | {"spatial_merge_size": config.projector_config.merge_size}
     out.update({k: getattr(config, k) for k in _TOKEN_KEYS})

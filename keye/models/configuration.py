@@ -110,8 +110,9 @@ class KeyeConfig(PreTrainedConfig):
     ``text_config`` is a transformers ``Qwen3Config`` (Keye-VL-1.5-8B) or ``Qwen3MoeConfig``
     (Keye-VL-2.0 / keye-nano); the decoder is built from it with transformers' own classes.
     ``vision_mode`` picks the visual path (``VISION_MODES``); ``visual_tokenizer_config`` sizes the
-    discrete one and is inert in continuous mode. ``mrope_section`` splits the text RoPE half-dim between (t, h, w) as in Qwen2.5-VL; the
-    published 1.5 config uses [16, 24, 24] for head_dim 128. RoPE scaling (``rope_scaling`` type and
+    discrete one and is inert in continuous mode. ``mrope_section`` splits the text RoPE half-dim between
+    (t, h, w) as in Qwen2.5-VL; the published 1.5 config uses [16, 24, 24] for head_dim 128, in contiguous
+    sections (``mrope_interleaved`` false; Qwen3-VL interleaves them). RoPE scaling (``rope_scaling`` type and
     factor in a published config) lives in ``text_config.rope_parameters``, where transformers reads it.
     """
 
@@ -133,6 +134,8 @@ class KeyeConfig(PreTrainedConfig):
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     mrope_section: list | None = None
+    # Qwen3-VL's interleaved mRoPE layout (``KeyeMRotaryEmbedding``) instead of Keye-VL-1.5's contiguous one
+    mrope_interleaved: bool = False
     # ST-MoE router z-loss (Zoph et al. 2022, eq. 5); off by default, the load-balancing loss is on.
     router_z_loss_coef: float = 0.0
     tie_word_embeddings: bool = False

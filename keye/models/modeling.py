@@ -50,16 +50,26 @@ TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
 class KeyeMRotaryEmbedding(nn.Module):
     """Multimodal RoPE around the decoder's own rotary module.
 
-    The wrapped module computes cos/sin for each axis; section ``i`` of the rotary half-dim then takes
-    its angles from axis ``i % 3`` (Qwen2-VL's ``apply_multimodal_rotary_pos_emb``, done once here
-    so transformers' unchanged attention layers can apply it). The wrapped module applies the text
-    config's ``rope_parameters`` (linear, dynamic, yarn, ... from transformers' ``ROPE_INIT_FUNCTIONS``).
+    The wrapped module computes cos/sin for each axis (t, h, w); each rotary pair then takes its angle from
+    one axis. Contiguous (Qwen2-VL's ``apply_multimodal_rotary_pos_emb``, Keye-VL-1.5): section ``i`` of the
+    half-dim takes axis ``i``, so w gets the lowest frequencies. Interleaved (Qwen3-VL): pair ``j`` takes h
+    when ``j % 3 == 1`` and ``j < 3 * sections[1]``, w when ``j % 3 == 2`` and ``j < 3 * sections[2]``, else
+    t, so every axis gets fast and slow frequencies. Text tokens have equal t, h and w, so the layout only
+    changes how visual tokens rotate. Done once here so transformers' unchanged attention layers apply it;
+    the wrapped module applies the text config's ``rope_parameters`` (linear, dynamic, yarn, ...).
     """
 
-    def __init__(self, rotary: nn.Module, mrope_section: list[int]):
+    def __init__(self, rotary: nn.Module, mrope_section: list[int], interleaved: bool = False):
         super().__init__()
         self.rotary = rotary
         self.mrope_section = list(mrope_section)
+        self.interleaved = interleaved
+        # the axis of each rotary pair; a list, not a buffer: models are built on the meta device
+        if interleaved:
+            axis_H = [j % 3 if j % 3 and j < 3 * mrope_section[j % 3] else 0 for j in range(sum(mrope_section))]
+        else:
+            axis_H = [axis for axis, size in enumerate(mrope_section) for _ in range(size)]
+        self.axis_D = axis_H + axis_H  # rotate-half layout
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (3, B, L) or (B, L) -> cos, sin of shape (B, L, head_dim)."""
@@ -68,10 +78,8 @@ class KeyeMRotaryEmbedding(nn.Module):
         # one call for the three axes: dynamic and longrope types pick their frequencies from the largest
         # position over all of them, as Qwen2-VL-style mRoPE does; per-axis calls could disagree
         cos_3BLD, sin_3BLD = self.rotary(x, position_ids)
-        sections = self.mrope_section * 2
-        cos = torch.cat([c[i % 3] for i, c in enumerate(cos_3BLD.split(sections, dim=-1))], dim=-1)
-        sin = torch.cat([s[i % 3] for i, s in enumerate(sin_3BLD.split(sections, dim=-1))], dim=-1)
-        return cos, sin
+        pick_1BLD = torch.tensor(self.axis_D, device=cos_3BLD.device).expand(1, *cos_3BLD.shape[1:])
+        return cos_3BLD.gather(0, pick_1BLD)[0], sin_3BLD.gather(0, pick_1BLD)[0]
 
 
 def mrope_positions(
@@ -255,7 +263,8 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             merged = config.vision_config.hidden_size * config.projector_config.merge_size**2
             self.visual_tokenizer = KeyeVisualTokenizer(vq, merged)
             self.model.visual_embed_tokens = nn.Embedding(vq.num_codes, text.hidden_size)
-        self.model.rotary_emb = KeyeMRotaryEmbedding(self.model.rotary_emb, config.mrope_section)
+        self.model.rotary_emb = KeyeMRotaryEmbedding(self.model.rotary_emb, config.mrope_section,
+                                                     config.mrope_interleaved)
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.rope_deltas: torch.Tensor | None = None  # set on prefill, read while decoding (Qwen2-VL does the same)
         self.post_init()

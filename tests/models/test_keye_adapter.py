@@ -237,3 +237,20 @@ def test_bad_rope_scaling_is_a_config_error():
     ):
         with pytest.raises(ConfigError, match=message):
             config_from_published(dict(published, rope_scaling=rope))
+
+
+def test_interleaved_mrope_is_read_from_and_written_to_rope_scaling():
+    from keye.models import KeyeForConditionalGeneration, build_config
+    from keye.models.adapter import config_from_published, config_to_published
+
+    published = _published_nano_config()
+    assert not config_from_published(published).mrope_interleaved  # Keye-VL-1.5's layout
+    published["rope_scaling"] = {"type": "mrope", "mrope_section": [4, 6, 6], "mrope_interleaved": True}
+    config = config_from_published(published)
+    assert config.mrope_interleaved and "mrope_interleaved" not in config.text_config.rope_parameters
+    assert KeyeForConditionalGeneration(config).model.rotary_emb.interleaved
+    written = config_to_published(config)
+    assert written["rope_scaling"]["mrope_interleaved"] is True
+    assert config_from_published(written).mrope_interleaved
+    fresh = config_to_published(build_config("keye-nano", mrope_interleaved=True))
+    assert fresh["rope_scaling"]["mrope_interleaved"] is True

@@ -254,6 +254,31 @@ def test_mrope_matches_transformers_qwen2_vl_rotary(nano):
         torch.testing.assert_close(a, b)
 
 
+def test_interleaved_mrope_matches_transformers_qwen3_vl_rotary(nano):
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from keye.models.modeling import KeyeMRotaryEmbedding
+
+    text = nano.config.text_config
+    pos = torch.randint(0, 50, (3, 2, 7))
+    x = torch.zeros(2, 7, text.hidden_size)
+    for section in (nano.config.mrope_section, [6, 5, 5], [8, 4, 4]):
+        ref = Qwen3VLTextRotaryEmbedding(Qwen3VLTextConfig(
+            hidden_size=text.hidden_size, num_attention_heads=text.num_attention_heads, head_dim=text.head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"],
+                             "mrope_section": section}))
+        ours = KeyeMRotaryEmbedding(nano.model.rotary_emb.rotary, section, interleaved=True)
+        for a, b in zip(ours(x, pos), ref(x, pos)):
+            torch.testing.assert_close(a, b)
+    # text tokens (t = h = w) rotate alike in both layouts; visual tokens (h, w apart) do not
+    contiguous = nano.model.rotary_emb
+    text_pos = torch.arange(7).expand(3, 2, 7)
+    for a, b in zip(ours(x, text_pos), contiguous(x, text_pos)):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(ours(x, pos)[0], contiguous(x, pos)[0])
+
+
 def test_mrope_positions_for_a_vision_block(nano):
     from keye.models.modeling import mrope_positions
 
