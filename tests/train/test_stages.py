@@ -139,6 +139,22 @@ def test_frame_boxes_must_list_the_frames_of_frame_texts():
     assert FrameCaptionDataset([row], builder=None).boxes == [[["red circle", 0.0, 0.0, 0.2, 0.2]], []]
 
 
+def test_listing_phrases_give_each_box_its_frame_text_entry_with_the_place_words():
+    from keye.errors import KeyeInputError
+    from keye.train.stages.vit import FrameCaptionDataset
+
+    row = {"id": "clip-8-frames", "frame_texts": [[0.0, "red circle top left, blue square bottom right"],
+                                                  [0.5, "nothing"]],
+           "frame_boxes": [[0.0, [["red circle", 0.0, 0.0, 0.2, 0.2], ["blue square", 0.7, 0.7, 0.9, 0.9]]],
+                           [0.5, []]]}
+    assert FrameCaptionDataset([row], builder=None, phrases="listing").boxes == [
+        [["red circle top left", 0.0, 0.0, 0.2, 0.2], ["blue square bottom right", 0.7, 0.7, 0.9, 0.9]], []]
+    assert FrameCaptionDataset([row], builder=None).boxes[0][0][0] == "red circle"  # "box": the box's own
+    row["frame_texts"][0][1] = "blue square bottom right, red circle top left"  # not the boxes' order
+    with pytest.raises(KeyeInputError, match="'clip-8-frames'.*starting with the box's phrase"):
+        FrameCaptionDataset([row], builder=None, phrases="listing")
+
+
 def test_stage0_region_term_grounds_each_phrase_under_its_box(run_root, chain):
     """siglip_regions: the world's frame_boxes reach the loss (phrases per patch match the boxes), the
     region loss falls, only the vision tower trains; rows without boxes are a ConfigError."""

@@ -11,7 +11,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ class VitConfig(StageConfig):
     # weight of the region term (each patch vs the phrase of the box holding it; rows need frame_boxes, as
     # the world's frames.jsonl has); 0 turns it off
     siglip_regions: float = 0.0
+    # the region term's phrase per box: "box", the box's own ("red circle"); "listing", the frame text's entry
+    # for that object, place words included ("red circle top left"), so a patch must also know where it sits
+    siglip_region_phrases: Literal["box", "listing"] = "box"
 
 
 class SiglipHead(nn.Module):
@@ -139,7 +142,7 @@ class FrameCaptionDataset:
     to the text's time. Rows with ``frame_boxes`` ([seconds, [[phrase, x0, y0, x1, y1], ...]] per
     listed frame) also ground each phrase in the patches under its box (``Regions``)."""
 
-    def __init__(self, rows: list[dict], builder: SampleBuilder):
+    def __init__(self, rows: list[dict], builder: SampleBuilder, phrases: str = "box"):
         self.builder = builder
         self.items = [(row, float(t), text) for row in rows for t, text in row["frame_texts"]]
         self.boxes: list[list] = []  # per item: [[phrase, x0, y0, x1, y1], ...], empty for rows without boxes
@@ -147,7 +150,13 @@ class FrameCaptionDataset:
             boxes = row.get("frame_boxes")
             if boxes is not None and len(boxes) != len(row["frame_texts"]):
                 raise KeyeInputError(f"row {row.get('id')!r}: frame_boxes must list the same frames as frame_texts")
-            self.boxes += [b for _, b in boxes] if boxes is not None else [[]] * len(row["frame_texts"])
+            if boxes is None:
+                self.boxes += [[]] * len(row["frame_texts"])
+            elif phrases == "listing":
+                self.boxes += [listing_phrases(row.get("id"), b, text)
+                               for (_, b), (_, text) in zip(boxes, row["frame_texts"])]
+            else:
+                self.boxes += [b for _, b in boxes]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -162,7 +171,19 @@ class FrameCaptionDataset:
         return patches, torch.tensor([grid]), torch.tensor(ids), patch_regions(self.boxes[index], grid)
 
 
-def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str]):
+def listing_phrases(row_id, boxes: list[list], text: str) -> list[list]:
+    """A frame's boxes with each phrase replaced by the frame text's entry for it: the text lists the boxed
+    objects in the same order, one comma-separated entry each, starting with the box's phrase ("red circle"
+    -> "red circle top left"). A text that does not line up is an error naming the row."""
+    entries = [e.strip() for e in text.split(",")] if boxes else []
+    if len(entries) != len(boxes) or any(not e.startswith(b[0]) for e, b in zip(entries, boxes)):
+        raise KeyeInputError(f"row {row_id!r}: siglip_region_phrases: listing needs one frame_texts entry per "
+                             f"box, in order, each starting with the box's phrase; got {text!r} for "
+                             f"{[b[0] for b in boxes]}")
+    return [[e, *b[1:]] for e, b in zip(entries, boxes)]
+
+
+def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str], phrases: str = "box"):
     """Stage 0's pairs: each row with ``frame_texts`` gives one pair per listed frame, every other row one
     clip/caption pair; files may mix both. A row with neither is a ConfigError naming it."""
     unusable = [row.get("id", f"#{i}") for i, row in enumerate(rows) if "frame_texts" not in row and "caption" not in row]
@@ -173,7 +194,7 @@ def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: l
         )
     per_frame = [row for row in rows if "frame_texts" in row]
     per_clip = [row for row in rows if "frame_texts" not in row]
-    parts = ([FrameCaptionDataset(per_frame, builder)] if per_frame else []) + (
+    parts = ([FrameCaptionDataset(per_frame, builder, phrases)] if per_frame else []) + (
         [ClipCaptionDataset(per_clip, builder, frames)] if per_clip else [])
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
@@ -221,7 +242,7 @@ def run_vit(cfg: VitConfig, run_root: Path) -> Path:
     pair = SiglipPair(model.visual, head)
     # prepare() logged the counts before the head existed; these include it
     log.info("%s: trainable parameters with the SigLIP head %s", cfg.out, apply_freeze_plan(pair, cfg.train))
-    dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train)
+    dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train, cfg.siglip_region_phrases)
     log.info("%s: %d image/text pairs", cfg.out, len(dataset))
     if cfg.siglip_regions > 0 and not any(row.get("frame_boxes") for row in rows):
         raise ConfigError(f"siglip_regions: {cfg.siglip_regions} asks for the region term, but no row of {cfg.data.train} "
