@@ -3,6 +3,8 @@
 * ``perception``: frame-listing word accuracy (colour, shape, position, "nothing") on a world's clips,
   the video given; the ceiling the video questions sit under.
 * ``chains``: the same words inside the reference chains of thought of the reasoning questions.
+* ``tokens``: what the visual tokens themselves carry: a linear read of each object's colour and shape from
+  the token under it, and of each token's own row and column, fitted on the world's train clips.
 * ``text-oracle``: exact answers to seed 0's questions, each asked over its clip's listing as text (no
   video); what the decoder can do once perception is perfect.
 * ``lookup``: one frame's listing, "What colour is the triangle?"; the first-listed guess beside it.
@@ -21,11 +23,13 @@ from pathlib import Path
 from keye.cli.options import add_model_flags, add_video_flags, video_options_from
 from keye.errors import KeyeInputError
 
-PROBES = ("perception", "chains", "text-oracle", "lookup")
+PROBES = ("perception", "chains", "tokens", "text-oracle", "lookup")
+ON_VIDEO = ("perception", "chains", "tokens")
 
 EXAMPLES = """examples:
   keye probe perception --model runs/nano/sft/model --world runs/nano/world
   keye probe chains --model runs/nano/sft/model --world runs/nano/world --limit 50
+  keye probe tokens --model keye-nano-base --world runs/nano/world --train-clips 200
   keye probe text-oracle --model keye-nano-base                  # seed 0's val + test questions (560)
   keye probe text-oracle --model keye-nano-base --clips train=400  # 1600 questions of clips no stage saw
   keye probe lookup --model runs/nano-base/lookup/model --items 400
@@ -60,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise KeyeInputError(f"--limit must be at least 1, got {args.limit}")
-    if args.probe in ("perception", "chains"):
+    if args.train_clips < 1:
+        raise KeyeInputError(f"--train-clips must be at least 1, got {args.train_clips}")
+    if args.probe in ON_VIDEO:
         if not args.world:
             raise KeyeInputError(f"keye probe {args.probe} needs --world (a world folder with its world.json)")
         if not (Path(args.world) / "world.json").is_file():
@@ -68,7 +74,16 @@ def run(args: argparse.Namespace) -> int:
     clips = parse_clips(args.clips) if args.clips else {"val": 40, "test": 100}
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     model, processor = pipe.model, pipe.processor
-    if args.probe in ("perception", "chains"):
+    if args.probe == "tokens":
+        from keye.eval.perception import token_readout
+
+        video = video_options_from(args, trained_video_options(args.model))
+        result = token_readout(model, processor, args.world, args.split or "val", args.train_clips, video, args.limit)
+        result["accuracy"] = sum(result["per_kind"].values()) / len(result["per_kind"])
+        title = (f"tokens, a linear read fitted on {args.train_clips} train clips, scored on {result['objects']} "
+                 f"objects and {result['tokens']} tokens (overall: the mean of the four)")
+        rows = result["per_kind"]
+    elif args.probe in ("perception", "chains"):
         from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
 
         video = video_options_from(args, trained_video_options(args.model))
@@ -116,13 +131,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("probe", choices=PROBES, help="what to measure")
     add_model_flags(parser, generates=False)
-    parser.add_argument("--world", help="world folder (perception, chains): its world.json and the split's videos")
+    parser.add_argument("--world", help="world folder (perception, chains, tokens): world.json and the split's videos")
     parser.add_argument("--split", choices=("train", "val", "test"),
                         help="world split (default: val for perception, test for chains)")
-    parser.add_argument("--limit", type=int, help="perception, chains: only the first N clips / chains")
+    parser.add_argument("--limit", type=int, help="perception, chains, tokens: only the first N clips / chains")
     parser.add_argument("--clips", nargs="+", metavar="SPLIT=N",
                         help="text-oracle: seed 0's clips to ask about (default: val=40 test=100)")
     parser.add_argument("--items", type=int, default=400, help="lookup: number of probe items (default 400)")
+    parser.add_argument("--train-clips", type=int, default=200, dest="train_clips",
+                        help="tokens: train clips the linear read is fitted on (default 200)")
     parser.add_argument("--json", action="store_true", help="also print the result as JSON")
     add_video_flags(parser, backend=False)  # the probes decode as training did
     parser.set_defaults(func=run)

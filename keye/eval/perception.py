@@ -22,9 +22,11 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
-from keye.data.world.generate import frames_row, make_clip
+from keye.data.world.generate import frame_objects, frames_row, make_clip
 from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
+from keye.errors import ConfigError, KeyeInputError
 from keye.eval.formats import read_rows
+from keye.processing import patchify
 from keye.video import VideoOptions
 
 
@@ -110,3 +112,91 @@ def _words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
         else:
             words[-1].append(p)
     return words
+
+
+# ----------------------------------------------------------------------------- what the visual tokens carry
+
+
+@torch.no_grad()
+def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str = "val", train_clips: int = 200,
+                  video: VideoOptions = VideoOptions(), limit: int | None = None) -> dict[str, Any]:
+    """How well a linear read of the visual tokens (the projector's output, what the decoder receives) names
+    what the frame shows: each listed object's colour and shape from the token under its centre, and each
+    token's own row and column in its frame's token grid. Fitted on ``train_clips`` train clips of the world
+    in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
+
+    The listing score (``listing_word_accuracy``) also counts what the decoder copies from the frame before;
+    this one says what the tokens themselves hold. Returns {"per_kind": {kind: accuracy}, "majority": {kind:
+    the most common answer's share}, "objects", "tokens"} on the scored clips."""
+    if getattr(model.config, "vision_mode", "continuous") != "continuous":
+        raise ConfigError("token_readout reads the projector's tokens; a discrete-mode model has codes instead")
+    world_dir = Path(world_dir)
+    config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
+    if not 0 < train_clips <= config.clips.get("train", 0):
+        raise KeyeInputError(f"{world_dir}: the linear read is fitted on {train_clips} train clips; the world has "
+                             f"{config.clips.get('train', 0)}")
+    builder = SampleBuilder(processor, video, base_dir=world_dir)
+    was_training = model.training
+    model.eval()
+    fit = _token_table(model, builder, config, "train", range(train_clips))
+    score = _token_table(model, builder, config, split, range(min(config.clips.get(split, 0), limit or 10**9)))
+    model.train(was_training)
+    out: dict[str, Any] = {"per_kind": {}, "majority": {}, "objects": len(score["colour"][1]),
+                           "tokens": len(score["row"][1])}
+    for kind in ("colour", "shape", "row", "column"):
+        (x_fit, y_fit), (x_score, y_score) = fit[kind], score[kind]
+        out["per_kind"][kind] = float((_linear_fit(x_fit, y_fit)(x_score) == y_score).float().mean())
+        out["majority"][kind] = float(y_score.bincount().max() / len(y_score))
+    return out
+
+
+def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, split: str, indices
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per kind, (features (N, D), labels (N,)) over the listed frames of ``split``'s clips ``indices``."""
+    from keye.models.modeling import continuous_features
+
+    device = next(model.parameters()).device
+    rows: dict[str, tuple[list, list]] = {k: ([], []) for k in ("colour", "shape", "row", "column")}  # (x, y)
+    for i in indices:
+        clip = make_clip(config, split, f"{split}-{i:05d}")[0]
+        messages, _ = builder.messages(frames_row(clip))
+        decoded = builder.vision(messages).videos[0]
+        seconds = torch.as_tensor(decoded.timestamps, dtype=torch.float64)
+        listed = list(frame_objects(clip))
+        patches, grids = zip(*(patchify(decoded.frames[int((seconds - t).abs().argmin())]) for t, _ in listed))
+        grid_N3 = torch.tensor(grids)
+        merge = model.config.projector_config.merge_size
+        tokens = continuous_features(model, torch.cat(patches).to(device), grid_N3.to(device)).float().cpu()
+        for (_, seen), frame_tokens in zip(listed, tokens.split((grid_N3.prod(-1) // merge**2).tolist())):
+            h, w = int(grid_N3[0, 1]) // merge, int(grid_N3[0, 2]) // merge
+            rows["row"][0].append(frame_tokens)
+            rows["row"][1].extend(k // w for k in range(h * w))
+            rows["column"][0].append(frame_tokens)
+            rows["column"][1].extend(k % w for k in range(h * w))
+            for x, y, obj in seen:
+                k = min(h - 1, int(y / clip.height * h)) * w + min(w - 1, int(x / clip.width * w))
+                for kind, label in (("colour", list(COLORS).index(obj.color)), ("shape", SHAPES.index(obj.shape))):
+                    rows[kind][0].append(frame_tokens[k : k + 1])
+                    rows[kind][1].append(label)
+    return {k: (torch.cat(x) if x else torch.zeros(0, 1), torch.tensor(y, dtype=torch.long))
+            for k, (x, y) in rows.items()}
+
+
+def _linear_fit(x_ND: torch.Tensor, y_N: torch.Tensor, weight_decay: float = 1e-3, steps: int = 200):
+    """Multinomial logistic regression (L-BFGS, L2) on standardised features -> a predict(x) function."""
+    mean, std = x_ND.mean(0), x_ND.std(0).clamp_min(1e-6)
+    x = ((x_ND - mean) / std).double()
+    classes = int(y_N.max()) + 1
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y_N) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return lambda z: (((z - mean) / std).double() @ weight.detach() + bias.detach()).argmax(-1)

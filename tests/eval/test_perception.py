@@ -100,3 +100,55 @@ def test_keye_probe_perception_scores_with_the_sampling_the_model_trained_with(w
 
     assert main(["probe", "perception", "--model", str(stage / "model"), "--world", str(tmp_path)]) == 2
     assert "no world.json" in capsys.readouterr().err
+
+
+def test_the_linear_read_scores_as_scikit_learns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    from keye.eval.perception import _linear_fit
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 0.6
+    y = torch.randint(0, 4, (600,), generator=g)
+    x = centres[y] + torch.randn(600, 16, generator=g)
+    ours = (_linear_fit(x[:400], y[:400])(x[400:]) == y[400:]).float().mean().item()
+    reference = LogisticRegression(max_iter=2000).fit(x[:400].numpy(), y[:400].numpy()).score(x[400:].numpy(),
+                                                                                             y[400:].numpy())
+    assert 0.5 < ours == pytest.approx(reference, abs=0.02)  # separable enough to say something, not trivially
+
+
+class PositionTokens(nn.Module):
+    """A stand-in model whose visual tokens hold their own row and column one-hot and nothing of the pixels."""
+
+    config = SimpleNamespace(vision_mode="continuous", projector_config=SimpleNamespace(merge_size=2))
+    dtype = torch.float32
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def visual(self, pixel_values, grid_thw):
+        return pixel_values
+
+    def mlp_AR(self, patches, grid_thw):
+        tokens = []
+        for _, h, w in grid_thw.tolist():
+            rows, cols = torch.arange(h // 2).repeat_interleave(w // 2), torch.arange(w // 2).repeat(h // 2)
+            tokens.append(torch.cat([nn.functional.one_hot(rows, h // 2), nn.functional.one_hot(cols, w // 2)], -1))
+        return torch.cat(tokens).float()
+
+
+def test_token_readout_reads_what_the_tokens_hold(tmp_path):
+    from keye.errors import KeyeInputError
+    from keye.eval.perception import token_readout
+
+    config = WorldConfig.from_dict({"seed": 4, "clips": {"train": 6, "val": 2, "test": 0},
+                                    "scene": {"height": 56, "width": 56}, "crop_size": 56})
+    generate_world(tmp_path, config, progress=False)
+    processor = load_nano_processor()
+    result = token_readout(PositionTokens(), processor, tmp_path, train_clips=6, video=VIDEO)
+    assert result["per_kind"]["row"] == result["per_kind"]["column"] == 1.0
+    listed = [seen for i in range(2) for _, seen in frame_objects(make_clip(config, "val", f"val-{i:05d}")[0])]
+    assert result["objects"] == sum(map(len, listed)) and result["tokens"] == 4 * len(listed)  # 2 x 2 tokens a frame
+    with pytest.raises(KeyeInputError, match="fitted on 7 train clips; the world has 6"):
+        token_readout(PositionTokens(), processor, tmp_path, train_clips=7, video=VIDEO)
