@@ -190,6 +190,16 @@ def test_stage0_region_term_grounds_each_phrase_under_its_box(run_root, chain):
             if holding:
                 assert phrases[k] == min(holding, key=lambda b: (b[3] - b[1]) * (b[4] - b[2]))[0]
 
+    # the world's listings line up with its boxes: each phrase gains its object's row and column words
+    from keye.data.world.scene import COLUMNS, ROWS
+
+    placed = FrameCaptionDataset(frames, None, phrases="listing").boxes
+    assert [[b[1:] for b in f] for f in placed] == [[b[1:] for b in f] for f in dataset.boxes]
+    for listed, plain in zip(placed, dataset.boxes):
+        for (phrase, *_), (name, *_) in zip(listed, plain):
+            row, column = phrase.removeprefix(name + " ").split()
+            assert row in ROWS and column in COLUMNS
+
     bare = [{k: v for k, v in r.items() if k != "frame_boxes"} for r in frames]
     (run_root / "world" / "frames_noboxes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bare))
     with pytest.raises(ConfigError, match="frame_boxes"):
