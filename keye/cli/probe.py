@@ -23,8 +23,6 @@ from pathlib import Path
 from keye.cli.options import add_model_flags, add_video_flags, video_options_from
 from keye.errors import KeyeInputError
 
-PROBES = ("perception", "chains", "tokens", "text-oracle", "lookup")
-ON_VIDEO = ("perception", "chains", "tokens")
 
 EXAMPLES = """examples:
   keye probe perception --model runs/nano/sft/model --world runs/nano/world
@@ -59,6 +57,49 @@ def parse_clips(specs: list[str]) -> dict[str, int]:
     return clips
 
 
+def tokens(args, model, processor) -> tuple[str, dict, dict]:
+    from keye.eval.perception import token_readout
+
+    video = video_options_from(args, trained_video_options(args.model))
+    result = token_readout(model, processor, args.world, args.split or "val", args.train_clips, video, args.limit)
+    result["accuracy"] = sum(result["per_kind"].values()) / len(result["per_kind"])
+    return (f"tokens, a linear read fitted on {args.train_clips} train clips, scored on {result['objects']} objects "
+            f"and {result['tokens']} tokens (overall: the mean of the four)"), result, result["per_kind"]
+
+
+def frame_words(args, model, processor) -> tuple[str, dict, dict]:
+    from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
+
+    video = video_options_from(args, trained_video_options(args.model))
+    measure = listing_word_accuracy if args.probe == "perception" else chain_word_accuracy
+    split = args.split or ("val" if args.probe == "perception" else "test")
+    result = measure(model, processor, args.world, split, video=video, limit=args.limit)
+    return f"{args.probe}, {split} split of {args.world}, {result['words']} words", result, result["per_type"]
+
+
+def text_oracle(args, model, processor) -> tuple[str, dict, dict]:
+    from keye.train.stages.text import text_oracle as measure
+
+    clips = parse_clips(args.clips) if args.clips else {"val": 40, "test": 100}
+    result = measure(model, processor, clips)
+    asked = " ".join(f"{split}={count}" for split, count in clips.items())
+    return f"text oracle, {result['n']} questions of seed 0's clips {asked}", result, result["per_kind"]
+
+
+def lookup(args, model, processor) -> tuple[str, dict, dict]:
+    from keye.train.stages.text import lookup_accuracy
+
+    result = lookup_accuracy(model, processor, args.items)
+    first = f"the first-listed guess scores {100 * result['first_listed']:.1f}%"
+    return f"lookup, {result['n']} items; {first}", result, result["per_kind"]
+
+
+# each probe: (args, model, processor) -> (title, result, per-row figures)
+PROBES = {"perception": frame_words, "chains": frame_words, "tokens": tokens, "text-oracle": text_oracle,
+          "lookup": lookup}
+ON_VIDEO = ("perception", "chains", "tokens")
+
+
 def run(args: argparse.Namespace) -> int:
     from keye.api import load
 
@@ -66,45 +107,15 @@ def run(args: argparse.Namespace) -> int:
         raise KeyeInputError(f"--limit must be at least 1, got {args.limit}")
     if args.train_clips < 1:
         raise KeyeInputError(f"--train-clips must be at least 1, got {args.train_clips}")
+    if args.clips:
+        parse_clips(args.clips)  # a bad --clips fails before loading a model
     if args.probe in ON_VIDEO:
         if not args.world:
             raise KeyeInputError(f"keye probe {args.probe} needs --world (a world folder with its world.json)")
         if not (Path(args.world) / "world.json").is_file():
             raise KeyeInputError(f"--world {args.world}: no world.json there (generate one with `keye world`)")
-    clips = parse_clips(args.clips) if args.clips else {"val": 40, "test": 100}
     pipe = load(args.model, device=args.device, dtype=args.dtype)
-    model, processor = pipe.model, pipe.processor
-    if args.probe == "tokens":
-        from keye.eval.perception import token_readout
-
-        video = video_options_from(args, trained_video_options(args.model))
-        result = token_readout(model, processor, args.world, args.split or "val", args.train_clips, video, args.limit)
-        result["accuracy"] = sum(result["per_kind"].values()) / len(result["per_kind"])
-        title = (f"tokens, a linear read fitted on {args.train_clips} train clips, scored on {result['objects']} "
-                 f"objects and {result['tokens']} tokens (overall: the mean of the four)")
-        rows = result["per_kind"]
-    elif args.probe in ("perception", "chains"):
-        from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
-
-        video = video_options_from(args, trained_video_options(args.model))
-        measure = listing_word_accuracy if args.probe == "perception" else chain_word_accuracy
-        split = args.split or ("val" if args.probe == "perception" else "test")
-        result = measure(model, processor, args.world, split, video=video, limit=args.limit)
-        title = f"{args.probe}, {split} split of {args.world}, {result['words']} words"
-        rows = result["per_type"]
-    elif args.probe == "text-oracle":
-        from keye.train.stages.text import text_oracle
-
-        result = text_oracle(model, processor, clips)
-        asked = " ".join(f"{split}={count}" for split, count in clips.items())
-        title = f"text oracle, {result['n']} questions of seed 0's clips {asked}"
-        rows = result["per_kind"]
-    else:
-        from keye.train.stages.text import lookup_accuracy
-
-        result = lookup_accuracy(model, processor, args.items)
-        title = f"lookup, {result['n']} items; the first-listed guess scores {100 * result['first_listed']:.1f}%"
-        rows = result["per_kind"]
+    title, result, rows = PROBES[args.probe](args, pipe.model, pipe.processor)
     print(f"{args.model}: {title}")
     print(table(result["accuracy"], rows, result.get("majority")))
     if args.json:
@@ -129,7 +140,7 @@ def register(subparsers) -> None:
         "probe", help="teacher-forced measures of a checkpoint (perception, chains, text oracle, lookup)",
         description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("probe", choices=PROBES, help="what to measure")
+    parser.add_argument("probe", choices=list(PROBES), help="what to measure")
     add_model_flags(parser, generates=False)
     parser.add_argument("--world", help="world folder (perception, chains, tokens): world.json and the split's videos")
     parser.add_argument("--split", choices=("train", "val", "test"),
