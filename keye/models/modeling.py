@@ -70,6 +70,7 @@ class KeyeMRotaryEmbedding(nn.Module):
         else:
             axis_H = [axis for axis, size in enumerate(mrope_section) for _ in range(size)]
         self.axis_D = axis_H + axis_H  # rotate-half layout
+        self._axis_index: torch.Tensor | None = None  # axis_D on the device of the last forward
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (3, B, L) or (B, L) -> cos, sin of shape (B, L, head_dim)."""
@@ -78,7 +79,9 @@ class KeyeMRotaryEmbedding(nn.Module):
         # one call for the three axes: dynamic and longrope types pick their frequencies from the largest
         # position over all of them, as Qwen2-VL-style mRoPE does; per-axis calls could disagree
         cos_3BLD, sin_3BLD = self.rotary(x, position_ids)
-        pick_1BLD = torch.tensor(self.axis_D, device=cos_3BLD.device).expand(1, *cos_3BLD.shape[1:])
+        if self._axis_index is None or self._axis_index.device != cos_3BLD.device:  # one copy, not one a forward
+            self._axis_index = torch.tensor(self.axis_D, device=cos_3BLD.device)
+        pick_1BLD = self._axis_index.expand(1, *cos_3BLD.shape[1:])
         return cos_3BLD.gather(0, pick_1BLD)[0], sin_3BLD.gather(0, pick_1BLD)[0]
 
 
