@@ -60,7 +60,7 @@ def test_keye_probe_text_oracle_reports_the_base_beside_the_worlds_majority_answ
     printed = capsys.readouterr().out
     reported = json.loads(printed[printed.index("{"):])
     assert reported["n"] > 12 and reported["per_kind"]["color"] == 1.0
-    # the oracle asks the world's own questions: its majority answers are the world's, counted independently
+    # the oracle asks the world's own questions: its majority answers are those of the world's val.jsonl rows
     info = generate_world(tmp_path, WorldConfig.from_dict({"seed": 0, "clips": {"train": 0, "val": 12, "test": 0}}),
                           progress=False)
     rows = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,14 +435,17 @@ def _progress(iterable, total: int, enabled: bool):
     return tqdm(iterable, total=total, desc="world clips", unit="clip")
 
 
+def majority_shares(rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Per kind (sorted): the share of ``rows`` that always answering its most common answer gets right,
+    and how many rows it has."""
+    by_kind: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        by_kind[r["kind"]][r["answer"]] += 1
+    return {k: (c.most_common(1)[0][1] / c.total(), c.total()) for k, c in sorted(by_kind.items())}
+
+
 def guess_baselines(rows: list[dict], spaces: dict[str, list[str]]) -> dict[str, dict[str, float]]:
     """Per kind: the accuracy of a uniform random guess over the answer space, and of always
     answering the most common answer in ``rows`` (the stronger of the two blind baselines)."""
-    from collections import Counter
-
-    out: dict[str, dict[str, float]] = {}
-    for kind in sorted({r["kind"] for r in rows}):
-        answers = Counter(r["answer"] for r in rows if r["kind"] == kind)
-        total = sum(answers.values())
-        out[kind] = {"random": 1.0 / len(spaces[kind]), "majority": answers.most_common(1)[0][1] / total, "n": total}
-    return out
+    return {kind: {"random": 1.0 / len(spaces[kind]), "majority": share, "n": n}
+            for kind, (share, n) in majority_shares(rows).items()}

@@ -47,7 +47,7 @@ from torch import nn
 
 from keye.data.collate import Sample, collate, count_label_tokens
 from keye.data.world import WorldConfig
-from keye.data.world.generate import make_clip, questions_for_clip
+from keye.data.world.generate import majority_shares, make_clip, questions_for_clip
 from keye.data.world.probes import lookup_probe
 from keye.data.world.text import (TEXT_SEED, TextMix, Turn, conversation, key_words, lookup_turns, messages,
                                   motion_turns, oracle_messages, pretraining_clip)
@@ -400,7 +400,8 @@ def text_oracle(model: nn.Module, processor, clips: dict[str, int]) -> dict[str,
     chains = _scores([c for _, _, c in results], kinds)
     return {**scores, "direct": {"accuracy": direct["accuracy"], "per_kind": direct["per_kind"]},
             "opens_chain": {"share": chains["accuracy"], "per_kind": chains["per_kind"]},
-            "majority": _majorities(answers, kinds)}
+            "majority": {kind: share for kind, (share, _) in
+                         majority_shares([{"kind": k, "answer": a} for k, a in zip(kinds, answers)]).items()}}
 
 
 def lookup_accuracy(model: nn.Module, processor, n: int) -> dict[str, Any]:
@@ -411,14 +412,6 @@ def lookup_accuracy(model: nn.Module, processor, n: int) -> dict[str, Any]:
     scores = _scores(right, [p.kind for p in items])
     scores["first_listed"] = sum(p.first_listed == p.answer for p in items) / max(len(items), 1)
     return scores
-
-
-def _majorities(answers: list[str], kinds: list[str]) -> dict[str, float]:
-    """Per kind, the share of its questions that its most common answer gets right (the blind baseline)."""
-    by_kind: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for answer, kind in zip(answers, kinds):
-        by_kind[kind][answer] += 1
-    return {k: c.most_common(1)[0][1] / c.total() for k, c in sorted(by_kind.items())}
 
 
 def _scores(right: list[bool], kinds: list[str]) -> dict[str, Any]:
