@@ -1,7 +1,9 @@
 """``keye probe NAME --model M``: the teacher-forced measures the nano model cards report, on any checkpoint.
 
 * ``perception``: frame-listing word accuracy (colour, shape, position, "nothing") on a world's clips,
-  the video given; the ceiling the video questions sit under.
+  the video given; the ceiling the video questions sit under. Also split by mention: the words of an
+  object's first listed frame ("first"), those the same as in the frame before ("same", which the decoder
+  can copy) and those that changed since ("changed": a move to another cell).
 * ``chains``: the same words inside the reference chains of thought of the reasoning questions.
 * ``tokens``: what the visual tokens themselves carry: a linear read of each object's colour and shape from
   the token under it, and of each token's own row and column, fitted on the world's train clips.
@@ -74,7 +76,10 @@ def frame_words(args, model, processor) -> tuple[str, dict, dict]:
     measure = listing_word_accuracy if args.probe == "perception" else chain_word_accuracy
     split = args.split or ("val" if args.probe == "perception" else "test")
     result = measure(model, processor, args.world, split, video=video, limit=args.limit)
-    return f"{args.probe}, {split} split of {args.world}, {result['words']} words", result, result["per_type"]
+    rows = dict(result["per_type"])
+    for kind, labels in result.get("by_mention", {}).items():  # perception: by the frame before (see --help)
+        rows.update({f"{kind}, {label}": value for label, value in labels.items()})
+    return f"{args.probe}, {split} split of {args.world}, {result['words']} words", result, rows
 
 
 def text_oracle(args, model, processor) -> tuple[str, dict, dict]:
@@ -117,20 +122,24 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.model, device=args.device, dtype=args.dtype)
     title, result, rows = PROBES[args.probe](args, pipe.model, pipe.processor)
     print(f"{args.model}: {title}")
-    print(table(result["accuracy"], rows, result.get("majority")))
+    # the token read's classes are colours, shapes and grid rows / columns, not a question's answers
+    print(table(result["accuracy"], rows, result.get("majority"), "majority class" if args.probe == "tokens" else
+                "majority answer"))
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
 
 
-def table(overall: float, rows: dict[str, float], majority: dict[str, float] | None = None) -> str:
-    """Overall and per-row accuracies in percent, with the majority answer's where known."""
+def table(overall: float, rows: dict[str, float], majority: dict[str, float] | None = None,
+          baseline: str = "majority answer") -> str:
+    """Overall and per-row accuracies in percent, with the ``majority`` baseline's (named ``baseline``) where
+    known."""
     width = max(map(len, ["overall", *rows]))
     lines = []
     for name, value in [("overall", overall), *rows.items()]:
         line = f"  {name:<{width}}  {100 * value:5.1f}%"
         if majority is not None and name in majority:
-            line += f"   (majority answer {100 * majority[name]:.1f}%)"
+            line += f"   ({baseline} {100 * majority[name]:.1f}%)"
         lines.append(line)
     return "\n".join(lines)
 

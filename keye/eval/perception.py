@@ -7,6 +7,11 @@ is the share of content words right (colours, shapes, the cell's row and column 
 and per word type. Timestamps and punctuation are given away by the format and not scored. A chain of
 reasoning over several frames is only as right as these words, so this is the ceiling the video questions
 sit under.
+
+Most of a listing's words repeat the frame before, so the decoder can copy them without looking. The score
+is therefore also split by mention: a word of an object's ``first`` listed frame (it was not listed in the
+frame before), a word the ``same`` as that object's in the frame before, or one that ``changed`` since (its
+row or column after a move). The ``first`` words are the ones only the frame can give.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
-from keye.data.world.generate import frame_objects, frames_row, make_clip
+from keye.data.world.generate import MENTIONS, frame_objects, frame_texts, frames_row, listing_mentions, make_clip
 from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
 from keye.errors import ConfigError, KeyeInputError
 from keye.eval.formats import read_rows
@@ -49,11 +54,13 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
                           batch_size: int = 8) -> dict[str, Any]:
     """Teacher-forced word accuracy of the frame listings of ``split``'s clips of the world in
     ``world_dir`` (rebuilt from its ``world.json``; the split's videos must be there). ``video``: the
-    sampling the model was trained with. Returns {"accuracy", "words", "per_type": {type: accuracy}}."""
+    sampling the model was trained with. Returns {"accuracy", "words", "per_type": {type: accuracy},
+    "by_mention": {type: {mention: accuracy}}, "mention_words": {mention: count}} (mentions: module docstring)."""
     world_dir = Path(world_dir)
     config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
-    return _word_accuracy(model, processor, world_dir, [frames_row(clip) for clip in clips], video, batch_size)
+    return _word_accuracy(model, processor, world_dir, [frames_row(clip) for clip in clips], video, batch_size,
+                          mentions=[listing_mentions(frame_texts(clip)) for clip in clips])
 
 
 @torch.no_grad()
@@ -72,14 +79,18 @@ def chain_word_accuracy(model: nn.Module, processor, world_dir: str | Path, spli
 
 
 def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict], video: VideoOptions,
-                   batch_size: int, stop_at: int | None = None) -> dict[str, Any]:
+                   batch_size: int, stop_at: int | None = None, mentions: list[list[str | None]] | None = None
+                   ) -> dict[str, Any]:
     """Teacher-forced share of the scored words (``word_type``) of the rows' assistant turns that the model's
-    argmax gets right; with ``stop_at``, only the words before that token."""
+    argmax gets right; with ``stop_at``, only the words before that token. ``mentions``: per row, a label for
+    each of its scored words in order, adding ``by_mention`` ({type: {label: accuracy}}) and ``mention_words``
+    ({label: count}) to the result."""
     builder = SampleBuilder(processor, video, base_dir=world_dir)
     tokenizer, device = processor.tokenizer, next(model.parameters()).device
     was_training = model.training
     model.eval()
     right: dict[str, list[bool]] = collections.defaultdict(list)
+    by_mention: dict[tuple[str, str], list[bool]] = collections.defaultdict(list)
     for start in range(0, len(rows), batch_size):
         samples = [builder(row) for row in rows[start:start + batch_size]]
         batch = collate(samples, pad_id=tokenizer.pad_token_id)
@@ -89,18 +100,33 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
         for b in range(len(samples)):
             stops = (labels_BL[b] == stop_at).nonzero().flatten().tolist() if stop_at is not None else []
             end = stops[0] if stops else labels_BL.shape[1]
-            for positions in _words(tokenizer, labels_BL[b, :end]):
-                word = tokenizer.decode(labels_BL[b, positions]).strip()
-                kind = word_type(word)
+            scored = []  # (type, right) per scored word, in order
+            for positions in label_words(tokenizer, labels_BL[b, :end]):
+                kind = word_type(tokenizer.decode(labels_BL[b, positions]).strip())
                 if kind is not None:  # position t predicts token t + 1
-                    right[kind].append(all(int(predicted_BL[b, p - 1]) == int(labels_BL[b, p]) for p in positions))
+                    ok = all(int(predicted_BL[b, p - 1]) == int(labels_BL[b, p]) for p in positions)
+                    right[kind].append(ok)
+                    scored.append((kind, ok))
+            if mentions is not None:
+                labels = mentions[start + b]
+                if len(labels) != len(scored):
+                    raise ValueError(f"row {rows[start + b].get('id')}: {len(scored)} scored words, "
+                                     f"{len(labels)} mention labels")
+                for (kind, ok), label in zip(scored, labels):
+                    if label is not None:
+                        by_mention[kind, label].append(ok)
     model.train(was_training)
-    scored = [r for rs in right.values() for r in rs]
-    return {"accuracy": sum(scored) / max(len(scored), 1), "words": len(scored),
-            "per_type": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
+    every = [r for rs in right.values() for r in rs]
+    out = {"accuracy": sum(every) / max(len(every), 1), "words": len(every),
+           "per_type": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
+    if mentions is not None:
+        out["by_mention"] = {kind: {label: sum(v) / len(v) for label in MENTIONS if (v := by_mention.get((kind, label)))}
+                             for kind in sorted({k for k, _ in by_mention})}
+        out["mention_words"] = {label: sum(len(v) for (_, m), v in by_mention.items() if m == label) for label in MENTIONS}
+    return out
 
 
-def _words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
+def label_words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
     """Positions of the labelled tokens grouped into words (a token starting with a space, or after a
     punctuation token, begins a word)."""
     words: list[list[int]] = []

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from keye.data.world import QUESTION_KINDS, SceneConfig, WorldConfig, generate_world, guess_baselines, make_clip, render_clip
-from keye.data.world.scene import BACKGROUNDS, COLORS
+from keye.data.world.scene import BACKGROUNDS, COLORS, where
 from keye.errors import ConfigError
 
 SCENE = SceneConfig(height=64, width=64, fps=4.0, durations=(4.0, 5.0))
@@ -436,3 +436,36 @@ def test_cli_main_generates_and_reports(tmp_path, capsys):
     assert "unknown key 'colours'" in capsys.readouterr().err
     assert main(["world", "--out", str(tmp_path / "w2"), "scene.heigth=32"]) == 2
     assert "unknown key 'scene.heigth'" in capsys.readouterr().err
+
+
+def test_listing_mentions_mark_what_the_frame_before_already_says():
+    from keye.data.world.generate import listing_mentions
+
+    texts = [(0.0, "red circle top left, blue square middle centre"),
+             (0.5, "red circle top centre, blue square middle centre"),  # the circle moves one column
+             (1.0, "nothing"),
+             (1.5, "blue square middle centre, green triangle bottom right")]  # back after a gap: first again
+    assert listing_mentions(texts) == (
+        ["first"] * 8
+        + ["same", "same", "same", "changed"] + ["same"] * 4
+        + [None]
+        + ["first"] * 8)
+
+
+def test_listing_mentions_follow_each_object_through_the_worlds_listings(world):
+    from keye.data.world.generate import frame_objects, listing_mentions
+
+    for row in _rows(world / "frames.jsonl"):
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        mentions = iter(listing_mentions([tuple(t) for t in row["frame_texts"]]))
+        before = {}
+        for _, seen in frame_objects(clip):
+            now = {obj.name: where(x, y, clip.width, clip.height).split() for x, y, obj in seen}
+            for name, cell in now.items():
+                expected = (["first"] * 4 if name not in before else
+                            ["same", "same"] + ["same" if a == b else "changed" for a, b in zip(before[name], cell)])
+                assert [next(mentions) for _ in range(4)] == expected, (row["id"], name)
+            if not seen:
+                assert next(mentions) is None
+            before = now
+        assert next(mentions, "end") == "end"

@@ -46,7 +46,8 @@ def test_listing_word_accuracy_scores_the_listing_words(world):
     processor = load_nano_processor()
     vocab = len(processor.tokenizer)
     perfect = listing_word_accuracy(NextToken(vocab), processor, world, video=VIDEO)
-    frames = [seen for i in range(2) for _, seen in frame_objects(make_clip(CONFIG, "val", f"val-{i:05d}")[0])]
+    clips = [make_clip(CONFIG, "val", f"val-{i:05d}")[0] for i in range(2)]
+    frames = [seen for clip in clips for _, seen in frame_objects(clip)]
     objects, empty = sum(len(seen) for seen in frames), sum(not seen for seen in frames)
     assert perfect["accuracy"] == 1.0 and perfect["words"] == 4 * objects + empty  # colour, shape, row, column
     assert perfect["per_type"]["colour"] == 1.0
@@ -57,6 +58,23 @@ def test_listing_word_accuracy_scores_the_listing_words(world):
     colour_blind = listing_word_accuracy(NextToken(vocab, wrong), processor, world, video=VIDEO)
     assert colour_blind["per_type"]["colour"] == 0.0 and colour_blind["per_type"]["shape"] == 1.0
     assert colour_blind["accuracy"] == pytest.approx(1 - objects / perfect["words"])
+
+    # split by mention: an object's words where the frame before did not list it are "first"
+    first = sum(len(seen) for clip in clips for seen in _new_objects(clip))
+    assert perfect["mention_words"]["first"] == 4 * first > 0
+    assert sum(perfect["mention_words"].values()) == perfect["words"] - empty  # "nothing" has no mention
+    assert all(v == 1.0 for labels in perfect["by_mention"].values() for v in labels.values())
+    assert colour_blind["by_mention"]["colour"] == {"first": 0.0, "same": 0.0}  # a colour never changes
+    assert colour_blind["by_mention"]["shape"] == {"first": 1.0, "same": 1.0}
+
+
+def _new_objects(clip):
+    """Per listed frame, the objects the frame before did not list."""
+    before = set()
+    for _, seen in frame_objects(clip):
+        now = {obj.name for _, _, obj in seen}
+        yield now - before
+        before = now
 
 
 def test_chain_word_accuracy_scores_the_chain_words_not_the_answer(world):
@@ -152,3 +170,27 @@ def test_token_readout_reads_what_the_tokens_hold(tmp_path):
     assert result["objects"] == sum(map(len, listed)) and result["tokens"] == 4 * len(listed)  # 2 x 2 tokens a frame
     with pytest.raises(KeyeInputError, match="fitted on 7 train clips; the world has 6"):
         token_readout(PositionTokens(), processor, tmp_path, train_clips=7, video=VIDEO)
+
+
+def test_keye_probe_tokens_prints_the_read_of_the_model_it_loads(tmp_path, capsys):
+    from keye.api import load
+    from keye.cli import main
+    from keye.eval.perception import token_readout
+    from keye.models import build_model
+
+    config = WorldConfig.from_dict({"seed": 5, "clips": {"train": 3, "val": 1, "test": 0},
+                                    "scene": {"height": 56, "width": 56}, "crop_size": 56})
+    generate_world(tmp_path / "world", config, progress=False)
+    torch.manual_seed(0)
+    stage = tmp_path / "stage0"
+    build_model("keye-nano").save_pretrained(stage / "model")
+    load_nano_processor().save_pretrained(stage / "model")
+    (stage / "config.yaml").write_text("stage: vit\nvideo: {fps: 2.0, min_pixels: 3136, max_pixels: 3136, slow_fast: false}\n")
+    assert main(["probe", "tokens", "--model", str(stage / "model"), "--world", str(tmp_path / "world"),
+                 "--train-clips", "3", "--device", "cpu", "--dtype", "float32", "--json"]) == 0
+    printed = capsys.readouterr().out
+    reported = json.loads(printed[printed.index("{"):])
+    pipe = load(str(stage / "model"), device="cpu", dtype="float32")
+    expected = token_readout(pipe.model, pipe.processor, tmp_path / "world", train_clips=3, video=VIDEO)
+    assert reported["per_kind"] == expected["per_kind"] and reported["objects"] == expected["objects"]
+    assert f"(majority class {100 * expected['majority']['column']:.1f}%)" in printed
