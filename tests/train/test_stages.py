@@ -491,3 +491,49 @@ def test_data_max_samples_limits_stage0_and_the_vq_stage(run_root, chain, caplog
     frames = sum(len(read_video(str(v), slow_fast=False, **vq.video.message()).frames) for v in videos)
     report = json.loads((run_root / "vq_two_videos" / "tokenizer" / "vq_report.json").read_text())
     assert report["final"]["tokens"] == 4 * frames  # no data.eval: reported on the two training videos
+
+
+def test_listing_repeat_labels_keep_the_loss_on_what_only_the_frame_gives(run_root, chain, monkeypatch):
+    from keye.data.collate import SampleBuilder
+    from keye.data.world.generate import listing_mentions
+    from keye.errors import ConfigError
+    from keye.eval.perception import label_words, word_type
+    from keye.train.stages import lm
+
+    cfg = chain["stage2_multitask"]
+    builder = SampleBuilder(load_start(cfg, run_root)[1], cfg.video, base_dir=run_root / "world")
+    tokenizer = builder.processor.tokenizer
+    rows = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
+
+    def scored(labels):
+        words = [tokenizer.decode(labels[w]).strip() for w in label_words(tokenizer, labels)]
+        return [w for w in words if word_type(w)]
+
+    every, none, half, again = (lm.LMDataset(rows, builder, listing_repeat_labels=share) for share in (1.0, 0.0, 0.5, 0.5))
+    repeats = kept = 0
+    for i, row in enumerate(rows):
+        mentions = listing_mentions(row["frame_texts"])
+        words = scored(every[i].labels)
+        assert torch.equal(every[i].labels, builder(row).labels)  # 1.0: labels as built
+        assert scored(none[i].labels) == [w for w, m in zip(words, mentions) if m != "same"]
+        dropped = (none[i].labels == -100) & (every[i].labels != -100)
+        assert torch.equal(none[i].labels[~dropped], every[i].labels[~dropped])  # timestamps, punctuation kept
+        assert torch.equal(half[i].labels, again[i].labels)  # the same draw on every load
+        repeats += mentions.count("same")
+        kept += len(scored(half[i].labels)) - (len(words) - mentions.count("same"))
+    assert 0.3 < kept / repeats < 0.7
+
+    shares = []
+
+    class Spy(lm.LMDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            shares.append(self.listing_repeat_labels)
+
+    monkeypatch.setattr(lm, "LMDataset", Spy)
+    cfg = load_stage_config(NANO / "stage2_multitask.yaml", tiny_overrides(listing_repeat_labels=0.25, **{"run.steps": 1}))
+    cfg.out = "multitask_repeats"
+    run_stage(cfg, run_root)
+    assert shares == [0.25]  # the stage file's value reaches the dataset
+    with pytest.raises(ConfigError, match="listing_repeat_labels"):
+        load_stage_config(NANO / "stage2_multitask.yaml", tiny_overrides(listing_repeat_labels=1.5))

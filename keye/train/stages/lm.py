@@ -22,6 +22,11 @@ questions stay near 49% (model card). ``grounding.weight`` > 0 adds minus the lo
 at each answer's position, on the visual tokens whose cells overlap the boxes of the objects its question
 names ("the triangle", "the red circle"; ``keye.data.world.grounding``), averaged over the batch's answers.
 The boxes come from the rows of the same clip that carry ``frame_boxes`` (the world's ``frames.jsonl``).
+
+**Listing words that repeat** (``listing_repeat_labels``). In a frame listing most words are the object's
+words in the frame before, so a decoder learns to copy them, and then copies a cell after a move too (the
+model card's perception split). Below 1, only that share of the repeated words keep their labels (drawn per
+row, the same draw every epoch); an object's first listed words and the cells that change keep theirs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import collections
 import dataclasses
 import functools
 import logging
+import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +46,10 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.data.modes import assign_modes
+from keye.data.world.generate import listing_mentions
 from keye.data.world.grounding import Grounding, grounding_targets
 from keye.errors import ConfigError, KeyeInputError
+from keye.eval.perception import label_words, word_type
 from keye.train.attention import AttentionTap, attention_on
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.runner import StepLoss, train
@@ -75,9 +84,14 @@ class LMStageConfig(StageConfig):
     # memory O(loss_chunk x vocab) instead of O(labels x vocab); 0 takes all positions at once
     loss_chunk: int = 4096
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    # share of a frame listing's words that repeat the frame before (module docstring) that keep their labels;
+    # 1 keeps all, below 1 the listing's loss falls on the words only the frame can give
+    listing_repeat_labels: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
+        if not 0.0 <= self.listing_repeat_labels <= 1.0:
+            raise ConfigError(f"listing_repeat_labels: a share from 0 to 1, got {self.listing_repeat_labels}")
         if self.packing and not self.max_length:
             raise ConfigError("packing: true needs max_length, the length of a packed row")
         if self.packing and self.grounding.weight > 0:
@@ -97,12 +111,17 @@ class LMDataset:
     """Rows -> ``Sample``s, built lazily and skipped (counted) when a video cannot be read."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder, max_length: int | None = None,
-                 grounder: "ObjectGrounder | None" = None):
+                 grounder: "ObjectGrounder | None" = None, listing_repeat_labels: float = 1.0):
         self.rows, self.builder, self.max_length, self.grounder = rows, builder, max_length, grounder
+        self.listing_repeat_labels = listing_repeat_labels
         self.safe = SkipBadSamples(rows, self._load)
 
     def _load(self, row: dict):
         sample = self.builder(row)
+        if self.listing_repeat_labels < 1 and row.get("frame_texts"):
+            keep = random.Random(zlib.crc32(str(row.get("id")).encode())) if self.listing_repeat_labels > 0 else None
+            drop_repeated_labels(sample.labels, row["frame_texts"], self.builder.processor.tokenizer,
+                                 lambda: keep is None or keep.random() >= self.listing_repeat_labels)
         if self.max_length and len(sample.input_ids) > self.max_length:
             raise KeyeInputError(f"row {row.get('id')!r}: {len(sample.input_ids)} tokens > max_length {self.max_length}")
         if self.grounder is not None:
@@ -127,6 +146,21 @@ class LMDataset:
     @property
     def keep_errors(self) -> int:
         return self.safe.keep_errors
+
+
+def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, tokenizer, drop) -> int:
+    """Set to -100, in place, the labels of the listing words in ``labels_L`` that repeat the frame before
+    (``listing_mentions`` of ``frame_texts``) for which ``drop()`` is true; returns how many. Labels whose
+    scored words do not line up with the listing (another turn, a rendering that adds words) are left as
+    they are."""
+    words = [w for w in label_words(tokenizer, labels_L) if word_type(tokenizer.decode(labels_L[w]).strip())]
+    mentions = listing_mentions([tuple(t) for t in frame_texts])
+    if len(words) != len(mentions):
+        return 0
+    dropped = [positions for positions, mention in zip(words, mentions) if mention == "same" and drop()]
+    for positions in dropped:
+        labels_L[positions] = -100
+    return len(dropped)
 
 
 class ObjectGrounder:
@@ -206,7 +240,7 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
     grounder, tap = None, None
     if cfg.grounding.weight > 0:
         grounder, tap = _grounded(cfg, rows, builder, model, processor)
-    dataset = LMDataset(rows, builder, cfg.max_length, grounder)
+    dataset = LMDataset(rows, builder, cfg.max_length, grounder, cfg.listing_repeat_labels)
     loss_fn = functools.partial(lm_loss_fn, loss_chunk=cfg.loss_chunk, grounding=cfg.grounding, tap=tap)
     model = train(model, dataset, lm_collate(processor, cfg), loss_fn, count_label_tokens, cfg.run,
                   out_dir or stage_dir, desc=cfg.out)
