@@ -134,7 +134,8 @@ def test_grounded_stage2_moves_the_head_onto_the_asked_objects(run_root):
         inputs = {k: v for k, v in batch.items() if k != "groundings"}
         with torch.no_grad():
             model(**inputs)
-        value = float(attention_on(tap, 2, batch["attention_mask"].bool(), batch["groundings"]))
+        rows = [(b, g.position, g.targets) for b, g in batch["groundings"]]
+        value = float(attention_on(tap, 2, batch["attention_mask"].bool(), rows))
         tap.remove()
         return value
 
@@ -157,3 +158,69 @@ def test_grounding_config_errors_name_the_problem(run_root):
         run_stage(stage2(**{"grounding.weight": 1.0, "data.train": "[world/dense_only.jsonl]"}, out="bad"), run_root)
     with pytest.raises(ConfigError, match="layer 7"):
         run_stage(stage2(**{"grounding.weight": 1.0, "grounding.layer": 7}, out="bad2"), run_root)
+
+
+def test_motion_answers_name_their_objects_first_and_last_frames(run_root):
+    """A motion or entry answer's ``first`` / ``last`` are its targets in the earliest and the latest frame
+    that shows its object; every other answer has none. A short stage 2 with ``grounding.mentions`` moves the
+    two mention heads onto them, and the next-token loss still falls."""
+    from keye.data.collate import SampleBuilder
+    from keye.data.world.grounding import asks_track
+    from keye.processing import load_nano_processor
+    from keye.train.attention import AttentionTap, attention_on
+    from keye.train.base import load_start, read_rows
+    from keye.train.metrics import read_metrics
+    from keye.train.stages.lm import LMDataset, ObjectGrounder, collate_grounded
+
+    assert asks_track("Which way does the red circle move: left, right, up, down, or does it stay still?")
+    assert asks_track("Does the red circle enter the frame, leave the frame, or stay in view?")
+    assert not asks_track("What colour is the triangle?") and not asks_track("Which appears first in the video?")
+
+    cfg = stage2("stage2_mentions", **{"grounding.mentions": 3.0, "run.steps": 12, "run.micro_batch": 4,
+                                       "run.optim.warmup_steps": 0, "run.optim.schedule": "constant"})
+    rows, base = read_rows(cfg.data.train, run_root)
+    processor = load_nano_processor()
+    builder = SampleBuilder(processor, cfg.video, base_dir=base)
+    video_id = processor.token_ids["<|video_pad|>"]
+    grounder = ObjectGrounder(rows, builder, video_id, 2)
+    dense = [r for r in rows if r["id"].endswith("dense")]
+    tracked = 0
+    for row in dense:
+        sample = builder(row)
+        video_L = torch.nonzero(sample.input_ids == video_id).flatten().tolist()
+        questions = [m["content"].removeprefix("<video>") for m in row["messages"] if m["role"] == "user"]
+        for g in grounder(row, sample):
+            if not asks_track(questions[g.question]):
+                assert g.first == g.last == ()
+                continue
+            frames = sorted({video_L.index(t) // 16 for t in g.targets})  # 16 tokens a frame
+            assert {video_L.index(t) // 16 for t in g.first} == {frames[0]}
+            assert {video_L.index(t) // 16 for t in g.last} == {frames[-1]} and frames[0] < frames[-1]
+            assert set(g.first) | set(g.last) <= set(g.targets)
+            tracked += 1
+    assert tracked >= 2
+
+    dataset = LMDataset(dense, builder, grounder=grounder)
+    batch = collate_grounded([dataset[i] for i in range(len(dense))], processor.tokenizer.pad_token_id)
+    moving = [(b, g) for b, g in batch["groundings"] if g.first]
+
+    def mention_loss(model) -> float:
+        tap = AttentionTap(model.model.layers[1])
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "groundings"})
+        mask = batch["attention_mask"].bool()
+        value = sum(float(attention_on(tap, head, mask, [(b, g.position, getattr(g, end)) for b, g in moving]))
+                    for head, end in ((0, "first"), (1, "last")))
+        tap.remove()
+        return value / 2
+
+    before = mention_loss(load_start(cfg, run_root)[0].eval())
+    run_stage(cfg, run_root)
+    from transformers import AutoModelForImageTextToText
+
+    after = mention_loss(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    assert after < before - 0.3, (before, after)
+    logged = read_metrics(run_root / cfg.out / "metrics.jsonl")
+    assert "mentions" in logged[0] and "grounding" not in logged[0] and logged[-1]["loss"] < logged[0]["loss"]
+    with pytest.raises(ConfigError, match="a head of its own"):
+        run_stage(stage2("bad3", **{"grounding.weight": 1.0, "grounding.mentions": 1.0, "grounding.head": 0}), run_root)

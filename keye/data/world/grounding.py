@@ -5,6 +5,10 @@ laid over a clip's merged-token grid, for the next-token stages' grounded attent
 A question names its objects as "the red triangle", "the triangle" or "the red object"; every box whose
 phrase fits one of those references is asked about, and a merged token is on it when its cell overlaps the box.
 Questions that name no object ("How many objects move left?") have no targets.
+
+A motion or entry question ("Which way does the red circle move: ...", "Does the red circle enter the
+frame, ...") is answered by comparing where its object is in the first and the last sampled frame that show
+it; its grounding also names those two frames' tokens (``first``, ``last``), the reads a mention head makes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from keye.data.world.scene import COLORS, SHAPES
 
 _REFERENCE = re.compile(rf"\bthe (?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)}|object)\b")
+_TRACKED = re.compile(r"\s*(?:which way does|does) the ")  # motion and entry questions
 NEAREST = 0.26  # seconds: a sampled frame further than this from every listed frame has no boxes (the world lists 2 fps)
 
 
@@ -24,6 +29,11 @@ def asked_objects(question: str) -> list[tuple[str | None, str | None]]:
     """(colour or None, shape or None) of every object ``question`` names; "the object" alone names none."""
     refs = [(c, None if s == "object" else s) for c, s in _REFERENCE.findall(question.lower())]
     return [(c or None, s) for c, s in refs if c or s]
+
+
+def asks_track(question: str) -> bool:
+    """Whether ``question`` is answered by the asked object's first and last frames (motion, entry)."""
+    return bool(_TRACKED.match(question.lower()))
 
 
 def fits(phrase: str, reference: tuple[str | None, str | None]) -> bool:
@@ -47,11 +57,14 @@ def cells_on(boxes_K4: torch.Tensor, h: int, w: int) -> torch.Tensor:
 class Grounding(NamedTuple):
     """One answer's grounding: which of the conversation's questions it answers, the position whose
     next-token prediction is the answer's first token, and the positions of the visual tokens that show
-    the objects its question names."""
+    the objects its question names; for a motion or entry question seen in two frames or more, those of
+    the first and of the last frame that shows its object (else empty)."""
 
     question: int
     position: int
     targets: list[int]
+    first: tuple[int, ...] = ()
+    last: tuple[int, ...] = ()
 
 
 def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: list[str], video_token_id: int,
@@ -85,11 +98,13 @@ def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: 
         references = asked_objects(question)
         if not references:
             continue
-        targets = []
+        frames = []  # the asked objects' token positions, per sampled frame that shows them
         for offset, h, w, boxes in per_frame:
             asked = [b[1:] for b in boxes if any(fits(b[0], r) for r in references)]
             cells = torch.nonzero(cells_on(torch.tensor(asked, dtype=torch.float64).reshape(-1, 4), h, w)).flatten()
-            targets += [video_L[offset + c] for c in cells.tolist()]
-        if targets:
-            out.append(Grounding(q, start - 1, targets))
+            if len(cells):
+                frames.append(tuple(video_L[offset + c] for c in cells.tolist()))
+        if frames:
+            ends = (frames[0], frames[-1]) if asks_track(question) and len(frames) > 1 else ((), ())
+            out.append(Grounding(q, start - 1, [t for cells in frames for t in cells], *ends))
     return out

@@ -22,6 +22,9 @@ questions stay near 49% (model card). ``grounding.weight`` > 0 adds minus the lo
 at each answer's position, on the visual tokens whose cells overlap the boxes of the objects its question
 names ("the triangle", "the red circle"; ``keye.data.world.grounding``), averaged over the batch's answers.
 The boxes come from the rows of the same clip that carry ``frame_boxes`` (the world's ``frames.jsonl``).
+``grounding.mentions`` > 0 does the same for the two reads a motion or entry question turns on, as the text
+base's mention heads do over listings: at its answer, one head of ``mention_layer`` on the object's tokens in
+the first sampled frame that shows it, the other on those of the last.
 
 **Listing words that repeat** (``listing_repeat_labels``). In a frame listing most words are the object's
 words in the frame before, so a decoder learns to copy them, and then copies a cell after a move too (the
@@ -70,6 +73,20 @@ class GroundingConfig:
     weight: float = 0.0
     layer: int = 1
     head: int = 2
+    # a motion / entry answer attending to its object's tokens in the first and in the last frame that shows it
+    mentions: float = 0.0
+    mention_layer: int = 1
+    mention_heads: tuple[int, int] = (0, 1)  # (first frame, last frame)
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """The (layer, head) pairs the terms that are on shape."""
+        return ([(self.layer, self.head)] if self.weight > 0 else []) + \
+            ([(self.mention_layer, h) for h in self.mention_heads] if self.mentions > 0 else [])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.heads)
 
 
 @dataclass
@@ -94,8 +111,8 @@ class LMStageConfig(StageConfig):
             raise ConfigError(f"listing_repeat_labels: a share from 0 to 1, got {self.listing_repeat_labels}")
         if self.packing and not self.max_length:
             raise ConfigError("packing: true needs max_length, the length of a packed row")
-        if self.packing and self.grounding.weight > 0:
-            raise ConfigError("grounding.weight: grounded attention reads one row per sample; it does not work "
+        if self.packing and self.grounding.enabled:
+            raise ConfigError("grounding: grounded attention reads one row per sample; it does not work "
                               "with packing: true")
         if self.loss_chunk < 0:
             raise ConfigError(f"loss_chunk: must be >= 0 (0: no chunking), got {self.loss_chunk}")
@@ -188,36 +205,47 @@ class ObjectGrounder:
 
 
 def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int = 0,
-               grounding: GroundingConfig = GroundingConfig(), tap: AttentionTap | None = None) -> StepLoss:
+               grounding: GroundingConfig = GroundingConfig(), taps: dict[int, AttentionTap] | None = None
+               ) -> StepLoss:
     """Summed assistant-token cross-entropy (the head ``loss_chunk`` positions at a time); the MoE router
-    losses and, with ``grounding.weight`` > 0, the grounded-attention term (read from ``tap``, a mean over
-    the batch's ``groundings``) ride along as ``aux_loss``."""
+    losses and, with ``grounding`` on, the grounded-attention terms (read from ``taps``, by layer; each a mean
+    over the batch's ``groundings``) ride along as ``aux_loss``."""
     groundings = batch.pop("groundings", [])
     # sum over label tokens; the head runs only there
     out = model(**batch, num_items_in_batch=1, sparse_logits=True, loss_chunk=loss_chunk)
     aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
     metrics = {"router_aux": float(out.aux_loss.detach())} if out.aux_loss is not None else {}
+    mask = batch["attention_mask"].bool()
+    terms = []  # (metric, weight, value)
     if grounding.weight > 0 and groundings:
-        value = attention_on(tap, grounding.head, batch["attention_mask"].bool(), groundings)
-        aux = grounding.weight * value + (aux if aux is not None else 0)
-        metrics["grounding"] = float(value.detach())
+        value = attention_on(taps[grounding.layer], grounding.head, mask, [(b, g.position, g.targets) for b, g in groundings])
+        terms.append(("grounding", grounding.weight, value))
+    tracked = [(b, g) for b, g in groundings if g.first]
+    if grounding.mentions > 0 and tracked:
+        tap, (first, last) = taps[grounding.mention_layer], grounding.mention_heads
+        value = (attention_on(tap, first, mask, [(b, g.position, g.first) for b, g in tracked])
+                 + attention_on(tap, last, mask, [(b, g.position, g.last) for b, g in tracked])) / 2
+        terms.append(("mentions", grounding.mentions, value))
+    for name, weight, value in terms:
+        aux = weight * value + (aux if aux is not None else 0)
+        metrics[name] = float(value.detach())
     return StepLoss(loss_sum=out.lm_loss, aux_loss=aux, metrics=metrics)
 
 
 def lm_collate(processor, cfg: LMStageConfig | None = None):
     """Samples -> one padded row each, or packed rows when ``cfg.packing`` (rows of ``cfg.max_length``);
-    with grounding on, plus ``groundings``: (row, answer position, target positions) per grounded answer."""
+    with grounding on, plus ``groundings``: (row, ``Grounding``) per grounded answer."""
     pad_id = processor.tokenizer.pad_token_id
     if cfg is not None and cfg.packing:
         return functools.partial(collate_packed, pad_id=pad_id, pack_length=cfg.max_length)
-    if cfg is not None and cfg.grounding.weight > 0:
+    if cfg is not None and cfg.grounding.enabled:
         return functools.partial(collate_grounded, pad_id=pad_id)
     return functools.partial(collate, pad_id=pad_id)
 
 
 def collate_grounded(samples, pad_id: int) -> dict:
     batch = collate(samples, pad_id)
-    batch["groundings"] = [(b, g.position, g.targets) for b, s in enumerate(samples) for g in s.meta.get("groundings", [])]
+    batch["groundings"] = [(b, g) for b, s in enumerate(samples) for g in s.meta.get("groundings", [])]
     return batch
 
 
@@ -237,14 +265,14 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
     if cfg.data.max_samples:
         rows = rows[: cfg.data.max_samples]
     builder = SampleBuilder(processor, cfg.video, base_dir=base)
-    grounder, tap = None, None
-    if cfg.grounding.weight > 0:
-        grounder, tap = _grounded(cfg, rows, builder, model, processor)
+    grounder, taps = None, {}
+    if cfg.grounding.enabled:
+        grounder, taps = _grounded(cfg, rows, builder, model, processor)
     dataset = LMDataset(rows, builder, cfg.max_length, grounder, cfg.listing_repeat_labels)
-    loss_fn = functools.partial(lm_loss_fn, loss_chunk=cfg.loss_chunk, grounding=cfg.grounding, tap=tap)
+    loss_fn = functools.partial(lm_loss_fn, loss_chunk=cfg.loss_chunk, grounding=cfg.grounding, taps=taps)
     model = train(model, dataset, lm_collate(processor, cfg), loss_fn, count_label_tokens, cfg.run,
                   out_dir or stage_dir, desc=cfg.out)
-    if tap is not None:
+    for tap in taps.values():
         tap.remove()
     if dataset.skipped:
         log.warning("%s: skipped samples %s; first: %s", cfg.out, dict(dataset.skipped), dataset.errors[:1])
@@ -252,18 +280,22 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
 
 
 def _grounded(cfg: LMStageConfig, rows: list[dict], builder: SampleBuilder, model: nn.Module, processor
-              ) -> tuple[ObjectGrounder, AttentionTap]:
-    """The grounder and the tapped layer, after checking the config against the data and the model."""
+              ) -> tuple[ObjectGrounder, dict[int, AttentionTap]]:
+    """The grounder and the tapped layers, after checking the config against the data and the model."""
     grounder = ObjectGrounder(rows, builder, processor.token_ids["<|video_pad|>"], model.config.projector_config.merge_size)
     if not grounder.boxes:
-        raise ConfigError(f"grounding.weight: {cfg.grounding.weight} needs rows with frame_boxes (the world's "
-                          f"frames.jsonl) beside the questions; none of {cfg.data.train} has them")
+        raise ConfigError(f"grounding: grounded attention needs rows with frame_boxes (the world's frames.jsonl) "
+                          f"beside the questions; none of {cfg.data.train} has them")
     text = model.config.text_config
-    if not (0 <= cfg.grounding.layer < text.num_hidden_layers and 0 <= cfg.grounding.head < text.num_attention_heads):
-        raise ConfigError(f"grounding: layer {cfg.grounding.layer}, head {cfg.grounding.head} is not in the decoder "
-                          f"({text.num_hidden_layers} layers of {text.num_attention_heads} heads)")
+    heads = cfg.grounding.heads
+    for layer, head in heads:
+        if not (0 <= layer < text.num_hidden_layers and 0 <= head < text.num_attention_heads):
+            raise ConfigError(f"grounding: layer {layer}, head {head} is not in the decoder "
+                              f"({text.num_hidden_layers} layers of {text.num_attention_heads} heads)")
+    if len(set(heads)) < len(heads):
+        raise ConfigError(f"grounding: each term needs a head of its own, got (layer, head) pairs {heads}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA, the wrapped model
-    return grounder, AttentionTap(base.model.layers[cfg.grounding.layer])
+    return grounder, {layer: AttentionTap(base.model.layers[layer]) for layer in sorted({layer for layer, _ in heads})}
 
 
 @register_stage("align", LMStageConfig)
