@@ -120,9 +120,11 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
     out = {"accuracy": sum(every) / max(len(every), 1), "words": len(every),
            "per_type": {k: sum(v) / len(v) for k, v in sorted(right.items())}}
     if mentions is not None:
+        kinds = sorted({kind for kind, _ in by_mention})
         out["by_mention"] = {kind: {label: sum(v) / len(v) for label in MENTIONS if (v := by_mention.get((kind, label)))}
-                             for kind in sorted({k for k, _ in by_mention})}
-        out["mention_words"] = {label: sum(len(v) for (_, m), v in by_mention.items() if m == label) for label in MENTIONS}
+                             for kind in kinds}
+        out["mention_words"] = {label: sum(len(by_mention.get((kind, label), [])) for kind in kinds)
+                                for label in MENTIONS}
     return out
 
 

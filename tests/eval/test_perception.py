@@ -185,7 +185,8 @@ def test_keye_probe_tokens_prints_the_read_of_the_model_it_loads(tmp_path, capsy
     stage = tmp_path / "stage0"
     build_model("keye-nano").save_pretrained(stage / "model")
     load_nano_processor().save_pretrained(stage / "model")
-    (stage / "config.yaml").write_text("stage: vit\nvideo: {fps: 2.0, min_pixels: 3136, max_pixels: 3136, slow_fast: false}\n")
+    (stage / "config.yaml").write_text("stage: vit\nvideo: {fps: 2.0, min_pixels: 3136, max_pixels: 3136, "
+                                       "slow_fast: false}\n")
     assert main(["probe", "tokens", "--model", str(stage / "model"), "--world", str(tmp_path / "world"),
                  "--train-clips", "3", "--device", "cpu", "--dtype", "float32", "--json"]) == 0
     printed = capsys.readouterr().out

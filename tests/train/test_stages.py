@@ -509,7 +509,8 @@ def test_listing_repeat_labels_keep_the_loss_on_what_only_the_frame_gives(run_ro
         words = [tokenizer.decode(labels[w]).strip() for w in label_words(tokenizer, labels)]
         return [w for w in words if word_type(w)]
 
-    every, none, half, again = (lm.LMDataset(rows, builder, listing_repeat_labels=share) for share in (1.0, 0.0, 0.5, 0.5))
+    every, none, half, again = (lm.LMDataset(rows, builder, listing_repeat_labels=share)
+                                for share in (1.0, 0.0, 0.5, 0.5))
     repeats = kept = 0
     for i, row in enumerate(rows):
         mentions = listing_mentions(row["frame_texts"])
@@ -531,7 +532,8 @@ def test_listing_repeat_labels_keep_the_loss_on_what_only_the_frame_gives(run_ro
             shares.append(self.listing_repeat_labels)
 
     monkeypatch.setattr(lm, "LMDataset", Spy)
-    cfg = load_stage_config(NANO / "stage2_multitask.yaml", tiny_overrides(listing_repeat_labels=0.25, **{"run.steps": 1}))
+    cfg = load_stage_config(NANO / "stage2_multitask.yaml",
+                            tiny_overrides(listing_repeat_labels=0.25, **{"run.steps": 1}))
     cfg.out = "multitask_repeats"
     run_stage(cfg, run_root)
     assert shares == [0.25]  # the stage file's value reaches the dataset

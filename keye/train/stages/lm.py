@@ -80,9 +80,9 @@ class GroundingConfig:
 
     @property
     def heads(self) -> list[tuple[int, int]]:
-        """The (layer, head) pairs the terms that are on shape."""
-        return ([(self.layer, self.head)] if self.weight > 0 else []) + \
-            ([(self.mention_layer, h) for h in self.mention_heads] if self.mentions > 0 else [])
+        """The (layer, head) pairs that the terms which are on shape."""
+        grounded = [(self.layer, self.head)] if self.weight > 0 else []
+        return grounded + ([(self.mention_layer, h) for h in self.mention_heads] if self.mentions > 0 else [])
 
     @property
     def enabled(self) -> bool:
@@ -136,9 +136,9 @@ class LMDataset:
     def _load(self, row: dict):
         sample = self.builder(row)
         if self.listing_repeat_labels < 1 and row.get("frame_texts"):
-            keep = random.Random(zlib.crc32(str(row.get("id")).encode())) if self.listing_repeat_labels > 0 else None
+            draw = random.Random(zlib.crc32(str(row.get("id")).encode()))  # the same draw every epoch
             drop_repeated_labels(sample.labels, row["frame_texts"], self.builder.processor.tokenizer,
-                                 lambda: keep is None or keep.random() >= self.listing_repeat_labels)
+                                 lambda: draw.random() >= self.listing_repeat_labels)
         if self.max_length and len(sample.input_ids) > self.max_length:
             raise KeyeInputError(f"row {row.get('id')!r}: {len(sample.input_ids)} tokens > max_length {self.max_length}")
         if self.grounder is not None:
@@ -218,7 +218,8 @@ def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int
     mask = batch["attention_mask"].bool()
     terms = []  # (metric, weight, value)
     if grounding.weight > 0 and groundings:
-        value = attention_on(taps[grounding.layer], grounding.head, mask, [(b, g.position, g.targets) for b, g in groundings])
+        rows = [(b, g.position, g.targets) for b, g in groundings]
+        value = attention_on(taps[grounding.layer], grounding.head, mask, rows)
         terms.append(("grounding", grounding.weight, value))
     tracked = [(b, g) for b, g in groundings if g.first]
     if grounding.mentions > 0 and tracked:
