@@ -27,25 +27,13 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
-from keye.data.world.generate import MENTIONS, frame_objects, frame_texts, frames_row, listing_mentions, make_clip
-from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
+from keye.data.world.generate import frame_objects, frame_texts, frames_row, make_clip
+from keye.data.world.scene import COLORS, SHAPES
+from keye.data.world.words import MENTIONS, label_words, listing_mentions, word_type
 from keye.errors import ConfigError, KeyeInputError
 from keye.eval.formats import read_rows
 from keye.processing import patchify
 from keye.video import VideoOptions
-
-
-def word_type(word: str) -> str | None:
-    """The scored type of a listing word, or None for what the format gives away."""
-    if word in COLORS:
-        return "colour"
-    if word in SHAPES:
-        return "shape"
-    if word in ROWS or word in COLUMNS:
-        return "position"
-    if word == "nothing":
-        return "nothing"
-    return None
 
 
 @torch.no_grad()
@@ -126,20 +114,6 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
         out["mention_words"] = {label: sum(len(by_mention.get((kind, label), [])) for kind in kinds)
                                 for label in MENTIONS}
     return out
-
-
-def label_words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
-    """Positions of the labelled tokens grouped into words (a token starting with a space, or after a
-    punctuation token, begins a word)."""
-    words: list[list[int]] = []
-    for p in (labels_L != -100).nonzero().flatten().tolist():
-        piece = tokenizer.convert_ids_to_tokens(int(labels_L[p]))
-        starts = piece.startswith("Ġ") or not words or not piece.isalpha()
-        if starts:
-            words.append([p])
-        else:
-            words[-1].append(p)
-    return words
 
 
 # ----------------------------------------------------------------------------- what the visual tokens carry

@@ -439,7 +439,7 @@ def test_cli_main_generates_and_reports(tmp_path, capsys):
 
 
 def test_listing_mentions_mark_what_the_frame_before_already_says():
-    from keye.data.world.generate import listing_mentions
+    from keye.data.world.words import listing_mentions
 
     texts = [(0.0, "red circle top left, blue square middle centre"),
              (0.5, "red circle top centre, blue square middle centre"),  # the circle moves one column
@@ -453,7 +453,8 @@ def test_listing_mentions_mark_what_the_frame_before_already_says():
 
 
 def test_listing_mentions_follow_each_object_through_the_worlds_listings(world):
-    from keye.data.world.generate import frame_objects, listing_mentions
+    from keye.data.world.generate import frame_objects
+    from keye.data.world.words import listing_mentions
 
     for row in _rows(world / "frames.jsonl"):
         clip, _ = make_clip(CONFIG, "train", row["clip_id"])

@@ -12,7 +12,8 @@ from torch import nn
 from keye.data.world import WorldConfig, generate_world
 from keye.data.world.generate import frame_objects, make_clip
 from keye.data.world.scene import COLORS
-from keye.eval.perception import chain_word_accuracy, listing_word_accuracy, word_type
+from keye.data.world.words import word_type
+from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
 from keye.processing import load_nano_processor
 from keye.video import VideoOptions
 

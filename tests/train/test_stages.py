@@ -495,9 +495,9 @@ def test_data_max_samples_limits_stage0_and_the_vq_stage(run_root, chain, caplog
 
 def test_listing_repeat_labels_keep_the_loss_on_what_only_the_frame_gives(run_root, chain, monkeypatch):
     from keye.data.collate import SampleBuilder
-    from keye.data.world.generate import listing_mentions
+    from keye.data.world.words import listing_mentions
     from keye.errors import ConfigError
-    from keye.eval.perception import label_words, word_type
+    from keye.data.world.words import label_words, word_type
     from keye.train.stages import lm
 
     cfg = chain["stage2_multitask"]

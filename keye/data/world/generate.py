@@ -251,27 +251,6 @@ def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
     return out
 
 
-MENTIONS = ("first", "same", "changed")
-
-
-def listing_mentions(texts: list[tuple[float, str]]) -> list[str | None]:
-    """For each content word of the listing of ``frame_texts`` (per listed object its colour, shape, row and
-    column word; a frame's "nothing"), in order: "first" when the object is not listed in the frame before,
-    "same" when the word is that object's word there too, "changed" when it is not (a move to another cell);
-    None for "nothing". Most words are "same", and a decoder can write them without looking at the frame."""
-    out: list[str | None] = []
-    before: dict[str, list[str]] = {}  # "red circle" -> its words in the frame before (names are unique in a frame)
-    for _, text in texts:
-        now = {} if text == "nothing" else {" ".join(w[:2]): w for w in (entry.split() for entry in text.split(", "))}
-        for name, words in now.items():
-            earlier = before.get(name)
-            out += ["first" if earlier is None else "same" if earlier[i] == word else "changed"
-                    for i, word in enumerate(words)]
-        out += [] if now else [None]
-        before = now
-    return out
-
-
 def frame_listing(texts: list[tuple[float, str]]) -> str:
     """``frame_texts`` as one answer: '0.0s: red circle top left, blue square middle centre. 0.5s: ...'."""
     return " ".join(f"{t:.1f}s: {text}." for t, text in texts)

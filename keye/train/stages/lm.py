@@ -49,10 +49,9 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.data.modes import assign_modes
-from keye.data.world.generate import listing_mentions
 from keye.data.world.grounding import Grounding, grounding_targets
+from keye.data.world.words import label_words, listing_mentions, word_type
 from keye.errors import ConfigError, KeyeInputError
-from keye.eval.perception import label_words, word_type
 from keye.train.attention import AttentionTap, attention_on
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.runner import StepLoss, train
