@@ -29,7 +29,7 @@ from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
 from keye.data.world.generate import frame_objects, frame_texts, frames_row, make_clip
 from keye.data.world.scene import COLORS, SHAPES
-from keye.data.world.words import MENTIONS, label_words, listing_mentions, word_type
+from keye.data.world.words import MENTIONS, listing_mentions, scored_words
 from keye.errors import ConfigError, KeyeInputError
 from keye.eval.formats import read_rows
 from keye.processing import patchify
@@ -89,12 +89,10 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
             stops = (labels_BL[b] == stop_at).nonzero().flatten().tolist() if stop_at is not None else []
             end = stops[0] if stops else labels_BL.shape[1]
             scored = []  # (type, right) per scored word, in order
-            for positions in label_words(tokenizer, labels_BL[b, :end]):
-                kind = word_type(tokenizer.decode(labels_BL[b, positions]).strip())
-                if kind is not None:  # position t predicts token t + 1
-                    ok = all(int(predicted_BL[b, p - 1]) == int(labels_BL[b, p]) for p in positions)
-                    right[kind].append(ok)
-                    scored.append((kind, ok))
+            for positions, kind in scored_words(tokenizer, labels_BL[b, :end]):  # position t predicts t + 1
+                ok = all(int(predicted_BL[b, p - 1]) == int(labels_BL[b, p]) for p in positions)
+                right[kind].append(ok)
+                scored.append((kind, ok))
             if mentions is not None:
                 labels = mentions[start + b]
                 if len(labels) != len(scored):

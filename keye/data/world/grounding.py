@@ -21,7 +21,10 @@ import torch
 from keye.data.world.scene import COLORS, SHAPES
 
 _REFERENCE = re.compile(rf"\bthe (?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)}|object)\b")
-_TRACKED = re.compile(r"\s*(?:which way does|does) the ")  # motion and entry questions
+# the questions answered by where their object is in its first and last frames, by their wording; the text
+# stage's mention heads read the same two kinds over listings
+MENTION_QUESTIONS = {"motion": re.compile(r"Which way does the (\w+ \w+) move"),
+                     "entry": re.compile(r"Does the (\w+ \w+) enter the frame")}
 NEAREST = 0.26  # seconds: a sampled frame further than this from every listed frame has no boxes (the world lists 2 fps)
 
 
@@ -33,7 +36,7 @@ def asked_objects(question: str) -> list[tuple[str | None, str | None]]:
 
 def asks_track(question: str) -> bool:
     """Whether ``question`` is answered by the asked object's first and last frames (motion, entry)."""
-    return bool(_TRACKED.match(question.lower()))
+    return any(pattern.match(question.lstrip()) for pattern in MENTION_QUESTIONS.values())
 
 
 def fits(phrase: str, reference: tuple[str | None, str | None]) -> bool:

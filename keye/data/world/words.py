@@ -36,6 +36,13 @@ def label_words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
     return words
 
 
+def scored_words(tokenizer, labels_L: torch.Tensor) -> list[tuple[list[int], str]]:
+    """The labelled words that ``word_type`` scores, in order: (their token positions, their type)."""
+    words = ((positions, word_type(tokenizer.decode(labels_L[positions]).strip()))
+             for positions in label_words(tokenizer, labels_L))
+    return [(positions, kind) for positions, kind in words if kind is not None]
+
+
 MENTIONS = ("first", "same", "changed")
 
 

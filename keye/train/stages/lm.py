@@ -50,7 +50,7 @@ from keye.data.collate import SampleBuilder, collate, collate_packed, count_labe
 from keye.data.conversations import SkipBadSamples
 from keye.data.modes import assign_modes
 from keye.data.world.grounding import Grounding, grounding_targets
-from keye.data.world.words import label_words, listing_mentions, word_type
+from keye.data.world.words import listing_mentions, scored_words
 from keye.errors import ConfigError, KeyeInputError
 from keye.train.attention import AttentionTap, attention_on
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
@@ -110,6 +110,9 @@ class LMStageConfig(StageConfig):
             raise ConfigError(f"listing_repeat_labels: a share from 0 to 1, got {self.listing_repeat_labels}")
         if self.packing and not self.max_length:
             raise ConfigError("packing: true needs max_length, the length of a packed row")
+        if len(set(self.grounding.heads)) < len(self.grounding.heads):
+            raise ConfigError(f"grounding: each term needs a head of its own, got (layer, head) pairs "
+                              f"{self.grounding.heads}")
         if self.packing and self.grounding.enabled:
             raise ConfigError("grounding: grounded attention reads one row per sample; it does not work "
                               "with packing: true")
@@ -169,8 +172,8 @@ def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, tokenizer, d
     (``listing_mentions`` of ``frame_texts``) for which ``drop()`` is true; returns how many. Labels whose
     scored words do not line up with the listing (another turn, a rendering that adds words) are left as
     they are."""
-    words = [w for w in label_words(tokenizer, labels_L) if word_type(tokenizer.decode(labels_L[w]).strip())]
-    mentions = listing_mentions([tuple(t) for t in frame_texts])
+    words = [positions for positions, _ in scored_words(tokenizer, labels_L)]
+    mentions = listing_mentions(frame_texts)
     if len(words) != len(mentions):
         return 0
     dropped = [positions for positions, mention in zip(words, mentions) if mention == "same" and drop()]
@@ -292,8 +295,6 @@ def _grounded(cfg: LMStageConfig, rows: list[dict], builder: SampleBuilder, mode
         if not (0 <= layer < text.num_hidden_layers and 0 <= head < text.num_attention_heads):
             raise ConfigError(f"grounding: layer {layer}, head {head} is not in the decoder "
                               f"({text.num_hidden_layers} layers of {text.num_attention_heads} heads)")
-    if len(set(heads)) < len(heads):
-        raise ConfigError(f"grounding: each term needs a head of its own, got (layer, head) pairs {heads}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA, the wrapped model
     return grounder, {layer: AttentionTap(base.model.layers[layer]) for layer in sorted({layer for layer, _ in heads})}
 

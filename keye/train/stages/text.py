@@ -48,6 +48,7 @@ from torch import nn
 from keye.data.collate import Sample, collate, count_label_tokens
 from keye.data.world import WorldConfig
 from keye.data.world.generate import majority_shares, make_clip, questions_for_clip
+from keye.data.world.grounding import MENTION_QUESTIONS
 from keye.data.world.probes import lookup_probe
 from keye.data.world.text import (TEXT_SEED, TextMix, Turn, conversation, key_words, lookup_turns, messages,
                                   motion_turns, oracle_messages, pretraining_clip)
@@ -195,9 +196,6 @@ class WorldTextDataset:
         return turns
 
 
-# the question kinds whose asked object the mention heads read, by the question's wording
-MENTION_QUESTIONS = {"motion": re.compile(r"Which way does the (\w+ \w+) move"),
-                     "entry": re.compile(r"Does the (\w+ \w+) enter the frame")}
 _ORDER_QUESTION = re.compile(r"Which appears first in the video\?\nA\. the (\w+ \w+)\nB\. the (\w+ \w+)")
 
 
