@@ -30,7 +30,7 @@ from keye.data.world import WorldConfig
 from keye.data.world.generate import frame_objects, frame_texts, frames_row, make_clip
 from keye.data.world.scene import COLORS, SHAPES
 from keye.data.world.words import MENTIONS, listing_mentions, scored_words
-from keye.errors import ConfigError, KeyeInputError
+from keye.errors import KeyeInputError
 from keye.eval.formats import read_rows
 from keye.processing import patchify
 from keye.video import VideoOptions
@@ -121,15 +121,14 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
 def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str = "val", train_clips: int = 200,
                   video: VideoOptions = VideoOptions(), limit: int | None = None) -> dict[str, Any]:
     """How well a linear read of the visual tokens (the projector's output, what the decoder receives) names
-    what the frame shows: each listed object's colour and shape from the token under its centre, and each
+    what the frame shows. A discrete-mode model is read on its codes, one-hot (N codebooks x K codes): any
+    linear read of the summed code embeddings the decoder receives is one of them, so this bounds it. Named: each listed object's colour and shape from the token under its centre, and each
     token's own row and column in its frame's token grid. Fitted on ``train_clips`` train clips of the world
     in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
 
     The listing score (``listing_word_accuracy``) also counts what the decoder copies from the frame before;
     this one says what the tokens themselves hold. Returns {"per_kind": {kind: accuracy}, "majority": {kind:
     the most common answer's share}, "objects", "tokens"} on the scored clips."""
-    if getattr(model.config, "vision_mode", "continuous") != "continuous":
-        raise ConfigError("token_readout reads the projector's tokens; a discrete-mode model has codes instead")
     world_dir = Path(world_dir)
     config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
     if not 0 < train_clips <= config.clips.get("train", 0):
@@ -153,8 +152,6 @@ def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str
 def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, split: str, indices
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per kind, (features (N, D), labels (N,)) over the listed frames of ``split``'s clips ``indices``."""
-    from keye.models.modeling import continuous_features
-
     device = next(model.parameters()).device
     rows: dict[str, tuple[list, list]] = {k: ([], []) for k in ("colour", "shape", "row", "column")}  # (x, y)
     for i in indices:
@@ -166,7 +163,7 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
         patches, grids = zip(*(patchify(decoded.frames[int((seconds - t).abs().argmin())]) for t, _ in listed))
         grid_N3 = torch.tensor(grids)
         merge = model.config.projector_config.merge_size
-        tokens = continuous_features(model, torch.cat(patches).to(device), grid_N3.to(device)).float().cpu()
+        tokens = _visual_tokens(model, torch.cat(patches).to(device), grid_N3.to(device)).cpu()
         for (_, seen), frame_tokens in zip(listed, tokens.split((grid_N3.prod(-1) // merge**2).tolist())):
             h, w = int(grid_N3[0, 1]) // merge, int(grid_N3[0, 2]) // merge
             rows["row"][0].append(frame_tokens)
@@ -180,6 +177,16 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
                     rows[kind][1].append(label)
     return {k: (torch.cat(x) if x else torch.zeros(0, 1), torch.tensor(y, dtype=torch.long))
             for k, (x, y) in rows.items()}
+
+
+def _visual_tokens(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(P, D) float features per merged token: the projector's output, or a discrete model's codes one-hot."""
+    from keye.models.modeling import continuous_features
+
+    if getattr(model.config, "vision_mode", "continuous") == "continuous":
+        return continuous_features(model, pixel_values, grid_thw).float()
+    rows_PN = model.visual_code_ids(pixel_values, grid_thw) - model.config.text_config.vocab_size
+    return torch.nn.functional.one_hot(rows_PN, model.config.visual_tokenizer_config.num_codes).sum(1).float()
 
 
 def _linear_fit(x_ND: torch.Tensor, y_N: torch.Tensor, weight_decay: float = 1e-3, steps: int = 200):

@@ -157,6 +157,21 @@ class PositionTokens(nn.Module):
         return torch.cat(tokens).float()
 
 
+class PositionCodes(PositionTokens):
+    """The discrete twin of ``PositionTokens``: codebook 0 names a token's row, codebook 1 its column."""
+
+    config = SimpleNamespace(vision_mode="discrete", projector_config=SimpleNamespace(merge_size=2),
+                             text_config=SimpleNamespace(vocab_size=10),
+                             visual_tokenizer_config=SimpleNamespace(num_codes=8, codebook_size=4))
+
+    def visual_code_ids(self, pixel_values, grid_thw):
+        codes = []
+        for _, h, w in grid_thw.tolist():
+            rows, cols = torch.arange(h // 2).repeat_interleave(w // 2), torch.arange(w // 2).repeat(h // 2)
+            codes.append(torch.stack([rows, 4 + cols], -1))
+        return torch.cat(codes) + self.config.text_config.vocab_size
+
+
 def test_token_readout_reads_what_the_tokens_hold(tmp_path):
     from keye.errors import KeyeInputError
     from keye.eval.perception import token_readout
@@ -169,6 +184,9 @@ def test_token_readout_reads_what_the_tokens_hold(tmp_path):
     assert result["per_kind"]["row"] == result["per_kind"]["column"] == 1.0
     listed = [seen for i in range(2) for _, seen in frame_objects(make_clip(config, "val", f"val-{i:05d}")[0])]
     assert result["objects"] == sum(map(len, listed)) and result["tokens"] == 4 * len(listed)  # 2 x 2 tokens a frame
+    # a discrete model is read on its codes: the one codebook that names the column is enough
+    codes = token_readout(PositionCodes(), processor, tmp_path, train_clips=6, video=VIDEO)
+    assert codes["per_kind"]["row"] == codes["per_kind"]["column"] == 1.0 and codes["tokens"] == result["tokens"]
     with pytest.raises(KeyeInputError, match="fitted on 7 train clips; the world has 6"):
         token_readout(PositionTokens(), processor, tmp_path, train_clips=7, video=VIDEO)
 
