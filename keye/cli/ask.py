@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from keye.cli.options import add_model_flags, add_video_flags, video_options_from
+from keye.cli.options import add_model_flags, add_video_flags, trained_video_options, video_options_from
 from keye.errors import KeyeInputError
 
 EXAMPLES = """examples:
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             raise KeyeInputError(f"{m}: no such file")
         if path.is_dir():
             raise KeyeInputError(f"{m}: is a folder, not a video or image file")
-    video = video_options_from(args)
+    video = video_options_from(args, trained_video_options(args.model))  # as the model was trained, unless flags say
     pipe = load(args.model, device=args.device, dtype=args.dtype, slow_fast=video.slow_fast, backend=args.backend)
     options = video.message()
     if args.stream:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from keye.cli.options import add_model_flags, add_overrides, add_video_flags, video_options_from
+from keye.cli.options import add_model_flags, add_overrides, add_video_flags, trained_video_options, video_options_from
 from keye.errors import KeyeInputError
 
 EXAMPLES = """examples:
@@ -25,7 +26,8 @@ same --out skips the questions already answered.
 
 def definition_from(args: argparse.Namespace):
     """A definition file (path or name in eval/) if there is one, else a bare format (needs --data); the
-    overrides and flags applied."""
+    overrides and flags applied. Video sampling: the flags, then what the definition (or an override) sets,
+    then the sampling the model was trained with (``trained_video_options``), then the defaults."""
     from keye.config import from_dict, read_config_data
     from keye.eval.formats import DEFINITIONS_DIR, FORMATS, EvalDefinition, check_definition, load_definition
 
@@ -34,12 +36,18 @@ def definition_from(args: argparse.Namespace):
         fields = {"name": target, "format": target}
         if args.data:
             fields["annotations"] = str(Path(args.data).resolve())
-        definition = from_dict(EvalDefinition, {**fields, **read_config_data(None, args.overrides)},
-                               source=f"format {target}")
+        given = read_config_data(None, args.overrides)
+        definition = from_dict(EvalDefinition, {**fields, **given}, source=f"format {target}")
     else:
         definition = load_definition(target, args.overrides)
+        path = target if Path(target).is_file() else DEFINITIONS_DIR / f"{target}.yaml"
+        given = read_config_data(str(path), args.overrides)
         if args.data:
             definition.annotations = str(Path(args.data).resolve())
+    trained = trained_video_options(args.model)
+    if trained is not None:
+        definition.video = dataclasses.replace(
+            trained, **{k: getattr(definition.video, k) for k in given.get("video") or {}})
     if args.video_dir:
         definition.video_dir = str(Path(args.video_dir).resolve())
     if args.mode:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from keye.video.options import VideoOptions
 
@@ -39,6 +40,18 @@ def add_video_flags(parser: argparse.ArgumentParser, backend: bool = True) -> No
     if backend:
         group.add_argument("--backend", default="auto", metavar="NAME",
                            help="video decoder: auto (decord, else PyAV), decord or pyav")
+
+
+def trained_video_options(model: str) -> VideoOptions | None:
+    """The ``video`` section of the stage config beside a model folder (``runs/nano/sft/model`` ->
+    ``runs/nano/sft/config.yaml``): the sampling the model was trained with; None when there is none."""
+    from keye.config import from_dict, read_config_data
+
+    config = Path(model).parent / "config.yaml"
+    if not config.is_file():
+        return None
+    video = read_config_data(str(config)).get("video")
+    return from_dict(VideoOptions, video, source=str(config), prefix="video.").validated(str(config)) if video else None
 
 
 def video_options_from(args: argparse.Namespace, base: VideoOptions | None = None) -> VideoOptions:

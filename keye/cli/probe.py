@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from keye.cli.options import add_model_flags, add_video_flags, video_options_from
+from keye.cli.options import add_model_flags, add_video_flags, trained_video_options, video_options_from
 from keye.errors import KeyeInputError
 
 
@@ -35,18 +35,6 @@ EXAMPLES = """examples:
   keye probe text-oracle --model keye-nano-base --clips train=400  # 1600 questions of clips no stage saw
   keye probe lookup --model runs/nano-base/lookup/model --items 400
 """
-
-
-def trained_video_options(model: str):
-    """The ``video`` section of the stage config beside a model folder, or None when there is none."""
-    from keye.config import from_dict, read_config_data
-    from keye.video import VideoOptions
-
-    config = Path(model).parent / "config.yaml"
-    if not config.is_file():
-        return None
-    video = read_config_data(str(config)).get("video")
-    return from_dict(VideoOptions, video, source=str(config), prefix="video.").validated(str(config)) if video else None
 
 
 def parse_clips(specs: list[str]) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 Out folder::
 
-    run.json            what produced the predictions (definition, model, mode); a rerun must match
+    run.json            what produced the predictions (definition, model, mode, video sampling); a rerun must match
     predictions.jsonl   one line per finished item, appended and fsynced item by item
     results.json        overall and per-category accuracy (rewritten atomically at the end)
     results.md          the same as markdown tables
@@ -180,16 +180,16 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
     check_definition(definition)
     items = read_items(definition)[:limit]
     store = None
+    options = {**definition.video.message(), **(video_options or {})}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         _check_run(out, {"definition": definition.name, "format": definition.format, "model": model_name,
-                         "mode": definition.mode})
+                         "mode": definition.mode, "video": {**options, "slow_fast": definition.video.slow_fast}})
         store = PredictionStore(out / "predictions.jsonl")
     # items that failed on bad input (e.g. a missing video) are retried on every rerun
     done = {k: r for k, r in store.done.items() if "error" not in r} if store else {}
     todo = [item for item in items if item.id not in done]
-    options = {**definition.video.message(), **(video_options or {})}
     records = dict(done)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=definition.name, disable=not progress,
                unit="q", dynamic_ncols=True)
@@ -240,7 +240,7 @@ def evaluate_world(pipe, split_jsonl: str | os.PathLike, *, out_dir=None, mode: 
     split = Path(split_jsonl)
     definition = EvalDefinition(name=f"world-{split.stem}", format="world", annotations=str(split.resolve()),
                                 prompt="{question}", mode=mode, max_new_tokens=max_new_tokens,
-                                video=VideoOptions.from_message(video_options or {}, "video_options"),
+                                video=VideoOptions.from_message(video_options or {}, "video_options", pipe.slow_fast),
                                 breakdown=["kind"])
     try:  # called from a training loop: hand the model back in the mode it came in
         results = run_eval(definition, pipeline_predictor(pipe, mode, max_new_tokens), out_dir, limit=limit,

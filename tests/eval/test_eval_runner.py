@@ -225,6 +225,31 @@ def test_keye_eval_world_by_name_with_data(world, nano, tmp_path):
     assert set(results["by"]) == {"kind", "reasoning"}
 
 
+def test_keye_eval_samples_video_as_the_model_was_trained(world, nano, tmp_path):
+    """A model inside a stage folder is asked about frames sampled as that stage trained it, unless the
+    definition or a flag says otherwise; run.json records the sampling."""
+    stage = tmp_path / "stage"
+    nano[1].save_pretrained(stage / "model")
+    nano[2].save_pretrained(stage / "model")
+    (stage / "config.yaml").write_text("stage: sft\nvideo: {fps: 1.0, min_pixels: 3136, max_pixels: 3136, "
+                                       "slow_fast: false}\n")
+    trained = {"fps": 1.0, "min_pixels": 3136, "max_pixels": 3136, "slow_fast": False}
+
+    def sampled(out, definition="world", *extra):
+        args = ["eval", definition, *extra, "--data", str(world), "--model", str(stage / "model"), "--out",
+                str(tmp_path / out), "--device", "cpu", "--limit", "1", "--max-new-tokens", "1"]
+        assert main(args) == 0
+        return json.loads((tmp_path / out / "run.json").read_text())["video"]
+
+    assert sampled("trained") == trained
+    assert sampled("flag", "world", "--fps", "0.5") == {**trained, "fps": 0.5}
+    assert sampled("override", "world", "video.max_frames=2") == {**trained, "max_frames": 2}
+    # what a definition file sets wins over the model's sampling; the flags over both
+    (tmp_path / "w.yaml").write_text("name: w\nformat: world\nvideo: {max_pixels: 6272}\n")
+    assert sampled("definition", str(tmp_path / "w.yaml")) == {**trained, "max_pixels": 6272}
+    assert sampled("both", str(tmp_path / "w.yaml"), "--max-pixels", "3136") == trained
+
+
 def test_bad_video_is_recorded_and_retried_on_rerun(videos, tmp_path):
     from keye.errors import VideoError
 

@@ -99,7 +99,7 @@ def test_chain_word_accuracy_scores_the_chain_words_not_the_answer(world):
 
 def test_keye_probe_perception_scores_with_the_sampling_the_model_trained_with(world, tmp_path, capsys):
     from keye.cli import main
-    from keye.cli.probe import trained_video_options
+    from keye.cli.options import trained_video_options
     from keye.models import build_model
 
     torch.manual_seed(0)
