@@ -560,10 +560,12 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         return self._pooled(mask, normalize, input_ids=input_ids, attention_mask=attention_mask)
 
 
-def discrete_from_continuous(model: KeyeForConditionalGeneration, tokenizer_path) -> KeyeForConditionalGeneration:
+def discrete_from_continuous(model: KeyeForConditionalGeneration, tokenizer_path,
+                             code_embeddings: torch.Tensor | None = None) -> KeyeForConditionalGeneration:
     """The discrete-mode twin of a continuous model: same ViT and LM weights, the trained tokenizer at
-    ``tokenizer_path`` (the ``vq`` stage's ``tokenizer/`` folder), ``mlp_AR`` dropped and fresh code embeddings (they
-    train with the LM). This is how a pipeline switches an existing checkpoint to the Kelix path."""
+    ``tokenizer_path`` (the ``vq`` stage's ``tokenizer/`` folder), ``mlp_AR`` dropped and code embeddings (they
+    train with the LM): ``code_embeddings`` (num_codes, hidden) if given (``fit_code_embeddings``), else fresh
+    ones. This is how a pipeline switches an existing checkpoint to the Kelix path."""
     trained = load_visual_tokenizer(tokenizer_path)
     config = copy.deepcopy(model.config)
     config.vision_mode = "discrete"
@@ -575,4 +577,11 @@ def discrete_from_continuous(model: KeyeForConditionalGeneration, tokenizer_path
         raise ConfigError(f"discrete_from_continuous: unexpected weight mismatch (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
     twin.visual_tokenizer.load_state_dict(trained.state_dict(), strict=True)
+    if code_embeddings is not None:
+        table = twin.model.visual_embed_tokens.weight
+        if tuple(code_embeddings.shape) != tuple(table.shape):
+            raise ConfigError(f"discrete_from_continuous: code_embeddings {tuple(code_embeddings.shape)}, the model's "
+                              f"table is {tuple(table.shape)}")
+        with torch.no_grad():
+            table.copy_(code_embeddings)
     return twin

@@ -46,5 +46,8 @@ class KeyeProjector(nn.Module):
 
     def forward(self, features_ND: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """features_ND: (sum t*h*w, D_vision) raster-ordered -> (sum t*h*w / m^2, D_text)."""
-        x = self.pre_norm(merge_patches(features_ND, grid_thw, self.merge))
-        return self.linear_2(self.act(self.linear_1(x)))
+        return self.project_merged(merge_patches(features_ND, grid_thw, self.merge))
+
+    def project_merged(self, merged_PF: torch.Tensor) -> torch.Tensor:
+        """Already merged features (P, m^2 * D_vision) -> (P, D_text)."""
+        return self.linear_2(self.act(self.linear_1(self.pre_norm(merged_PF))))

@@ -266,6 +266,29 @@ class KeyeVisualTokenizer(nn.Module):
                 "codebook": out.codebook_loss, "commitment": out.commitment_loss}
 
 
+@torch.no_grad()
+def fit_code_embeddings(tokenizer: KeyeVisualTokenizer, features_PF: torch.Tensor, targets_PH: torch.Tensor,
+                        ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """Code embeddings whose sum reads like ``targets_PH`` (P, H), the vectors a continuous model's projector
+    gives the same merged features: a ridge fit of one linear map A (and bias) from the quantized latent q (P,
+    N*d) to the targets. q concatenates the N codes, so A q is a sum over codebooks of A_i c_i, and code k of
+    codebook i gets the row A_i c_ik (+ bias / N). Returns (table (N*K, H) in ``code_ids`` row order, the fit's
+    share of the targets' variance explained on ``features_PF``)."""
+    q_PL = tokenizer.decode_codes(tokenizer.encode(features_PF)).double()
+    y_PH = targets_PH.double()
+    x_PL = torch.cat([q_PL, torch.ones_like(q_PL[:, :1])], dim=1)
+    gram = x_PL.T @ x_PL
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    a_LH = torch.linalg.solve(gram, x_PL.T @ y_PH)
+    weight_LH, bias_H = a_LH[:-1], a_LH[-1]
+    explained = 1 - float((x_PL @ a_LH - y_PH).pow(2).sum() / (y_PH - y_PH.mean(0)).pow(2).sum())
+    c = tokenizer.config
+    books_NKd = tokenizer.quantizer.codebooks().double()
+    rows = [books_NKd[i] @ weight_LH[i * c.code_dim:(i + 1) * c.code_dim] + bias_H / c.num_codebooks
+            for i in range(c.num_codebooks)]
+    return torch.cat(rows).to(targets_PH.dtype), explained
+
+
 def merged_vit_features(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                         merge: int) -> torch.Tensor:
     """Packed patches (sum t*h*w, 3*p*p) -> the 2x2-merged ViT features the tokenizer reads (P, F)."""

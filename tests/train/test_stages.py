@@ -306,7 +306,8 @@ def test_vq_stage_switches_to_the_discrete_path_and_the_next_stages_train_code_e
     vq.init_from = "stage0_vit"
     run_stage(vq, run_root)
     report = json.loads((run_root / "vq" / "tokenizer" / "vq_report.json").read_text())
-    assert len(report["final"]["usage"]) == 8 and all(0 < u <= 1 for u in report["final"]["usage"])
+    assert len(report["final"]["usage"]) == vq.tokenizer["num_codebooks"] == 32
+    assert all(0 < u <= 1 for u in report["final"]["usage"])
     from keye.video import read_video
 
     test_videos = {v for line in (run_root / "world" / "test.jsonl").read_text().splitlines() for v in json.loads(line)["videos"]}
@@ -491,6 +492,21 @@ def test_data_max_samples_limits_stage0_and_the_vq_stage(run_root, chain, caplog
     frames = sum(len(read_video(str(v), slow_fast=False, **vq.video.message()).frames) for v in videos)
     report = json.loads((run_root / "vq_two_videos" / "tokenizer" / "vq_report.json").read_text())
     assert report["final"]["tokens"] == 4 * frames  # no data.eval: reported on the two training videos
+
+    # the twin's code embeddings are the ones fitted to the start model's projector on those frames
+    from keye.models.modeling import KeyeForConditionalGeneration
+    from keye.models.visual_tokenizer import fit_code_embeddings, load_visual_tokenizer
+    from keye.train.stages.vq import frame_features, vision_tower
+
+    start = KeyeForConditionalGeneration.from_pretrained(run_root / "stage0_vit" / "model").eval()
+    visual, merge, _, _ = vision_tower(start)
+    feats = torch.cat(frame_features(visual, merge, videos, vq.video))
+    tokenizer = load_visual_tokenizer(run_root / "vq_two_videos" / "tokenizer").eval()
+    with torch.no_grad():
+        table, explained = fit_code_embeddings(tokenizer, feats, start.mlp_AR.project_merged(feats))
+    twin = KeyeForConditionalGeneration.from_pretrained(run_root / "vq_two_videos" / "model")
+    torch.testing.assert_close(twin.model.visual_embed_tokens.weight.detach(), table, atol=1e-4, rtol=1e-3)
+    assert report["code_embeddings"]["variance_explained"] == pytest.approx(explained, abs=1e-4)
 
 
 def test_listing_repeat_labels_keep_the_loss_on_what_only_the_frame_gives(run_root, chain, monkeypatch):

@@ -8,7 +8,8 @@ import keye.models  # noqa: F401  (registers the Auto classes)
 from keye.errors import ConfigError
 from keye.models import build_config, build_model
 from keye.models.modeling import KeyeForConditionalGeneration, discrete_from_continuous
-from keye.models.visual_tokenizer import KeyeVisualTokenizer, merged_vit_features, save_visual_tokenizer, split_code_ids
+from keye.models.visual_tokenizer import (KeyeVisualTokenizer, fit_code_embeddings, merged_vit_features,
+                                         save_visual_tokenizer, split_code_ids)
 from keye.processing import load_nano_processor
 from keye.train.optim import apply_freeze_plan
 from keye.video.types import FAST, SLOW, VideoClip
@@ -131,6 +132,43 @@ def test_discrete_from_continuous_keeps_vit_and_lm_and_loads_the_trained_tokeniz
         assert torch.isfinite(twin(**batch).logits).all()
     with pytest.raises(ConfigError, match="not in vision_mode"):
         continuous.load_visual_tokenizer(tmp_path)
+
+
+def test_fitted_code_embeddings_sum_to_the_targets_they_were_fitted_to(processor, tmp_path):
+    """Targets that are a linear map of the quantized latent are reproduced exactly by the twin's summed code
+    embeddings; the projector's own tokens, which are not, are approached far closer than by fresh embeddings."""
+    torch.manual_seed(0)
+    continuous = build_model("keye-nano").eval()
+    vq = build_config("keye-nano").visual_tokenizer_config
+    vq.codebook_size = 16
+    tokenizer = KeyeVisualTokenizer(vq, 4 * continuous.config.vision_config.hidden_size).eval()
+    batch = batch_for(processor)
+    with torch.no_grad():
+        feats = merged_vit_features(continuous.visual, batch["pixel_values_videos"], batch["video_grid_thw"], 2)
+    tokenizer.kmeans_init(torch.cat([feats] * 2))
+    save_visual_tokenizer(tokenizer, tmp_path)
+    hidden = continuous.config.text_config.hidden_size
+
+    q = tokenizer.decode_codes(tokenizer.encode(feats)).detach()
+    linear = q @ torch.randn(q.shape[1], hidden) + torch.randn(hidden)
+    table, explained = fit_code_embeddings(tokenizer, feats, linear, ridge=0.0)
+    assert explained == pytest.approx(1.0, abs=1e-6)
+    twin = discrete_from_continuous(continuous, tmp_path, table).eval()
+    with torch.no_grad():
+        inputs = twin.embed_code_ids(twin.visual_code_ids(batch["pixel_values_videos"], batch["video_grid_thw"]))
+    torch.testing.assert_close(inputs, linear, atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        projected = continuous.mlp_AR(continuous.visual(batch["pixel_values_videos"], batch["video_grid_thw"]),
+                                      batch["video_grid_thw"])
+        torch.testing.assert_close(continuous.mlp_AR.project_merged(feats), projected)
+        fitted = discrete_from_continuous(continuous, tmp_path, fit_code_embeddings(tokenizer, feats, projected)[0])
+        fresh = discrete_from_continuous(continuous, tmp_path)
+        errors = [((m.embed_code_ids(m.visual_code_ids(batch["pixel_values_videos"], batch["video_grid_thw"]))
+                    - projected).norm() / projected.norm()).item() for m in (fitted, fresh)]
+    assert errors[0] < 0.5 * errors[1]
+    with pytest.raises(ConfigError, match="code_embeddings"):
+        discrete_from_continuous(continuous, tmp_path, table[:-1])
 
 
 def test_unknown_vision_mode_is_a_config_error():

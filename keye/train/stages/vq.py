@@ -15,8 +15,9 @@ usage report is measured on the videos of ``data.eval`` / ``data.eval_videos`` (
 frames). Writes into ``<run>/<out>/tokenizer``: ``visual_tokenizer.safetensors`` + ``visual_tokenizer.json``
 (load with ``KeyeForConditionalGeneration.load_visual_tokenizer``), ``vq_report.json`` (per-codebook usage,
 perplexity, reconstruction cosine), ``metrics.jsonl`` and checkpoints; and, with ``discrete_model`` (the
-default), the discrete twin of the start model (same ViT and LM, ``mlp_AR`` dropped, fresh code embeddings)
-as the stage's model, which the next stages start from. A tokenizer alone, outside a recipe::
+default), the discrete twin of the start model as the stage's model, which the next stages start from: the
+same ViT and LM, ``mlp_AR`` dropped, and code embeddings fitted to what ``mlp_AR`` made of the same features
+(``code_embeddings``). A tokenizer alone, outside a recipe::
 
     keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit
 """
@@ -38,8 +39,8 @@ from keye.config import save_config
 from keye.errors import ConfigError, KeyeInputError
 from keye.fileio import atomic_write_text
 from keye.models.configuration import KeyeVisualTokenizerConfig
-from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, merged_vit_features,
-                                         save_visual_tokenizer)
+from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, fit_code_embeddings,
+                                         merged_vit_features, save_visual_tokenizer)
 from keye.processing import patchify
 from keye.train.base import DataConfig, StageConfig, load_start, read_rows, register_stage, save_model
 from keye.train.optim import apply_freeze_plan
@@ -73,7 +74,16 @@ class VQConfig(StageConfig):
     # moved onto a latent of the current batch; 0 turns restarts off
     restart_dead_codes: float = 0.0
     discrete_model: bool = True  # save the start model's discrete twin as this stage's model (false: the tokenizer only)
+    # the twin's code embeddings: "fit" sums to what the start model's projector makes of the same features
+    # (``fit_code_embeddings``), so the decoder first sees what the continuous path would show it; "fresh": random
+    code_embeddings: str = "fit"
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=200, micro_batch=8))
+
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.code_embeddings not in ("fit", "fresh"):
+            raise ConfigError(f"code_embeddings: fit or fresh, got {self.code_embeddings!r}")
 
 
 class _Trainee(nn.Module):
@@ -234,9 +244,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def train_visual_tokenizer(cfg: VQConfig, model: nn.Module, videos: list[Path], eval_videos: list[Path],
-                           out_dir: Path) -> dict[str, Any]:
+                           out_dir: Path) -> tuple[dict[str, Any], KeyeVisualTokenizer, torch.Tensor]:
     """Train, evaluate and save a tokenizer on ``model``'s frozen ViT into ``out_dir``; returns the report
-    (after the k-means initialisation and at the end)."""
+    (after the k-means initialisation and at the end), the tokenizer and the train features k-means drew."""
     visual, merge, feature_dim, model_vq = vision_tower(model)
     unknown = sorted(set(cfg.tokenizer) - set(KeyeVisualTokenizerConfig().to_dict()))
     if unknown:
@@ -264,7 +274,7 @@ def train_visual_tokenizer(cfg: VQConfig, model: nn.Module, videos: list[Path], 
     save_visual_tokenizer(tokenizer, out_dir)
     report = {"after_kmeans_init": before, "final": after}
     atomic_write_text(out_dir / "vq_report.json", json.dumps(report, indent=2))
-    return report
+    return report, tokenizer, all_features[pick]
 
 
 @register_stage("vq", VQConfig)
@@ -281,9 +291,18 @@ def run_vq(cfg: VQConfig, run_root: Path) -> Path:
     eval_videos = sorted({*(videos_of(data.eval, run_root) if data.eval else []),
                           *video_paths(data.eval_videos, run_root)})
     model, processor = load_start(cfg, run_root)  # loaded once: its ViT feeds the tokenizer, then the twin is built from it
-    report = train_visual_tokenizer(cfg, model, videos[: data.max_samples or None], eval_videos,
-                                    out_dir / TOKENIZER_DIR)
+    report, tokenizer, features = train_visual_tokenizer(cfg, model, videos[: data.max_samples or None], eval_videos,
+                                                        out_dir / TOKENIZER_DIR)
     log.info("%s: codebooks after training\n%s", cfg.out, format_report(report["final"]))
     if cfg.discrete_model:
-        save_model(discrete_from_continuous(model, out_dir / TOKENIZER_DIR), processor, out_dir)
+        table = None
+        if cfg.code_embeddings == "fit":
+            with torch.no_grad():
+                targets = model.mlp_AR.project_merged(features.to(model.dtype)).float()
+            table, explained = fit_code_embeddings(tokenizer, features, targets)
+            report["code_embeddings"] = {"fit_to": "the start model's projector", "variance_explained": explained}
+            atomic_write_text(out_dir / TOKENIZER_DIR / "vq_report.json", json.dumps(report, indent=2))
+            log.info("%s: code embeddings fitted to the projector's tokens, %.1f%% of their variance", cfg.out,
+                     100 * explained)
+        save_model(discrete_from_continuous(model, out_dir / TOKENIZER_DIR, table), processor, out_dir)
     return out_dir
