@@ -121,9 +121,10 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
 def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str = "val", train_clips: int = 200,
                   video: VideoOptions = VideoOptions(), limit: int | None = None) -> dict[str, Any]:
     """How well a linear read of the visual tokens (the projector's output, what the decoder receives) names
-    what the frame shows. A discrete-mode model is read on its codes, one-hot (N codebooks x K codes): any
-    linear read of the summed code embeddings the decoder receives is one of them, so this bounds it. Named: each listed object's colour and shape from the token under its centre, and each
-    token's own row and column in its frame's token grid. Fitted on ``train_clips`` train clips of the world
+    what the frame shows: each listed object's colour and shape from the token under its centre, and each
+    token's own row and column in its frame's token grid. A discrete-mode model is read on its codes, one-hot
+    (N codebooks x K codes): any linear read of the summed code embeddings the decoder receives is one of
+    them, so this bounds it. Fitted on ``train_clips`` train clips of the world
     in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
 
     The listing score (``listing_word_accuracy``) also counts what the decoder copies from the frame before;
