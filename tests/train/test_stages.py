@@ -482,7 +482,7 @@ def test_data_max_samples_limits_stage0_and_the_vq_stage(run_root, chain, caplog
 
     vq = load_stage_config(ROOT / "pipelines" / "nano-discrete" / "vq.yaml",
                            tiny_overrides(**{"data.max_samples": 2, "run.steps": 1, "data.eval": "[]",
-                                           "tokenizer.codebook_size": 16}))
+                                           "tokenizer.codebook_size": 16, "code_embeddings": "fit"}))
     vq.init_from, vq.out = "stage0_vit", "vq_two_videos"
     run_stage(vq, run_root)
     from keye.video import read_video

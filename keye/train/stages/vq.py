@@ -16,8 +16,8 @@ frames). Writes into ``<run>/<out>/tokenizer``: ``visual_tokenizer.safetensors``
 (load with ``KeyeForConditionalGeneration.load_visual_tokenizer``), ``vq_report.json`` (per-codebook usage,
 perplexity, reconstruction cosine), ``metrics.jsonl`` and checkpoints; and, with ``discrete_model`` (the
 default), the discrete twin of the start model as the stage's model, which the next stages start from: the
-same ViT and LM, ``mlp_AR`` dropped, and code embeddings fitted to what ``mlp_AR`` made of the same features
-(``code_embeddings``). A tokenizer alone, outside a recipe::
+same ViT and LM, ``mlp_AR`` dropped, and fresh code embeddings (or, ``code_embeddings: fit``, embeddings fitted
+to what ``mlp_AR`` made of the same features). A tokenizer alone, outside a recipe::
 
     keye train tokenizers/visual/nano.yaml --run-root runs/vq init_from=../nano/stage0_vit
 """
@@ -74,9 +74,10 @@ class VQConfig(StageConfig):
     # moved onto a latent of the current batch; 0 turns restarts off
     restart_dead_codes: float = 0.0
     discrete_model: bool = True  # save the start model's discrete twin as this stage's model (false: the tokenizer only)
-    # the twin's code embeddings: "fit" sums to what the start model's projector makes of the same features
-    # (``fit_code_embeddings``), so the decoder first sees what the continuous path would show it; "fresh": random
-    code_embeddings: str = "fit"
+    # the twin's code embeddings: "fresh" (random), or "fit": they sum to what the start model's projector makes
+    # of the same features (``fit_code_embeddings``), so the decoder first sees what the continuous path would
+    # show it. On the nano recipe "fit" scored 54.25% and 52.5% against 55.0% and 53.0% fresh (model card).
+    code_embeddings: str = "fresh"
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=200, micro_batch=8))
 
 
