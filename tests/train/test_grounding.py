@@ -2,6 +2,7 @@
 decoded pixels), and a short grounded stage-2 run that moves the guided head's attention onto them."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,62 @@ def test_motion_answers_name_their_objects_first_and_last_frames(run_root):
     assert "mentions" in logged[0] and "grounding" not in logged[0] and logged[-1]["loss"] < logged[0]["loss"]
     with pytest.raises(ConfigError, match="a head of its own"):
         run_stage(stage2("bad3", **{"grounding.weight": 1.0, "grounding.mentions": 1.0, "grounding.head": 0}), run_root)
+
+
+def test_chains_name_the_asked_object_from_the_question(run_root):
+    """``grounding.subject``: the position before a turn's first word naming the asked object ("The only
+    triangle") and the question's words naming it are found from the tokens alone; a short stage 2 on chains
+    moves the head onto them, without any frame_boxes in the data, and the next-token loss still falls."""
+    from keye.data.collate import SampleBuilder
+    from keye.data.modes import render_mode
+    from keye.processing import load_nano_processor
+    from keye.train.attention import AttentionTap, attention_on
+    from keye.train.base import load_start, read_rows
+    from keye.train.metrics import read_metrics
+    from keye.train.stages.lm import LMDataset, collate_grounded, subject_word_ids
+
+    cfg = stage2("stage2_subject", **{"grounding.subject": 3.0, "data.train": "[world/train.jsonl]",
+                                      "data.modes": "{thinking: 1.0}", "run.steps": 12, "run.micro_batch": 4,
+                                      "run.optim.warmup_steps": 0, "run.optim.schedule": "constant"})
+    rows, base = read_rows(cfg.data.train, run_root)
+    processor = load_nano_processor()
+    tokenizer, words = processor.tokenizer, subject_word_ids(processor.tokenizer)
+    assert set(words) == {"red", "yellow", "green", "cyan", "blue", "magenta", "circle", "square", "triangle"}
+    builder = SampleBuilder(processor, cfg.video, base_dir=base)
+    chains = [render_mode(r, "thinking") for r in rows if r.get("cot")]
+    dataset = LMDataset(chains, builder, subject_words=words)
+    named = 0
+    for row, sample in ((r, dataset[i]) for i, r in enumerate(chains)):
+        asked = {w for w in re.findall(r"[a-z]+", row["question"].lower()) if w in words}
+        for position, targets in sample.meta["subjects"]:
+            word = tokenizer.decode([int(sample.labels[position + 1])]).strip()
+            first = next(w for w in re.findall(r"[a-z]+", row["cot"]) if w in asked)
+            assert word == first  # the chain's first word that names an asked object
+            assert {tokenizer.decode([int(sample.input_ids[t])]).strip() for t in targets} == asked
+            assert all(sample.labels[t] == -100 for t in targets)  # in the question, not the answer
+            named += 1
+        if not asked:
+            assert sample.meta["subjects"] == []  # "How many objects ...": nothing to name
+    assert named >= 3
+    plain = LMDataset([render_mode(r, "non_thinking") for r in rows if r.get("cot")], builder, subject_words=words)
+    assert all(plain[i].meta["subjects"] == [] for i in range(len(plain)))  # a bare answer names no object
+
+    batch = collate_grounded([dataset[i] for i in range(len(chains))], tokenizer.pad_token_id)
+    assert batch["subjects"]
+
+    def subject_loss(model) -> float:
+        tap = AttentionTap(model.model.layers[0])
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k not in ("groundings", "subjects")})
+        value = float(attention_on(tap, 1, batch["attention_mask"].bool(), batch["subjects"]))
+        tap.remove()
+        return value
+
+    before = subject_loss(load_start(cfg, run_root)[0].eval())
+    run_stage(cfg, run_root)
+    from transformers import AutoModelForImageTextToText
+
+    after = subject_loss(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    assert after < before - 0.3, (before, after)
+    logged = read_metrics(run_root / cfg.out / "metrics.jsonl")
+    assert "subject" in logged[0] and "grounding" not in logged[0] and logged[-1]["loss"] < logged[0]["loss"]

@@ -70,6 +70,29 @@ class Grounding(NamedTuple):
     last: tuple[int, ...] = ()
 
 
+def subject_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: list[str], word_ids: dict[str, int]
+                    ) -> list[tuple[int, tuple[int, ...]]]:
+    """Per assistant turn that names its question's object (a chain's opening: "The only triangle ...", "The
+    red circle is ..."), the position whose next-token prediction is the turn's first word of that name, and
+    the positions of the question's words that name it. ``word_ids``: colour and shape word -> its one token
+    id. Turns pair with ``questions`` (the user texts) in order, as in ``grounding_targets``; a conversation
+    where they do not pair one to one gets none."""
+    labelled = (labels != -100).int()
+    edges = torch.diff(labelled, prepend=labelled.new_zeros(1), append=labelled.new_zeros(1))
+    starts, ends = (torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist())
+    if len(starts) != len(questions):
+        return []
+    out, before = [], 0
+    for start, end, question in zip(starts, ends, questions):
+        ids = {word_ids[w] for ref in asked_objects(question) for w in ref if w in word_ids}
+        asked = tuple(i for i in range(before, start) if int(input_ids[i]) in ids)
+        named = next((p for p in range(start, end) if int(labels[p]) in ids), None)
+        if asked and named is not None:
+            out.append((named - 1, asked))
+        before = end
+    return out
+
+
 def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: list[str], video_token_id: int,
                       frame_grids: list[tuple[int, int]], timestamps: list[float], frame_boxes: list[list]
                       ) -> list[Grounding]:

@@ -24,7 +24,10 @@ names ("the triangle", "the red circle"; ``keye.data.world.grounding``), average
 The boxes come from the rows of the same clip that carry ``frame_boxes`` (the world's ``frames.jsonl``).
 ``grounding.mentions`` > 0 does the same for the two reads a motion or entry question turns on, as the text
 base's mention heads do over listings: at its answer, one head of ``mention_layer`` on the object's tokens in
-the first sampled frame that shows it, the other on those of the last.
+the first sampled frame that shows it, the other on those of the last. ``grounding.subject`` > 0 shapes one
+head at the position before an assistant turn's first word that names its question's object (a chain's "The
+only triangle ..."): its attention on the question's words that name it, the read the text base's key-word
+head makes for answers. It reads text alone, so it needs no ``frame_boxes``.
 
 **Listing words that repeat** (``listing_repeat_labels``). In a frame listing most words are the object's
 words in the frame before, so a decoder learns to copy them, and then copies a cell after a move too (the
@@ -49,7 +52,8 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate, collate_packed, count_label_tokens
 from keye.data.conversations import SkipBadSamples
 from keye.data.modes import assign_modes
-from keye.data.world.grounding import Grounding, grounding_targets
+from keye.data.world.grounding import Grounding, grounding_targets, subject_targets
+from keye.data.world.scene import COLORS, SHAPES
 from keye.data.world.words import listing_mentions, scored_words
 from keye.errors import ConfigError, KeyeInputError
 from keye.train.attention import AttentionTap, attention_on
@@ -76,16 +80,28 @@ class GroundingConfig:
     mentions: float = 0.0
     mention_layer: int = 1
     mention_heads: tuple[int, int] = (0, 1)  # (first frame, last frame)
+    # an assistant turn's first word naming its question's object (a chain's "The only triangle") attending to
+    # the question's words that name it; by default on the text base's key-word head, which does that read
+    # for the answers over text
+    subject: float = 0.0
+    subject_layer: int = 0
+    subject_head: int = 1
 
     @property
     def heads(self) -> list[tuple[int, int]]:
         """The (layer, head) pairs that the terms which are on shape."""
         grounded = [(self.layer, self.head)] if self.weight > 0 else []
-        return grounded + ([(self.mention_layer, h) for h in self.mention_heads] if self.mentions > 0 else [])
+        grounded += [(self.mention_layer, h) for h in self.mention_heads] if self.mentions > 0 else []
+        return grounded + ([(self.subject_layer, self.subject_head)] if self.subject > 0 else [])
 
     @property
     def enabled(self) -> bool:
         return bool(self.heads)
+
+    @property
+    def needs_boxes(self) -> bool:
+        """Whether a term reads the visual tokens that show an object (the subject term reads text only)."""
+        return self.weight > 0 or self.mentions > 0
 
 
 @dataclass
@@ -130,9 +146,10 @@ class LMDataset:
     """Rows -> ``Sample``s, built lazily and skipped (counted) when a video cannot be read."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder, max_length: int | None = None,
-                 grounder: "ObjectGrounder | None" = None, listing_repeat_labels: float = 1.0):
+                 grounder: "ObjectGrounder | None" = None, listing_repeat_labels: float = 1.0,
+                 subject_words: dict[str, int] | None = None):
         self.rows, self.builder, self.max_length, self.grounder = rows, builder, max_length, grounder
-        self.listing_repeat_labels = listing_repeat_labels
+        self.listing_repeat_labels, self.subject_words = listing_repeat_labels, subject_words
         self.safe = SkipBadSamples(rows, self._load)
 
     def _load(self, row: dict):
@@ -145,6 +162,10 @@ class LMDataset:
             raise KeyeInputError(f"row {row.get('id')!r}: {len(sample.input_ids)} tokens > max_length {self.max_length}")
         if self.grounder is not None:
             sample.meta = {**sample.meta, "groundings": self.grounder(row, sample)}
+        if self.subject_words:
+            questions = user_texts(self.builder.messages(row)[0])
+            sample.meta = {**sample.meta, "subjects": subject_targets(sample.input_ids, sample.labels, questions,
+                                                                      self.subject_words)}
         return sample
 
     def __len__(self) -> int:
@@ -200,10 +221,19 @@ class ObjectGrounder:
         if len(videos) != 1 or videos[0].timestamps is None:
             return []
         grids = [(h // self.merge, w // self.merge) for t, h, w in grid_N3.tolist() for _ in range(t)]
-        questions = [" ".join(p["text"] for p in m["content"] if p["type"] == "text")
-                     for m in messages if m["role"] == "user"]
-        return grounding_targets(sample.input_ids, sample.labels, questions, self.video_token_id, grids,
+        return grounding_targets(sample.input_ids, sample.labels, user_texts(messages), self.video_token_id, grids,
                                  [float(t) for t in videos[0].timestamps], boxes)
+
+
+def user_texts(messages: list[dict]) -> list[str]:
+    """The text of each user turn, in order (the questions the assistant turns answer)."""
+    return [" ".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "user"]
+
+
+def subject_word_ids(tokenizer) -> dict[str, int]:
+    """Each colour and shape word that is one token after a space (as questions and chains write it) -> its id."""
+    ids = {w: tokenizer.encode(" " + w, add_special_tokens=False) for w in (*COLORS, *SHAPES)}
+    return {w: i[0] for w, i in ids.items() if len(i) == 1}
 
 
 def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int = 0,
@@ -212,7 +242,7 @@ def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int
     """Summed assistant-token cross-entropy (the head ``loss_chunk`` positions at a time); the MoE router
     losses and, with ``grounding`` on, the grounded-attention terms (read from ``taps``, by layer; each a mean
     over the batch's ``groundings``) ride along as ``aux_loss``."""
-    groundings = batch.pop("groundings", [])
+    groundings, subjects = batch.pop("groundings", []), batch.pop("subjects", [])
     # sum over label tokens; the head runs only there
     out = model(**batch, num_items_in_batch=1, sparse_logits=True, loss_chunk=loss_chunk)
     aux = out.loss - out.lm_loss if out.loss is not out.lm_loss else None
@@ -229,6 +259,9 @@ def lm_loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], loss_chunk: int
         value = (attention_on(tap, first, mask, [(b, g.position, g.first) for b, g in tracked])
                  + attention_on(tap, last, mask, [(b, g.position, g.last) for b, g in tracked])) / 2
         terms.append(("mentions", grounding.mentions, value))
+    if grounding.subject > 0 and subjects:
+        value = attention_on(taps[grounding.subject_layer], grounding.subject_head, mask, subjects)
+        terms.append(("subject", grounding.subject, value))
     for name, weight, value in terms:
         aux = weight * value + (aux if aux is not None else 0)
         metrics[name] = float(value.detach())
@@ -249,6 +282,7 @@ def lm_collate(processor, cfg: LMStageConfig | None = None):
 def collate_grounded(samples, pad_id: int) -> dict:
     batch = collate(samples, pad_id)
     batch["groundings"] = [(b, g) for b, s in enumerate(samples) for g in s.meta.get("groundings", [])]
+    batch["subjects"] = [(b, pos, targets) for b, s in enumerate(samples) for pos, targets in s.meta.get("subjects", [])]
     return batch
 
 
@@ -271,7 +305,8 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
     grounder, taps = None, {}
     if cfg.grounding.enabled:
         grounder, taps = _grounded(cfg, rows, builder, model, processor)
-    dataset = LMDataset(rows, builder, cfg.max_length, grounder, cfg.listing_repeat_labels)
+    words = subject_word_ids(processor.tokenizer) if cfg.grounding.subject > 0 else None
+    dataset = LMDataset(rows, builder, cfg.max_length, grounder, cfg.listing_repeat_labels, words)
     loss_fn = functools.partial(lm_loss_fn, loss_chunk=cfg.loss_chunk, grounding=cfg.grounding, taps=taps)
     model = train(model, dataset, lm_collate(processor, cfg), loss_fn, count_label_tokens, cfg.run,
                   out_dir or stage_dir, desc=cfg.out)
@@ -283,10 +318,14 @@ def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, ad
 
 
 def _grounded(cfg: LMStageConfig, rows: list[dict], builder: SampleBuilder, model: nn.Module, processor
-              ) -> tuple[ObjectGrounder, dict[int, AttentionTap]]:
-    """The grounder and the tapped layers, after checking the config against the data and the model."""
-    grounder = ObjectGrounder(rows, builder, processor.token_ids["<|video_pad|>"], model.config.projector_config.merge_size)
-    if not grounder.boxes:
+              ) -> tuple[ObjectGrounder | None, dict[int, AttentionTap]]:
+    """The grounder (None when no term reads boxes) and the tapped layers, after checking the config against
+    the data and the model."""
+    grounder = None
+    if cfg.grounding.needs_boxes:
+        merge = model.config.projector_config.merge_size
+        grounder = ObjectGrounder(rows, builder, processor.token_ids["<|video_pad|>"], merge)
+    if grounder is not None and not grounder.boxes:
         raise ConfigError(f"grounding: grounded attention needs rows with frame_boxes (the world's frames.jsonl) "
                           f"beside the questions; none of {cfg.data.train} has them")
     text = model.config.text_config
