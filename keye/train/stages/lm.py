@@ -282,7 +282,8 @@ def lm_collate(processor, cfg: LMStageConfig | None = None):
 def collate_grounded(samples, pad_id: int) -> dict:
     batch = collate(samples, pad_id)
     batch["groundings"] = [(b, g) for b, s in enumerate(samples) for g in s.meta.get("groundings", [])]
-    batch["subjects"] = [(b, pos, targets) for b, s in enumerate(samples) for pos, targets in s.meta.get("subjects", [])]
+    batch["subjects"] = [(b, pos, targets) for b, s in enumerate(samples)
+                         for pos, targets in s.meta.get("subjects", [])]
     return batch
 
 
