@@ -35,6 +35,19 @@ def stage2(out: str = "stage2_multitask", **overrides):
     return dataclasses.replace(cfg, init_from=None, out=out)
 
 
+def trained_and_measured(cfg, run_root, measure):
+    """``measure(model)`` on the stage's start model and on the model it trains, and the stage's logged metrics."""
+    from transformers import AutoModelForImageTextToText
+
+    from keye.train.base import load_start
+    from keye.train.metrics import read_metrics
+
+    before = measure(load_start(cfg, run_root)[0].eval())
+    run_stage(cfg, run_root)
+    after = measure(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    return before, after, read_metrics(run_root / cfg.out / "metrics.jsonl")
+
+
 def test_questions_name_their_objects():
     assert asked_objects("What colour is the triangle?") == [(None, "triangle")]
     assert asked_objects("What shape is the blue object?") == [("blue", None)]
@@ -116,8 +129,7 @@ def test_grounded_stage2_moves_the_head_onto_the_asked_objects(run_root):
     from keye.data.collate import SampleBuilder
     from keye.processing import load_nano_processor
     from keye.train.attention import AttentionTap, attention_on
-    from keye.train.base import load_start, read_rows
-    from keye.train.metrics import read_metrics
+    from keye.train.base import read_rows
     from keye.train.stages.lm import LMDataset, ObjectGrounder, collate_grounded
 
     cfg = stage2(**{"grounding.weight": 3.0, "grounding.layer": 1, "grounding.head": 2, "run.steps": 12,
@@ -140,13 +152,8 @@ def test_grounded_stage2_moves_the_head_onto_the_asked_objects(run_root):
         tap.remove()
         return value
 
-    before = grounding_loss(load_start(cfg, run_root)[0].eval())
-    run_stage(cfg, run_root)
-    from transformers import AutoModelForImageTextToText
-
-    after = grounding_loss(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    before, after, logged = trained_and_measured(cfg, run_root, grounding_loss)
     assert after < before - 0.3, (before, after)
-    logged = read_metrics(run_root / cfg.out / "metrics.jsonl")
     assert "grounding" in logged[0] and logged[-1]["loss"] < logged[0]["loss"]
 
 
@@ -169,8 +176,7 @@ def test_motion_answers_name_their_objects_first_and_last_frames(run_root):
     from keye.data.world.grounding import asks_track
     from keye.processing import load_nano_processor
     from keye.train.attention import AttentionTap, attention_on
-    from keye.train.base import load_start, read_rows
-    from keye.train.metrics import read_metrics
+    from keye.train.base import read_rows
     from keye.train.stages.lm import LMDataset, ObjectGrounder, collate_grounded
 
     assert asks_track("Which way does the red circle move: left, right, up, down, or does it stay still?")
@@ -215,13 +221,8 @@ def test_motion_answers_name_their_objects_first_and_last_frames(run_root):
         tap.remove()
         return value / 2
 
-    before = mention_loss(load_start(cfg, run_root)[0].eval())
-    run_stage(cfg, run_root)
-    from transformers import AutoModelForImageTextToText
-
-    after = mention_loss(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    before, after, logged = trained_and_measured(cfg, run_root, mention_loss)
     assert after < before - 0.3, (before, after)
-    logged = read_metrics(run_root / cfg.out / "metrics.jsonl")
     assert "mentions" in logged[0] and "grounding" not in logged[0] and logged[-1]["loss"] < logged[0]["loss"]
     with pytest.raises(ConfigError, match="a head of its own"):
         run_stage(stage2("bad3", **{"grounding.weight": 1.0, "grounding.mentions": 1.0, "grounding.head": 0}), run_root)
@@ -235,8 +236,7 @@ def test_chains_name_the_asked_object_from_the_question(run_root):
     from keye.data.modes import render_mode
     from keye.processing import load_nano_processor
     from keye.train.attention import AttentionTap, attention_on
-    from keye.train.base import load_start, read_rows
-    from keye.train.metrics import read_metrics
+    from keye.train.base import read_rows
     from keye.train.stages.lm import LMDataset, collate_grounded, subject_word_ids
 
     cfg = stage2("stage2_subject", **{"grounding.subject": 3.0, "data.train": "[world/train.jsonl]",
@@ -276,11 +276,6 @@ def test_chains_name_the_asked_object_from_the_question(run_root):
         tap.remove()
         return value
 
-    before = subject_loss(load_start(cfg, run_root)[0].eval())
-    run_stage(cfg, run_root)
-    from transformers import AutoModelForImageTextToText
-
-    after = subject_loss(AutoModelForImageTextToText.from_pretrained(run_root / cfg.out / "model").eval())
+    before, after, logged = trained_and_measured(cfg, run_root, subject_loss)
     assert after < before - 0.3, (before, after)
-    logged = read_metrics(run_root / cfg.out / "metrics.jsonl")
     assert "subject" in logged[0] and "grounding" not in logged[0] and logged[-1]["loss"] < logged[0]["loss"]
