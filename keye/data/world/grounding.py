@@ -70,6 +70,13 @@ class Grounding(NamedTuple):
     last: tuple[int, ...] = ()
 
 
+def labelled_runs(labels: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of labelled positions (not -100) in ``labels`` (L,): the assistant turns."""
+    labelled = (labels != -100).int()
+    edges = torch.diff(labelled, prepend=labelled.new_zeros(1), append=labelled.new_zeros(1))
+    return list(zip(torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist()))
+
+
 def subject_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: list[str], word_ids: dict[str, int]
                     ) -> list[tuple[int, tuple[int, ...]]]:
     """Per assistant turn that names its question's object (a chain's opening: "The only triangle ...", "The
@@ -77,13 +84,11 @@ def subject_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: li
     the positions of the question's words that name it. ``word_ids``: colour and shape word -> its one token
     id. Turns pair with ``questions`` (the user texts) in order, as in ``grounding_targets``; a conversation
     where they do not pair one to one gets none."""
-    labelled = (labels != -100).int()
-    edges = torch.diff(labelled, prepend=labelled.new_zeros(1), append=labelled.new_zeros(1))
-    starts, ends = (torch.nonzero(edges == 1).flatten().tolist(), torch.nonzero(edges == -1).flatten().tolist())
-    if len(starts) != len(questions):
+    runs = labelled_runs(labels)
+    if len(runs) != len(questions):
         return []
     out, before = [], 0
-    for start, end, question in zip(starts, ends, questions):
+    for (start, end), question in zip(runs, questions):
         ids = {word_ids[w] for ref in asked_objects(question) for w in ref if w in word_ids}
         asked = tuple(i for i in range(before, start) if int(input_ids[i]) in ids)
         named = next((p for p in range(start, end) if int(labels[p]) in ids), None)
@@ -109,8 +114,7 @@ def grounding_targets(input_ids: torch.Tensor, labels: torch.Tensor, questions: 
     if sum(sizes) != len(video_L) or len(timestamps) != len(frame_grids):
         raise ValueError(f"{len(video_L)} video tokens, but the frames' grids hold {sum(sizes)} "
                          f"({len(frame_grids)} grids, {len(timestamps)} timestamps)")
-    labelled = (labels != -100).int()
-    starts = torch.nonzero(torch.diff(labelled, prepend=labelled.new_zeros(1)) == 1).flatten().tolist()
+    starts = [start for start, _ in labelled_runs(labels)]
     if len(starts) != len(questions):
         return []
     listed = torch.tensor([float(t) for t, _ in frame_boxes], dtype=torch.float64)
