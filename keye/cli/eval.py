@@ -29,7 +29,8 @@ def definition_from(args: argparse.Namespace):
     overrides and flags applied. Video sampling: the flags, then what the definition (or an override) sets,
     then the sampling the model was trained with (``trained_video_options``), then the defaults."""
     from keye.config import from_dict, read_config_data
-    from keye.eval.formats import DEFINITIONS_DIR, FORMATS, EvalDefinition, check_definition, load_definition
+    from keye.eval.formats import (DEFINITIONS_DIR, FORMATS, EvalDefinition, check_definition, definition_path,
+                                   load_definition)
 
     target = args.definition
     if not Path(target).is_file() and not (DEFINITIONS_DIR / f"{target}.yaml").is_file() and target in FORMATS:
@@ -40,8 +41,7 @@ def definition_from(args: argparse.Namespace):
         definition = from_dict(EvalDefinition, {**fields, **given}, source=f"format {target}")
     else:
         definition = load_definition(target, args.overrides)
-        path = target if Path(target).is_file() else DEFINITIONS_DIR / f"{target}.yaml"
-        given = read_config_data(str(path), args.overrides)
+        given = read_config_data(str(definition_path(target)), args.overrides)
         if args.data:
             definition.annotations = str(Path(args.data).resolve())
     trained = trained_video_options(args.model)

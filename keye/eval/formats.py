@@ -100,8 +100,8 @@ FORMATS: dict[str, FormatReader] = {}
 register_format = registrar(FORMATS)
 
 
-def load_definition(name_or_path: str, overrides: list[str] | None = None) -> EvalDefinition:
-    """A definition from a yaml path, or a name of a file in the repository's ``eval/`` folder."""
+def definition_path(name_or_path: str) -> Path:
+    """The yaml file a definition path or name (of a file in the repository's ``eval/`` folder) means."""
     path = Path(name_or_path)
     if not path.is_file():
         candidate = DEFINITIONS_DIR / f"{name_or_path}.yaml"
@@ -110,6 +110,12 @@ def load_definition(name_or_path: str, overrides: list[str] | None = None) -> Ev
             raise ConfigError(f"{name_or_path}: no such definition file or name (known: {', '.join(known)}; "
                               f"formats: {', '.join(sorted(FORMATS))})")
         path = candidate
+    return path
+
+
+def load_definition(name_or_path: str, overrides: list[str] | None = None) -> EvalDefinition:
+    """A definition from a yaml path, or a name of a file in the repository's ``eval/`` folder."""
+    path = definition_path(name_or_path)
     definition = load_config(EvalDefinition, path, overrides)
     definition.base_dir = definition.base_dir or str(path.resolve().parent)
     return check_definition(definition)
