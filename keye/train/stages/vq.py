@@ -80,7 +80,6 @@ class VQConfig(StageConfig):
     code_embeddings: str = "fresh"
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=200, micro_batch=8))
 
-
     def __post_init__(self):
         super().__post_init__()
         if self.code_embeddings not in ("fit", "fresh"):
@@ -247,7 +246,8 @@ def format_report(report: dict[str, Any]) -> str:
 def train_visual_tokenizer(cfg: VQConfig, model: nn.Module, videos: list[Path], eval_videos: list[Path],
                            out_dir: Path) -> tuple[dict[str, Any], KeyeVisualTokenizer, torch.Tensor]:
     """Train, evaluate and save a tokenizer on ``model``'s frozen ViT into ``out_dir``; returns the report
-    (after the k-means initialisation and at the end), the tokenizer and the train features k-means drew."""
+    (after the k-means initialisation and at the end; the caller writes it), the tokenizer and the train
+    features k-means drew."""
     visual, merge, feature_dim, model_vq = vision_tower(model)
     unknown = sorted(set(cfg.tokenizer) - set(KeyeVisualTokenizerConfig().to_dict()))
     if unknown:
@@ -273,9 +273,7 @@ def train_visual_tokenizer(cfg: VQConfig, model: nn.Module, videos: list[Path], 
 
     after = evaluate(tokenizer, eval_features)
     save_visual_tokenizer(tokenizer, out_dir)
-    report = {"after_kmeans_init": before, "final": after}
-    atomic_write_text(out_dir / "vq_report.json", json.dumps(report, indent=2))
-    return report, tokenizer, all_features[pick]
+    return {"after_kmeans_init": before, "final": after}, tokenizer, all_features[pick]
 
 
 @register_stage("vq", VQConfig)
@@ -302,8 +300,8 @@ def run_vq(cfg: VQConfig, run_root: Path) -> Path:
                 targets = model.mlp_AR.project_merged(features.to(model.dtype)).float()
             table, explained = fit_code_embeddings(tokenizer, features, targets)
             report["code_embeddings"] = {"fit_to": "the start model's projector", "variance_explained": explained}
-            atomic_write_text(out_dir / TOKENIZER_DIR / "vq_report.json", json.dumps(report, indent=2))
             log.info("%s: code embeddings fitted to the projector's tokens, %.1f%% of their variance", cfg.out,
                      100 * explained)
         save_model(discrete_from_continuous(model, out_dir / TOKENIZER_DIR, table), processor, out_dir)
+    atomic_write_text(out_dir / TOKENIZER_DIR / "vq_report.json", json.dumps(report, indent=2))
     return out_dir
