@@ -47,8 +47,10 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
     world_dir = Path(world_dir)
     config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
-    return _word_accuracy(model, processor, world_dir, [frames_row(clip) for clip in clips], video, batch_size,
-                          mentions=[listing_mentions(frame_texts(clip)) for clip in clips])
+    rows = [frames_row(clip, config.listing_backgrounds) for clip in clips]
+    return _word_accuracy(model, processor, world_dir, rows, video, batch_size,
+                          mentions=[listing_mentions(frame_texts(clip), row.get("frame_backgrounds"))
+                                    for clip, row in zip(clips, rows)])
 
 
 @torch.no_grad()

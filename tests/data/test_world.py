@@ -254,6 +254,46 @@ def test_frame_listing_names_what_each_sampled_frame_shows(world):
                     assert mask.sum() <= (clip.width * 0.12) ** 2 * 2.5, (row["id"], t, color)
 
 
+def test_listing_backgrounds_name_each_frames_background_and_change_nothing_else(tmp_path, world):
+    import dataclasses
+    import os
+    import shutil
+
+    import torch
+
+    from keye.data.world.words import listing_mentions, scored_words
+    from keye.processing import load_nano_processor
+
+    for media in ("videos", "crops"):  # kept media is not re-encoded
+        shutil.copytree(world / media, tmp_path / media, copy_function=os.link)
+    generate_world(tmp_path, dataclasses.replace(CONFIG, listing_backgrounds=True), progress=False)
+    for name in ["train.jsonl", "val.jsonl", "test.jsonl", "train_zoom.jsonl", "test_zoom.jsonl", "captions.jsonl",
+                 "train_dense.jsonl", "clips.jsonl"]:
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
+    tokenizer = load_nano_processor().tokenizer
+    for plain, row in zip(_rows(world / "frames.jsonl"), _rows(tmp_path / "frames.jsonl"), strict=True):
+        assert {k: v for k, v in row.items() if k not in ("messages", "frame_backgrounds")} == \
+            {k: v for k, v in plain.items() if k != "messages"}
+        content = row["messages"][1]["content"]
+        entries = re.findall(r"(\d+\.\d)s ([a-z /]+): ([^.]*)\.", content)
+        assert [[float(t), text] for t, _, text in entries] == row["frame_texts"]
+        assert [background for _, background, _ in entries] == row["frame_backgrounds"]
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        labels = segment(render_clip(clip))
+        for t, background, _ in entries:  # the colours named cover the frame's background pixels
+            frame = labels[int(round(float(t) * clip.fps))]
+            counts = Counter(_NAMES[i] for i in frame.flatten().tolist() if i >= _N_OBJ)
+            assert {name for name, n in counts.items() if n > frame.size // 10} == set(background.split("/"))
+        # the scored words line up with the mentions: a background is "first" at the clip's start and at a cut
+        words = scored_words(tokenizer, torch.tensor(tokenizer(content, add_special_tokens=False)["input_ids"]))
+        mentions = listing_mentions([tuple(p) for p in row["frame_texts"]], row["frame_backgrounds"])
+        assert len(words) == len(mentions)
+        named = row["frame_backgrounds"]
+        assert [m for (_, kind), m in zip(words, mentions) if kind == "background"] == [
+            "first" if f == 0 or named[f] != named[f - 1] else "same"
+            for f in range(len(named)) for _ in named[f].split("/")]
+
+
 def test_frame_boxes_bound_the_rendered_pixels_of_each_listed_object(world):
     """Each box holds every pixel of its object and is tight to them (within 2.5 px: a triangle's apex
     and the ends of its base are thinner than a pixel), clipped to the frame, in the listing's order."""
@@ -382,6 +422,12 @@ def test_same_seed_same_bytes_and_resume(tmp_path, world):
     assert (tmp_path / "train.jsonl").read_bytes() == (world / "train.jsonl").read_bytes()
     with pytest.raises(ConfigError, match="different config"):
         generate_world(tmp_path, WorldConfig(seed=8, scene=SCENE, clips=CONFIG.clips), progress=False)
+    # a world.json written before a config field existed resumes as that field's default
+    info = json.loads((tmp_path / "world.json").read_text())
+    del info["config"]["listing_backgrounds"]
+    (tmp_path / "world.json").write_text(json.dumps(info))
+    generate_world(tmp_path, CONFIG, progress=False)
+    assert (tmp_path / "world.json").read_bytes() == (world / "world.json").read_bytes()
 
 
 def test_another_seed_gives_another_world():

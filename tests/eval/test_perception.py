@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from keye.data.world import WorldConfig, generate_world
-from keye.data.world.generate import frame_objects, make_clip
-from keye.data.world.scene import COLORS
+from keye.data.world.generate import frame_backgrounds, frame_objects, make_clip
+from keye.data.world.scene import BACKGROUNDS, COLORS
 from keye.data.world.words import word_type
 from keye.eval.perception import chain_word_accuracy, listing_word_accuracy
 from keye.processing import load_nano_processor
@@ -67,6 +67,34 @@ def test_listing_word_accuracy_scores_the_listing_words(world):
     assert all(v == 1.0 for labels in perfect["by_mention"].values() for v in labels.values())
     assert colour_blind["by_mention"]["colour"] == {"first": 0.0, "same": 0.0}  # a colour never changes
     assert colour_blind["by_mention"]["shape"] == {"first": 1.0, "same": 1.0}
+
+
+def test_listing_word_accuracy_scores_the_backgrounds_a_world_names(tmp_path):
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, listing_backgrounds=True)
+    generate_world(tmp_path, config, progress=False)
+    processor = load_nano_processor()
+    vocab = len(processor.tokenizer)
+    perfect = listing_word_accuracy(NextToken(vocab), processor, tmp_path, video=VIDEO)
+    clips = [make_clip(config, "val", f"val-{i:05d}")[0] for i in range(2)]
+    frames = [seen for clip in clips for _, seen in frame_objects(clip)]
+    backgrounds = [name for clip in clips for name in frame_backgrounds(clip)]
+    colours = sum(len(name.split("/")) for name in backgrounds)  # "dark green" is one word, "navy/gray" two
+    assert perfect["words"] == 4 * sum(len(seen) for seen in frames) + sum(not seen for seen in frames) + colours
+    assert perfect["per_type"]["background"] == 1.0 and perfect["accuracy"] == 1.0
+    # a background is a first mention in a clip's first frame and after each cut, the same one after that
+    first_objects = sum(len(seen) for clip in clips for seen in _new_objects(clip))
+    first_backgrounds = sum(len(shot.background.colors) for clip in clips for shot in clip.shots)
+    assert perfect["mention_words"]["first"] == 4 * first_objects + first_backgrounds
+    assert perfect["by_mention"]["background"] == {"first": 1.0, "same": 1.0}
+
+    ids = {name: processor.tokenizer.convert_tokens_to_ids("Ġ" + name) for name in BACKGROUNDS if " " not in name}
+    names = list(ids)
+    wrong = {ids[n]: ids[names[(i + 1) % len(names)]] for i, n in enumerate(names)}
+    blind = listing_word_accuracy(NextToken(vocab, wrong), processor, tmp_path, video=VIDEO)
+    assert blind["per_type"]["background"] < 1.0
+    assert blind["per_type"]["colour"] == blind["per_type"]["shape"] == blind["per_type"]["position"] == 1.0
 
 
 def _new_objects(clip):

@@ -85,7 +85,10 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
     import numpy as np
 
     from keye.data.collate import SampleBuilder
+    from keye.data.world import make_clip
+    from keye.data.world.generate import frame_backgrounds
     from keye.data.world.scene import COLORS
+    from keye.errors import KeyeInputError
     from keye.processing import load_nano_processor, patchify
     from keye.train.stages.vit import FrameCaptionDataset
 
@@ -109,6 +112,17 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
         on_frame = {name for c, name in enumerate(COLORS) if ((nearest.argmin(1) == c) & (nearest.min(1) < 3000)).sum() >= 3}
         named = {name for name in COLORS if f"{name} " in text}
         assert named <= on_frame, (row["id"], seconds, text, on_frame)
+    # a row naming each frame's background pairs the frame with its listing line, background first
+    config = WorldConfig.from_dict(json.loads((run_root / "world" / "world.json").read_text())["config"])
+    named_rows = [{**row, "frame_backgrounds": frame_backgrounds(make_clip(config, "train", row["clip_id"])[0])}
+                  for row in rows]
+    named = FrameCaptionDataset(named_rows, builder)
+    assert [text for _, _, text in named.items] == [f"{background}: {text}" for row in named_rows
+                                                   for background, (_, text) in zip(row["frame_backgrounds"],
+                                                                                    row["frame_texts"])]
+    assert any(b != row["frame_backgrounds"][0] for row in named_rows for b in row["frame_backgrounds"])  # a cut
+    with pytest.raises(KeyeInputError, match="frame_backgrounds must name one background per frame_texts entry"):
+        FrameCaptionDataset([{**named_rows[0], "frame_backgrounds": named_rows[0]["frame_backgrounds"][1:]}], builder)
     # a short stage-0 run on them: the loss falls and only the vision tower trains
     frames_cfg = dataclasses.replace(cfg, out="stage0_frames", data=dataclasses.replace(cfg.data, train=["world/frames.jsonl"]))
     run_stage(frames_cfg, run_root)

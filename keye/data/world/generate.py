@@ -9,7 +9,8 @@ Layout of ``out_dir``::
                                   question of every kind the clip allows (dense QA for pretraining)
     frames.jsonl                  TRAIN clips only: per sampled frame, the objects in view and where
                                   (a grounding task: every answer token needs the pixels), with each
-                                  object's box (``frame_boxes``) for stage 0's region term
+                                  object's box (``frame_boxes``) for stage 0's region term; with
+                                  ``listing_backgrounds``, each frame's background too
     train_zoom.jsonl val_zoom.jsonl test_zoom.jsonl think-with-image rows (video, then a crop image turn)
     captions.jsonl                captions of the TRAIN clips only, for alignment (no held-out leakage)
     captions_val.jsonl captions_test.jsonl         captions of the held-out clips, for caption eval
@@ -71,6 +72,9 @@ class WorldConfig:
     kinds: dict[str, float] = field(default_factory=_default_kinds)
     crop_size: int = 112
     crf: int = 18
+    # frame listings (frames.jsonl) name each frame's background ("0.5s navy: red circle top left."), as the
+    # text base's listings do, so a decoder trained on them must see the background a cut changes
+    listing_backgrounds: bool = False
 
     def __post_init__(self):
         scene = self.scene
@@ -251,9 +255,19 @@ def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
     return out
 
 
-def frame_listing(texts: list[tuple[float, str]]) -> str:
-    """``frame_texts`` as one answer: '0.0s: red circle top left, blue square middle centre. 0.5s: ...'."""
-    return " ".join(f"{t:.1f}s: {text}." for t, text in texts)
+def frame_backgrounds(clip: Clip) -> list[str]:
+    """Each 2 fps frame's background as the listings name it: "navy", or "navy/gray" for a two-tone one."""
+    return ["/".join(clip.shots[clip.shot_of(frame)].background.colors)
+            for frame in range(0, clip.num_frames, clip.grid_step)]
+
+
+def frame_listing(texts: list[tuple[float, str]], backgrounds: list[str] | None = None) -> str:
+    """``frame_texts`` as one answer: '0.0s: red circle top left, blue square middle centre. 0.5s: ...', or
+    with ``backgrounds`` (one per frame) '0.0s navy: red circle top left, ...'."""
+    if backgrounds is None:
+        return " ".join(f"{t:.1f}s: {text}." for t, text in texts)
+    return " ".join(f"{t:.1f}s {background}: {text}."
+                    for (t, text), background in zip(texts, backgrounds, strict=True))
 
 
 def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dict:
@@ -268,13 +282,17 @@ def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dic
     }
 
 
-def frames_row(clip: Clip) -> dict:
+def frames_row(clip: Clip, backgrounds: bool = False) -> dict:
     """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) and ``frame_boxes``
     for frame-level contrastive pretraining of the ViT (stage 0 pairs each frame with its own text, and
-    each patch with the phrase of its box)."""
+    each patch with the phrase of its box). With ``backgrounds`` the listing names each frame's background
+    and the row carries them (``frame_backgrounds``, one per frame)."""
     texts = frame_texts(clip)
-    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts), frame_texts=[list(p) for p in texts],
-                         frame_boxes=[[t, boxes] for t, boxes in frame_boxes(clip)])
+    named = frame_backgrounds(clip) if backgrounds else None
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts, named),
+                         frame_texts=[list(p) for p in texts],
+                         frame_boxes=[[t, boxes] for t, boxes in frame_boxes(clip)],
+                         **({"frame_backgrounds": named} if backgrounds else {}))
 
 
 def caption(clip: Clip) -> str:
@@ -363,7 +381,7 @@ def _build_clip(args: tuple[WorldConfig, str, str, str]) -> dict:
         "zoom": [zoom_row(clip, qa, qid) for qa, qid in zip(zooms, zoom_ids)],
         "caption": caption_row(clip),
         "dense": dense_row(clip, dense_questions(config, clip, dense_rng(config, clip_id))),
-        "frames": frames_row(clip),
+        "frames": frames_row(clip, config.listing_backgrounds),
         "wrote_video": wrote,
     }
 
@@ -390,7 +408,7 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     world_json = out / "world.json"
     if world_json.exists():
         previous = json.loads(world_json.read_text())
-        if previous.get("config") != json.loads(json.dumps(config.to_dict())):
+        if _stored_config(previous) != config.to_dict():
             raise ConfigError(f"{world_json}: this folder holds a world made from a different config; use a new folder")
 
     jobs = [(config, split, clip_id, str(out)) for split, clip_id in clip_ids(config)]
@@ -425,6 +443,15 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     atomic_write_text(world_json, json.dumps(info, indent=2, sort_keys=True) + "\n")
     written = sum(r["wrote_video"] for r in results)
     return {**info, "videos_written": written, "seconds": seconds, "clips_per_second": len(results) / max(seconds, 1e-9)}
+
+
+def _stored_config(world_json: dict) -> dict | None:
+    """The config a world.json records, read through WorldConfig so that one written before a field existed
+    compares at that field's default; None when it does not parse."""
+    try:
+        return WorldConfig.from_dict(world_json.get("config", {})).to_dict()
+    except ConfigError:
+        return None
 
 
 def _progress(iterable, total: int, enabled: bool):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from keye.data.world.scene import COLORS, COLUMNS, ROWS, SHAPES
+from keye.data.world.scene import BACKGROUNDS, COLORS, COLUMNS, ROWS, SHAPES
 
 
 def word_type(word: str) -> str | None:
@@ -19,41 +19,61 @@ def word_type(word: str) -> str | None:
         return "position"
     if word == "nothing":
         return "nothing"
+    if word in BACKGROUNDS:
+        return "background"
     return None
 
 
 def label_words(tokenizer, labels_L: torch.Tensor) -> list[list[int]]:
-    """Positions of the labelled tokens grouped into words (a token starting with a space, or after a
-    punctuation token, begins a word)."""
+    """Positions of the labelled tokens grouped into words (a token starting with a space, a punctuation
+    token, or a token after one begins a word: "navy/gray" is three)."""
     words: list[list[int]] = []
+    previous = ""
     for p in (labels_L != -100).nonzero().flatten().tolist():
         piece = tokenizer.convert_ids_to_tokens(int(labels_L[p]))
-        starts = piece.startswith("Ġ") or not words or not piece.isalpha()
-        if starts:
+        if piece.startswith("Ġ") or not words or not piece.isalpha() or not previous.isalpha():
             words.append([p])
         else:
             words[-1].append(p)
+        previous = piece.removeprefix("Ġ")
     return words
 
 
+_TWO_WORD_NAMES = {tuple(name.split()) for name in BACKGROUNDS if " " in name}  # ("dark", "green")
+
+
 def scored_words(tokenizer, labels_L: torch.Tensor) -> list[tuple[list[int], str]]:
-    """The labelled words that ``word_type`` scores, in order: (their token positions, their type)."""
-    words = ((positions, word_type(tokenizer.decode(labels_L[positions]).strip()))
-             for positions in label_words(tokenizer, labels_L))
-    return [(positions, kind) for positions, kind in words if kind is not None]
+    """The labelled words that ``word_type`` scores, in order: (their token positions, their type). A
+    background named in two words ("dark green") is one word."""
+    words = [(positions, tokenizer.decode(labels_L[positions]).strip())
+             for positions in label_words(tokenizer, labels_L)]
+    out, i = [], 0
+    while i < len(words):
+        if i + 1 < len(words) and (words[i][1], words[i + 1][1]) in _TWO_WORD_NAMES:
+            positions, text, i = words[i][0] + words[i + 1][0], f"{words[i][1]} {words[i + 1][1]}", i + 2
+        else:
+            (positions, text), i = words[i], i + 1
+        if (kind := word_type(text)) is not None:
+            out.append((positions, kind))
+    return out
 
 
 MENTIONS = ("first", "same", "changed")
 
 
-def listing_mentions(texts: list[tuple[float, str]]) -> list[str | None]:
+def listing_mentions(texts: list[tuple[float, str]], backgrounds: list[str] | None = None) -> list[str | None]:
     """For each content word of the listing of ``frame_texts`` (per listed object its colour, shape, row and
     column word; a frame's "nothing"), in order: "first" when the object is not listed in the frame before,
     "same" when the word is that object's word there too, "changed" when it is not (a move to another cell);
-    None for "nothing". Most words are "same", and a decoder can write them without looking at the frame."""
+    None for "nothing". Most words are "same", and a decoder can write them without looking at the frame.
+    With ``backgrounds`` (``frame_backgrounds``: one per frame, listed first) each frame's background colours
+    come first: "first" in the first frame and after a cut, "same" otherwise."""
     out: list[str | None] = []
     before: dict[str, list[str]] = {}  # "red circle" -> its words in the frame before (names are unique in a frame)
-    for _, text in texts:
+    for f, (_, text) in enumerate(texts):
+        if backgrounds is not None:
+            colours = backgrounds[f].split("/")
+            out += ["same" if f and backgrounds[f] == backgrounds[f - 1] else "first"] * len(colours)
         now = {} if text == "nothing" else {" ".join(w[:2]): w for w in (entry.split() for entry in text.split(", "))}
         for name, words in now.items():
             earlier = before.get(name)

@@ -156,7 +156,8 @@ class LMDataset:
         sample = self.builder(row)
         if self.listing_repeat_labels < 1 and row.get("frame_texts"):
             draw = random.Random(zlib.crc32(str(row.get("id")).encode()))  # the same draw every epoch
-            drop_repeated_labels(sample.labels, row["frame_texts"], self.builder.processor.tokenizer,
+            drop_repeated_labels(sample.labels, row["frame_texts"], row.get("frame_backgrounds"),
+                                 self.builder.processor.tokenizer,
                                  lambda: draw.random() >= self.listing_repeat_labels)
         if self.max_length and len(sample.input_ids) > self.max_length:
             raise KeyeInputError(f"row {row.get('id')!r}: {len(sample.input_ids)} tokens > max_length {self.max_length}")
@@ -188,13 +189,14 @@ class LMDataset:
         return self.safe.keep_errors
 
 
-def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, tokenizer, drop) -> int:
+def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, backgrounds: list[str] | None, tokenizer,
+                         drop) -> int:
     """Set to -100, in place, the labels of the listing words in ``labels_L`` that repeat the frame before
-    (``listing_mentions`` of ``frame_texts``) for which ``drop()`` is true; returns how many. Labels whose
-    scored words do not line up with the listing (another turn, a rendering that adds words) are left as
-    they are."""
+    (``listing_mentions`` of ``frame_texts`` and ``backgrounds``) for which ``drop()`` is true; returns how
+    many. Labels whose scored words do not line up with the listing (another turn, a rendering that adds
+    words) are left as they are."""
     words = [positions for positions, _ in scored_words(tokenizer, labels_L)]
-    mentions = listing_mentions(frame_texts)
+    mentions = listing_mentions(frame_texts, backgrounds)
     if len(words) != len(mentions):
         return 0
     dropped = [positions for positions, mention in zip(words, mentions) if mention == "same" and drop()]

@@ -139,14 +139,21 @@ class FrameCaptionDataset:
     """(one frame, its own text): for rows that describe every frame (``frame_texts``: [seconds, text]
     pairs, as in the world's ``frames.jsonl``). Frame-level pairs tie each text to the pixels it names,
     where a clip caption is spread over every frame of the clip. The frame is the decoded one nearest
-    to the text's time. Rows with ``frame_boxes`` ([seconds, [[phrase, x0, y0, x1, y1], ...]] per
-    listed frame) also ground each phrase in the patches under its box (``Regions``)."""
+    to the text's time; a row that names each frame's background (``frame_backgrounds``) puts it first,
+    as its listing does ("navy: red circle top left"). Rows with ``frame_boxes`` ([seconds, [[phrase, x0,
+    y0, x1, y1], ...]] per listed frame) also ground each phrase in the patches under its box (``Regions``)."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder, phrases: str = "box"):
         self.builder = builder
-        self.items = [(row, float(t), text) for row in rows for t, text in row["frame_texts"]]
+        self.items: list[tuple[dict, float, str]] = []
         self.boxes: list[list] = []  # per item: [[phrase, x0, y0, x1, y1], ...], empty for rows without boxes
         for row in rows:
+            backgrounds = row.get("frame_backgrounds")
+            if backgrounds is not None and len(backgrounds) != len(row["frame_texts"]):
+                raise KeyeInputError(f"row {row.get('id')!r}: frame_backgrounds must name one background per "
+                                     f"frame_texts entry ({len(backgrounds)} for {len(row['frame_texts'])})")
+            self.items += [(row, float(t), text if backgrounds is None else f"{backgrounds[i]}: {text}")
+                           for i, (t, text) in enumerate(row["frame_texts"])]
             boxes = row.get("frame_boxes")
             if boxes is not None and len(boxes) != len(row["frame_texts"]):
                 raise KeyeInputError(f"row {row.get('id')!r}: frame_boxes must list the same frames as frame_texts")
