@@ -49,7 +49,8 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
     rows = [frames_row(clip, config.listing_backgrounds) for clip in clips]
     return _word_accuracy(model, processor, world_dir, rows, video, batch_size,
-                          mentions=[listing_mentions(frame_texts(clip), row.get("frame_backgrounds"))
+                          mentions=[listing_mentions(frame_texts(clip), row["frame_backgrounds"] if
+                                                     config.listing_backgrounds else None)
                                     for clip, row in zip(clips, rows)])
 
 

@@ -112,19 +112,19 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
         on_frame = {name for c, name in enumerate(COLORS) if ((nearest.argmin(1) == c) & (nearest.min(1) < 3000)).sum() >= 3}
         named = {name for name in COLORS if f"{name} " in text}
         assert named <= on_frame, (row["id"], seconds, text, on_frame)
-    # a row naming each frame's background pairs the frame with its listing line, background first
+    # siglip_backgrounds: each frame's text starts with its clip's background there
     config = WorldConfig.from_dict(json.loads((run_root / "world" / "world.json").read_text())["config"])
-    named_rows = [{**row, "frame_backgrounds": frame_backgrounds(make_clip(config, "train", row["clip_id"])[0])}
-                  for row in rows]
-    named = FrameCaptionDataset(named_rows, builder)
-    assert [text for _, _, text in named.items] == [f"{background}: {text}" for row in named_rows
-                                                   for background, (_, text) in zip(row["frame_backgrounds"],
-                                                                                    row["frame_texts"])]
-    assert any(b != row["frame_backgrounds"][0] for row in named_rows for b in row["frame_backgrounds"])  # a cut
-    with pytest.raises(KeyeInputError, match="frame_backgrounds must name one background per frame_texts entry"):
-        FrameCaptionDataset([{**named_rows[0], "frame_backgrounds": named_rows[0]["frame_backgrounds"][1:]}], builder)
-    # a short stage-0 run on them: the loss falls and only the vision tower trains
-    frames_cfg = dataclasses.replace(cfg, out="stage0_frames", data=dataclasses.replace(cfg.data, train=["world/frames.jsonl"]))
+    named = FrameCaptionDataset(rows, builder, backgrounds=True)
+    expected = [f"{background}: {text}" for row in rows
+                for background, (_, text) in zip(frame_backgrounds(make_clip(config, "train", row["clip_id"])[0]),
+                                                 row["frame_texts"], strict=True)]
+    assert [text for _, _, text in named.items] == expected
+    assert any(b != row["frame_backgrounds"][0] for row in rows for b in row["frame_backgrounds"])  # a cut
+    with pytest.raises(KeyeInputError, match="siglip_backgrounds needs frame_backgrounds"):
+        FrameCaptionDataset([{k: v for k, v in rows[0].items() if k != "frame_backgrounds"}], builder, backgrounds=True)
+    # a short stage-0 run on them, backgrounds first: the loss falls and only the vision tower trains
+    frames_cfg = dataclasses.replace(cfg, out="stage0_frames", siglip_backgrounds=True,
+                                     data=dataclasses.replace(cfg.data, train=["world/frames.jsonl"]))
     run_stage(frames_cfg, run_root)
     curve = losses(run_root, "stage0_frames")
     assert curve[-1] < curve[0]

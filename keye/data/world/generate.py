@@ -9,8 +9,9 @@ Layout of ``out_dir``::
                                   question of every kind the clip allows (dense QA for pretraining)
     frames.jsonl                  TRAIN clips only: per sampled frame, the objects in view and where
                                   (a grounding task: every answer token needs the pixels), with each
-                                  object's box (``frame_boxes``) for stage 0's region term; with
-                                  ``listing_backgrounds``, each frame's background too
+                                  object's box (``frame_boxes``) for stage 0's region term and each
+                                  frame's background (``frame_backgrounds``), which the listing names
+                                  with ``listing_backgrounds``
     train_zoom.jsonl val_zoom.jsonl test_zoom.jsonl think-with-image rows (video, then a crop image turn)
     captions.jsonl                captions of the TRAIN clips only, for alignment (no held-out leakage)
     captions_val.jsonl captions_test.jsonl         captions of the held-out clips, for caption eval
@@ -285,14 +286,12 @@ def _describe_row(clip: Clip, task: str, prompt: str, text: str, **extra) -> dic
 def frames_row(clip: Clip, backgrounds: bool = False) -> dict:
     """The listing as a conversation, plus ``frame_texts`` ([seconds, text] per frame) and ``frame_boxes``
     for frame-level contrastive pretraining of the ViT (stage 0 pairs each frame with its own text, and
-    each patch with the phrase of its box). With ``backgrounds`` the listing names each frame's background
-    and the row carries them (``frame_backgrounds``, one per frame)."""
-    texts = frame_texts(clip)
-    named = frame_backgrounds(clip) if backgrounds else None
-    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts, named),
-                         frame_texts=[list(p) for p in texts],
-                         frame_boxes=[[t, boxes] for t, boxes in frame_boxes(clip)],
-                         **({"frame_backgrounds": named} if backgrounds else {}))
+    each patch with the phrase of its box), and ``frame_backgrounds`` (one per frame). With ``backgrounds``
+    the listing names each frame's background too."""
+    texts, named = frame_texts(clip), frame_backgrounds(clip)
+    return _describe_row(clip, "frames", FRAMES_PROMPT, frame_listing(texts, named if backgrounds else None),
+                         frame_texts=[list(p) for p in texts], frame_backgrounds=named,
+                         frame_boxes=[[t, boxes] for t, boxes in frame_boxes(clip)])
 
 
 def caption(clip: Clip) -> str:

@@ -192,12 +192,13 @@ class LMDataset:
 def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, backgrounds: list[str] | None, tokenizer,
                          drop) -> int:
     """Set to -100, in place, the labels of the listing words in ``labels_L`` that repeat the frame before
-    (``listing_mentions`` of ``frame_texts`` and ``backgrounds``) for which ``drop()`` is true; returns how
-    many. Labels whose scored words do not line up with the listing (another turn, a rendering that adds
-    words) are left as they are."""
+    (``listing_mentions`` of ``frame_texts``, with the frames' ``backgrounds`` when the listing names them)
+    for which ``drop()`` is true; returns how many. Labels whose scored words do not line up with the
+    listing (another turn, a rendering that adds words) are left as they are."""
     words = [positions for positions, _ in scored_words(tokenizer, labels_L)]
-    mentions = listing_mentions(frame_texts, backgrounds)
-    if len(words) != len(mentions):
+    candidates = [listing_mentions(frame_texts, backgrounds)] if backgrounds is not None else []
+    mentions = next((m for m in [*candidates, listing_mentions(frame_texts)] if len(m) == len(words)), None)
+    if mentions is None:
         return 0
     dropped = [positions for positions, mention in zip(words, mentions) if mention == "same" and drop()]
     for positions in dropped:

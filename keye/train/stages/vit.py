@@ -38,6 +38,9 @@ class VitConfig(StageConfig):
     # the region term's phrase per box: "box", the box's own ("red circle"); "listing", the frame text's entry
     # for that object, place words included ("red circle top left"), so a patch must also know where it sits
     siglip_region_phrases: Literal["box", "listing"] = "box"
+    # pair each frame with its background first ("navy: red circle top left", from the rows'
+    # frame_backgrounds), so the tower keeps the colour a cut changes in its tokens
+    siglip_backgrounds: bool = False
 
 
 class SiglipHead(nn.Module):
@@ -139,20 +142,22 @@ class FrameCaptionDataset:
     """(one frame, its own text): for rows that describe every frame (``frame_texts``: [seconds, text]
     pairs, as in the world's ``frames.jsonl``). Frame-level pairs tie each text to the pixels it names,
     where a clip caption is spread over every frame of the clip. The frame is the decoded one nearest
-    to the text's time; a row that names each frame's background (``frame_backgrounds``) puts it first,
-    as its listing does ("navy: red circle top left"). Rows with ``frame_boxes`` ([seconds, [[phrase, x0,
+    to the text's time; with ``backgrounds`` the text starts with the frame's background, from the row's
+    ``frame_backgrounds`` ("navy: red circle top left"). Rows with ``frame_boxes`` ([seconds, [[phrase, x0,
     y0, x1, y1], ...]] per listed frame) also ground each phrase in the patches under its box (``Regions``)."""
 
-    def __init__(self, rows: list[dict], builder: SampleBuilder, phrases: str = "box"):
+    def __init__(self, rows: list[dict], builder: SampleBuilder, phrases: str = "box", backgrounds: bool = False):
         self.builder = builder
         self.items: list[tuple[dict, float, str]] = []
         self.boxes: list[list] = []  # per item: [[phrase, x0, y0, x1, y1], ...], empty for rows without boxes
         for row in rows:
-            backgrounds = row.get("frame_backgrounds")
-            if backgrounds is not None and len(backgrounds) != len(row["frame_texts"]):
-                raise KeyeInputError(f"row {row.get('id')!r}: frame_backgrounds must name one background per "
-                                     f"frame_texts entry ({len(backgrounds)} for {len(row['frame_texts'])})")
-            self.items += [(row, float(t), text if backgrounds is None else f"{backgrounds[i]}: {text}")
+            named = row.get("frame_backgrounds") if backgrounds else None
+            if backgrounds and (named is None or len(named) != len(row["frame_texts"])):
+                got = "none" if named is None else len(named)
+                raise KeyeInputError(f"row {row.get('id')!r}: siglip_backgrounds needs frame_backgrounds, one per "
+                                     f"frame_texts entry (the world's frames.jsonl writes them; regenerate an older "
+                                     f"world); got {got} for {len(row['frame_texts'])}")
+            self.items += [(row, float(t), text if named is None else f"{named[i]}: {text}")
                            for i, (t, text) in enumerate(row["frame_texts"])]
             boxes = row.get("frame_boxes")
             if boxes is not None and len(boxes) != len(row["frame_texts"]):
@@ -190,7 +195,8 @@ def listing_phrases(row_id, boxes: list[list], text: str) -> list[list]:
     return [[e, *b[1:]] for e, b in zip(entries, boxes)]
 
 
-def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str], phrases: str = "box"):
+def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str], phrases: str = "box",
+                 backgrounds: bool = False):
     """Stage 0's pairs: each row with ``frame_texts`` gives one pair per listed frame, every other row one
     clip/caption pair; files may mix both. A row with neither is a ConfigError naming it."""
     unusable = [row.get("id", f"#{i}") for i, row in enumerate(rows) if "frame_texts" not in row and "caption" not in row]
@@ -201,7 +207,7 @@ def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: l
         )
     per_frame = [row for row in rows if "frame_texts" in row]
     per_clip = [row for row in rows if "frame_texts" not in row]
-    parts = ([FrameCaptionDataset(per_frame, builder, phrases)] if per_frame else []) + (
+    parts = ([FrameCaptionDataset(per_frame, builder, phrases, backgrounds)] if per_frame else []) + (
         [ClipCaptionDataset(per_clip, builder, frames)] if per_clip else [])
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
@@ -249,7 +255,8 @@ def run_vit(cfg: VitConfig, run_root: Path) -> Path:
     pair = SiglipPair(model.visual, head)
     # prepare() logged the counts before the head existed; these include it
     log.info("%s: trainable parameters with the SigLIP head %s", cfg.out, apply_freeze_plan(pair, cfg.train))
-    dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train, cfg.siglip_region_phrases)
+    dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train, cfg.siglip_region_phrases,
+                           cfg.siglip_backgrounds)
     log.info("%s: %d image/text pairs", cfg.out, len(dataset))
     if cfg.siglip_regions > 0 and not any(row.get("frame_boxes") for row in rows):
         raise ConfigError(f"siglip_regions: {cfg.siglip_regions} asks for the region term, but no row of {cfg.data.train} "
