@@ -1,9 +1,10 @@
 """``keye probe NAME --model M``: the teacher-forced measures the nano model cards report, on any checkpoint.
 
-* ``perception``: frame-listing word accuracy (colour, shape, position, "nothing") on a world's clips,
-  the video given; the ceiling the video questions sit under. Also split by mention: the words of an
-  object's first listed frame ("first"), those the same as in the frame before ("same", which the decoder
-  can copy) and those that changed since ("changed": a move to another cell).
+* ``perception``: frame-listing word accuracy (colour, shape, position, "nothing"; background where the
+  listings name it) on a world's clips, the video given; the ceiling the video questions sit under. Also
+  split by mention: the words of an object's first listed frame ("first"), those the same as in the frame
+  before ("same", which the decoder can copy) and those that changed since ("changed": a move to another
+  cell).
 * ``chains``: the same words inside the reference chains of thought of the reasoning questions.
 * ``tokens``: what the visual tokens themselves carry: a linear read of each object's colour and shape from
   the token under it, and of each token's own row and column, fitted on the world's train clips. A

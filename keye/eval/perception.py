@@ -3,15 +3,17 @@
 The world's frames task ("List the objects in each frame and where they are." -> "0.0s: red circle top left,
 blue square middle centre. 0.5s: ...") names, per 2 fps frame, every object's colour, shape and 3x3 cell.
 Given the video and the reference listing up to each word, the model's argmax must be that word; the score
-is the share of content words right (colours, shapes, the cell's row and column words, "nothing"), overall
-and per word type. Timestamps and punctuation are given away by the format and not scored. A chain of
+is the share of content words right (colours, shapes, the cell's row and column words, "nothing", and
+each frame's background where the world's listings name it: ``listing_backgrounds``), overall and per
+word type. Timestamps and punctuation are given away by the format and not scored. A chain of
 reasoning over several frames is only as right as these words, so this is the ceiling the video questions
 sit under.
 
 Most of a listing's words repeat the frame before, so the decoder can copy them without looking. The score
 is therefore also split by mention: a word of an object's ``first`` listed frame (it was not listed in the
 frame before), a word the ``same`` as that object's in the frame before, or one that ``changed`` since (its
-row or column after a move). The ``first`` words are the ones only the frame can give.
+row or column after a move; a background is ``first`` at a clip's start and after a cut). The ``first``
+words are the ones only the frame can give.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
     world_dir = Path(world_dir)
     config = WorldConfig.from_dict(json.loads((world_dir / "world.json").read_text())["config"])
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
-    rows = [frames_row(clip, config.listing_backgrounds) for clip in clips]
-    return _word_accuracy(model, processor, world_dir, rows, video, batch_size,
-                          mentions=[listing_mentions(frame_texts(clip), row["frame_backgrounds"] if
-                                                     config.listing_backgrounds else None)
-                                    for clip, row in zip(clips, rows)])
+    named = config.listing_backgrounds  # the listings name each frame's background, scored as words too
+    rows = [frames_row(clip, named) for clip in clips]
+    mentions = [listing_mentions(frame_texts(clip), row["frame_backgrounds"] if named else None)
+                for clip, row in zip(clips, rows)]
+    return _word_accuracy(model, processor, world_dir, rows, video, batch_size, mentions=mentions)
 
 
 @torch.no_grad()
