@@ -114,11 +114,11 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
         assert named <= on_frame, (row["id"], seconds, text, on_frame)
     # siglip_backgrounds: each frame's text starts with its clip's background there
     config = WorldConfig.from_dict(json.loads((run_root / "world" / "world.json").read_text())["config"])
-    named = FrameCaptionDataset(rows, builder, backgrounds=True)
+    backgrounds_first = FrameCaptionDataset(rows, builder, backgrounds=True)
     expected = [f"{background}: {text}" for row in rows
                 for background, (_, text) in zip(frame_backgrounds(make_clip(config, "train", row["clip_id"])[0]),
                                                  row["frame_texts"], strict=True)]
-    assert [text for _, _, text in named.items] == expected
+    assert [text for _, _, text in backgrounds_first.items] == expected
     assert any(b != row["frame_backgrounds"][0] for row in rows for b in row["frame_backgrounds"])  # a cut
     with pytest.raises(KeyeInputError, match="siglip_backgrounds needs frame_backgrounds"):
         FrameCaptionDataset([{k: v for k, v in rows[0].items() if k != "frame_backgrounds"}], builder, backgrounds=True)
