@@ -29,7 +29,7 @@ from torch import nn
 from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
-from keye.data.world.generate import frame_objects, frame_texts, frames_row, make_clip
+from keye.data.world.generate import frame_objects, frames_row, make_clip
 from keye.data.world.scene import COLORS, SHAPES
 from keye.data.world.words import MENTIONS, listing_mentions, scored_words
 from keye.errors import KeyeInputError
@@ -51,8 +51,7 @@ def listing_word_accuracy(model: nn.Module, processor, world_dir: str | Path, sp
     clips = [make_clip(config, split, f"{split}-{i:05d}")[0] for i in range(config.clips.get(split, 0))][:limit]
     named = config.listing_backgrounds  # the listings name each frame's background, scored as words too
     rows = [frames_row(clip, named) for clip in clips]
-    mentions = [listing_mentions(frame_texts(clip), row["frame_backgrounds"] if named else None)
-                for clip, row in zip(clips, rows)]
+    mentions = [listing_mentions(row["frame_texts"], row["frame_backgrounds"] if named else None) for row in rows]
     return _word_accuracy(model, processor, world_dir, rows, video, batch_size, mentions=mentions)
 
 
