@@ -63,12 +63,17 @@ class KeyeMRotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary = rotary
         self.mrope_section = list(mrope_section)
+        self.set_layout(interleaved)
+
+    def set_layout(self, interleaved: bool) -> None:
+        """Choose the contiguous or the interleaved layout (class docstring)."""
+        section = self.mrope_section
         self.interleaved = interleaved
         # the axis of each rotary pair; a list, not a buffer: models are built on the meta device
         if interleaved:
-            axis_H = [j % 3 if j % 3 and j < 3 * mrope_section[j % 3] else 0 for j in range(sum(mrope_section))]
+            axis_H = [j % 3 if j % 3 and j < 3 * section[j % 3] else 0 for j in range(sum(section))]
         else:
-            axis_H = [axis for axis, size in enumerate(mrope_section) for _ in range(size)]
+            axis_H = [axis for axis, size in enumerate(section) for _ in range(size)]
         self.axis_D = axis_H + axis_H  # rotate-half layout
         self._axis_index: torch.Tensor | None = None  # axis_D on the device of the last forward
 

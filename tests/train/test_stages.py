@@ -1,6 +1,7 @@
 """Tiny runs of every stage of the nano recipe: the loss fell, the trainable groups changed, the frozen
 ones did not; recipe chaining, skipping and resuming; the big recipes' dry runs."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -274,6 +275,27 @@ def test_stage3_anneal_averages_its_seed_runs_and_extends_rope(run_root, chain):
         torch.testing.assert_close(merged[key], (seeds[0][key] + seeds[1][key]) / 2)
     config = json.loads((run_root / "stage3_anneal" / "model" / "config.json").read_text())
     assert config["text_config"]["rope_parameters"]["rope_theta"] == cfg.rope_theta
+
+
+def test_a_stage_can_switch_the_decoder_to_interleaved_mrope(run_root, chain):
+    from keye.models.modeling import KeyeMRotaryEmbedding, mrope_positions
+
+    cfg = load_stage_config(NANO / "stage1_align.yaml", tiny_overrides(**{"run.steps": 1, "mrope_interleaved": "true"}))
+    cfg.init_from, cfg.out = "stage0_vit", "align_interleaved"
+    run_stage(cfg, run_root)
+    model, _ = load_start(dataclasses.replace(cfg, init_from="align_interleaved"), run_root)
+    assert model.config.mrope_interleaved
+    # its visual tokens rotate in the interleaved layout (tested against Qwen3-VL's in test_keye_modeling), and
+    # no longer as in the contiguous start
+    v = model.config.video_token_id
+    ids = torch.tensor([[7, 8] + [v] * 6 + [9]])
+    pos, _ = mrope_positions(ids, torch.ones_like(ids), model.config, video_grid_thw=torch.tensor([[1, 4, 6]]))
+    x = torch.zeros(1, ids.shape[1], model.config.text_config.hidden_size)
+    start, _ = load_start(chain["stage1_align"], run_root)
+    interleaved = KeyeMRotaryEmbedding(start.model.rotary_emb.rotary, start.config.mrope_section, interleaved=True)
+    for ours, ref in zip(model.model.rotary_emb(x, pos), interleaved(x, pos)):
+        torch.testing.assert_close(ours, ref)
+    assert not torch.allclose(model.model.rotary_emb(x, pos)[0], start.model.rotary_emb(x, pos)[0])
 
 
 def test_pretrain_stage_renders_rows_in_its_data_modes(run_root, chain, monkeypatch):

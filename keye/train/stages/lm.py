@@ -119,6 +119,8 @@ class LMStageConfig(StageConfig):
     # share of a frame listing's words that repeat the frame before (module docstring) that keep their labels;
     # 1 keeps all, below 1 the listing's loss falls on the words only the frame can give
     listing_repeat_labels: float = 1.0
+    # the decoder's mRoPE layout from this stage on (``set_mrope_layout``); None keeps the start model's
+    mrope_interleaved: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -293,6 +295,8 @@ def collate_grounded(samples, pad_id: int) -> dict:
 def train_lm(cfg: LMStageConfig, run_root: Path, out_dir: Path | None = None, adapt=None):
     """Next-token training on assistant turns; returns (model, processor). ``out_dir`` (default: the stage
     folder) receives checkpoints and metrics; ``adapt(model)`` changes the start model before training."""
+    if cfg.mrope_interleaved is not None:
+        adapt = _then(functools.partial(set_mrope_layout, interleaved=cfg.mrope_interleaved), adapt)
     model, processor, stage_dir = prepare(cfg, run_root, cfg.lora, adapt)
     rows, base = read_rows(cfg.data.train, run_root)
     if cfg.data.modes:
@@ -375,3 +379,20 @@ def set_rope_theta(model, theta: float) -> None:
     rotary.inv_freq.copy_(inv_freq)
     rotary.original_inv_freq = inv_freq.clone()
     rotary.attention_scaling = scaling
+
+
+def set_mrope_layout(model, interleaved: bool) -> None:
+    """Rotate visual tokens with the interleaved (Qwen3-VL) or contiguous (Keye-VL-1.5) mRoPE layout
+    (``KeyeMRotaryEmbedding``). Text tokens rotate the same either way, so a decoder pretrained on text keeps
+    what it learnt; the first stage that shows it video can pick the layout, and the saved config carries it."""
+    model.config.mrope_interleaved = bool(interleaved)
+    model.model.rotary_emb.set_layout(bool(interleaved))
+
+
+def _then(first, second):
+    """``first(model)`` and then ``second(model)`` when there is one."""
+    def both(model):
+        first(model)
+        if second is not None:
+            second(model)
+    return both
