@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,7 +128,21 @@ def accuracy_table(records: list[dict], breakdown: list[str]) -> dict:
                 groups[r["categories"][name]].append(r)
         if groups:
             out["by"][name] = {value: acc(rs) for value, rs in sorted(groups.items())}
+            out.setdefault("answers", {})[name] = {value: answer_table(rs) for value, rs in sorted(groups.items())}
     return out
+
+
+def answer_table(records: list[dict]) -> dict:
+    """Per reference answer: how many items have it, how many of those the model got right, and how many
+    times the model answered it anywhere in ``records``. A model that never says one answer, or says one
+    whatever is asked, shows here where a group's accuracy hides it."""
+    predicted = Counter(r["pred"] for r in records)
+    table: dict[str, dict] = {}
+    for r in sorted(records, key=lambda r: str(r["answer"])):
+        row = table.setdefault(str(r["answer"]), {"n": 0, "correct": 0, "predicted": predicted[r["answer"]]})
+        row["n"] += 1
+        row["correct"] += bool(r["correct"])
+    return table
 
 
 def markdown_report(results: dict) -> str:
@@ -148,6 +162,10 @@ def markdown_report(results: dict) -> str:
                       "(a rerun retries them)."]
     for name, groups in results["by"].items():
         lines += [""] + table(name, groups)
+    for name, groups in results.get("answers", {}).items():
+        lines += ["", f"Answers by {name}: right of n where it is the answer (times the model gave it).", ""]
+        lines += [f"- {value}: " + ", ".join(f"{answer} {a['correct']}/{a['n']} ({a['predicted']})"
+                                             for answer, a in answers.items()) for value, answers in groups.items()]
     return "\n".join(lines) + "\n"
 
 

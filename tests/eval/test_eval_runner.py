@@ -94,9 +94,14 @@ def test_accuracy_from_a_deterministic_predictor(videos, tmp_path):
     assert {k: v["accuracy"] for k, v in task.items()} == {"Counting Problem": 1.0, "Object Recognition": 0.0,
                                                            "Temporal Reasoning": 0.0}
     assert {k: (v["correct"], v["n"]) for k, v in results["by"]["duration"].items()} == {"medium": (1, 2), "short": (1, 2)}
+    # per reference answer: right of n, and how often the model gave it in the group ("A" once in short, where no
+    # item's answer is A, so it has no row there)
+    assert results["answers"]["duration"] == {"medium": {"A": {"n": 2, "correct": 1, "predicted": 1}},
+                                              "short": {"B": {"n": 2, "correct": 1, "predicted": 1}}}
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| overall | 4 | 50.0 |" in md and "| Counting Problem | 2 | 100.0 |" in md
+    assert "- medium: A 1/2 (1)" in md and "- Counting Problem: A 1/1 (1), B 1/1 (1)" in md
 
 
 def test_rerun_skips_finished_items_and_drops_a_torn_line(videos, tmp_path):
