@@ -4,8 +4,9 @@ Out folder::
 
     run.json            what produced the predictions (definition, model, mode, video sampling); a rerun must match
     predictions.jsonl   one line per finished item, appended and fsynced item by item
-    results.json        overall and per-category accuracy (rewritten atomically at the end)
-    results.md          the same as markdown tables
+    results.json        overall and per-category accuracy, and per category each reference answer: right of n
+                        and how often the model gave it (rewritten atomically at the end)
+    results.md          the same as markdown
 
 A rerun reads ``predictions.jsonl`` and asks the model only about the items not in it, so a run
 killed halfway loses at most the batch in flight. A torn last line (killed mid-write) is dropped.
