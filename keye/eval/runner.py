@@ -137,10 +137,11 @@ def answer_table(records: list[dict]) -> dict:
     """Per reference answer: how many items have it, how many of those the model got right, and how many
     times the model answered it anywhere in ``records``. A model that never says one answer, or says one
     whatever is asked, shows here where a group's accuracy hides it."""
-    predicted = Counter(r["pred"] for r in records)
+    predicted = Counter(str(r["pred"]) for r in records if r["pred"] is not None)
     table: dict[str, dict] = {}
     for r in sorted(records, key=lambda r: str(r["answer"])):
-        row = table.setdefault(str(r["answer"]), {"n": 0, "correct": 0, "predicted": predicted[r["answer"]]})
+        answer = str(r["answer"])
+        row = table.setdefault(answer, {"n": 0, "correct": 0, "predicted": predicted[answer]})
         row["n"] += 1
         row["correct"] += bool(r["correct"])
     return table
