@@ -258,8 +258,7 @@ def frame_boxes(clip: Clip) -> list[tuple[float, list[list]]]:
 
 def frame_backgrounds(clip: Clip) -> list[str]:
     """Each 2 fps frame's background as the listings name it: "navy", or "navy/gray" for a two-tone one."""
-    return ["/".join(clip.shots[clip.shot_of(frame)].background.colors)
-            for frame in range(0, clip.num_frames, clip.grid_step)]
+    return [clip.shots[clip.shot_of(frame)].background.listed for frame in range(0, clip.num_frames, clip.grid_step)]
 
 
 def frame_listing(texts: list[tuple[float, str]], backgrounds: list[str] | None = None) -> str:

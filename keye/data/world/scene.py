@@ -125,6 +125,11 @@ class Background:
     colors: tuple[str, ...]  # one colour for "plain", two for the two-tone splits
     split: str  # "plain", "vertical" (left | right) or "horizontal" (top / bottom)
 
+    @property
+    def listed(self) -> str:
+        """How frame listings name it, the text base's and the video task's alike: "navy", "navy/gray"."""
+        return "/".join(self.colors)
+
     def describe(self) -> str:
         if self.split == "plain":
             return f"a plain {self.colors[0]} background"

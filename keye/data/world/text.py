@@ -57,7 +57,7 @@ def _listing_lines(clip: Clip, frames: list) -> str:
     for seconds, seen in frames:
         shot = clip.shots[_shot_at(clip, seconds)]
         objects = ", ".join(f"{obj.name} {_grid(x, clip.width)} {_grid(y, clip.height)}" for x, y, obj in seen)
-        lines.append(f"{seconds:.1f}s {'/'.join(shot.background.colors)}: {objects or 'nothing'}")
+        lines.append(f"{seconds:.1f}s {shot.background.listed}: {objects or 'nothing'}")
     return "\n".join(lines)
 
 
