@@ -26,9 +26,14 @@ class AttentionTap:
     records and passes through), so guidance costs one head's (B, L, L) scores and a few rows of another's,
     not eager attention on every layer. The weights hold for right- or left-padded batches, not packed rows."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, detach_input: bool = False):
         self.attention = layer.self_attn
         self.config = self.attention.config
+        # detach_input: the kept queries and keys are recomputed from the layer's input with its gradient
+        # stopped, so a loss on these weights trains the layer's query and key projections and nothing below
+        self.detach_input, self._hook, self._input = detach_input, None, None
+        if detach_input:
+            self._hook = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
         # transformers keeps "eager" out of the registry: each modeling file has its own
         eager = sys.modules[type(self.attention).__module__].eager_attention_forward
         self.inner = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
@@ -37,7 +42,23 @@ class AttentionTap:
         self.attention.keye_tap = self
         self.query_BHLD = self.key_BKLD = None
 
+    def _capture(self, module, args, kwargs) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._input = (hidden, kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1])
+
+    def _detached_query_key(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's queries and keys after RoPE, as its forward computes them, from its detached input."""
+        hidden_BLD, (cos, sin) = self._input
+        attn, hidden_BLD = self.attention, hidden_BLD.detach()
+        shape = (*hidden_BLD.shape[:-1], -1, attn.head_dim)
+        query = attn.q_norm(attn.q_proj(hidden_BLD).view(shape)).transpose(1, 2)
+        key = attn.k_norm(attn.k_proj(hidden_BLD).view(shape)).transpose(1, 2)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        return rotate(query, key, cos.detach(), sin.detach())
+
     def keep(self, query_BHLD: torch.Tensor, key_BKLD: torch.Tensor, scaling: float | None) -> None:
+        if self.detach_input:
+            query_BHLD, key_BKLD = self._detached_query_key()
         self.query_BHLD, self.key_BKLD = query_BHLD, key_BKLD
         self.groups = query_BHLD.shape[1] // key_BKLD.shape[1]
         self.scaling = scaling if scaling is not None else query_BHLD.shape[-1] ** -0.5
@@ -61,6 +82,8 @@ class AttentionTap:
         return (scores * self.scaling).masked_fill(~allowed, float("-inf")).log_softmax(-1)
 
     def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
         self.attention.config = self.config
         del self.attention.keye_tap
 

@@ -398,3 +398,52 @@ def test_motion_windows_are_answerable_from_what_they_write():
             answers.add(turn.answer)
             asked += 1
     assert asked >= 60 and answers == set(step), (asked, answers)
+
+
+def test_a_detached_tap_trains_only_its_layers_queries_and_keys():
+    """``AttentionTap(detach_input=True)`` gives the weights the plain tap gives, and a loss on them reaches
+    the tapped layer's query and key projections only: no gradient to the layers below, the embeddings or the
+    layer's values; removing it leaves the layer's forward as it was."""
+    import functools
+
+    from keye.data.world.text import TextMix
+    from keye.models import build_model
+    from keye.processing import load_nano_processor
+    from keye.train.attention import AttentionTap, attention_on
+    from keye.train.stages.text import WorldTextDataset, collate_guided
+
+    processor = load_nano_processor()
+    dataset = WorldTextDataset(4, WorldConfig(seed=9), TextMix(lookups=0.5), processor, "all")
+    batch = functools.partial(collate_guided, pad_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    assert not bool(batch["attention_mask"].all()) and batch["guides"]
+    torch.manual_seed(0)
+    model = build_model("keye-nano").eval()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    mask_BL = batch["attention_mask"].bool()
+    plain_logits = model(**inputs).logits.detach()
+
+    def guided(detach: bool):
+        model.zero_grad()
+        tap = AttentionTap(model.model.layers[2], detach_input=detach)
+        logits = model(**inputs).logits
+        value = attention_on(tap, 1, mask_BL, batch["guides"])
+        value.backward()
+        grads = {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+        log_BLL = tap.log_attention(1, mask_BL).detach()
+        tap.remove()
+        return logits.detach(), float(value.detach()), log_BLL, grads
+
+    logits, value, log_BLL, grads = guided(detach=False)
+    d_logits, d_value, d_log_BLL, d_grads = guided(detach=True)
+    torch.testing.assert_close(d_logits, plain_logits)
+    assert d_value == pytest.approx(value, rel=1e-5)
+    torch.testing.assert_close(d_log_BLL, log_BLL)
+    attn = "model.layers.2.self_attn."
+    for name in ("q_proj.weight", "k_proj.weight"):  # the same gradient as the plain tap's, where both reach
+        torch.testing.assert_close(d_grads[attn + name], grads[attn + name], atol=1e-6, rtol=1e-4)
+        assert d_grads[attn + name].abs().sum() > 0
+    below = [n for n in grads if n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))]
+    assert grads["model.layers.1.self_attn.q_proj.weight"].abs().sum() > 0  # the plain tap's loss reaches below
+    for name in below + [attn + "v_proj.weight", attn + "o_proj.weight"]:
+        assert d_grads[name] is None or not d_grads[name].any(), name
+    torch.testing.assert_close(model(**inputs).logits.detach(), plain_logits)

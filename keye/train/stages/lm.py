@@ -86,6 +86,9 @@ class GroundingConfig:
     subject: float = 0.0
     subject_layer: int = 0
     subject_head: int = 1
+    # the terms train only the guided layers' query and key projections (``AttentionTap(detach_input=True)``):
+    # the visual tokens and the layers below them are left to the LM loss
+    detach: bool = False
 
     @property
     def heads(self) -> list[tuple[int, int]]:
@@ -343,7 +346,8 @@ def _grounded(cfg: LMStageConfig, rows: list[dict], builder: SampleBuilder, mode
             raise ConfigError(f"grounding: layer {layer}, head {head} is not in the decoder "
                               f"({text.num_hidden_layers} layers of {text.num_attention_heads} heads)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under LoRA, the wrapped model
-    return grounder, {layer: AttentionTap(base.model.layers[layer]) for layer in sorted({layer for layer, _ in heads})}
+    layers = sorted({layer for layer, _ in heads})
+    return grounder, {layer: AttentionTap(base.model.layers[layer], cfg.grounding.detach) for layer in layers}
 
 
 @register_stage("align", LMStageConfig)
