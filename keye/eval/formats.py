@@ -219,18 +219,35 @@ def _mvbench(definition: EvalDefinition) -> list[EvalItem]:
     return items
 
 
+def _world_clips(path: Path, rows: list[dict]) -> dict | None:
+    """The rows' clips rebuilt from the ``world.json`` beside the split (None when there is none)."""
+    from keye.data.world import WorldConfig
+    from keye.data.world.generate import clips_of_rows
+
+    world_json = path.parent / "world.json"
+    if not world_json.is_file():
+        return None
+    return clips_of_rows(WorldConfig.from_dict(json.loads(world_json.read_text())["config"]), rows)
+
+
 @register_format("world")
 def _world(definition: EvalDefinition) -> list[EvalItem]:
+    from keye.data.world.grounding import scene_categories
+
     path = _annotations(definition)
     base = definition.path(definition.video_dir) if definition.video_dir else path.parent
+    rows = read_rows(path)
+    for i, row in enumerate(rows):
+        _need(row, ("id", "question", "answer", "kind", "videos"), f"{path} row {i}")
+    clips = _world_clips(path, [r for r in rows if "clip_id" in r])  # None for a split without its world.json
     items = []
-    for i, row in enumerate(read_rows(path)):
-        where = f"{path} row {i}"
-        _need(row, ("id", "question", "answer", "kind", "videos"), where)
+    for row in rows:
         # the row's question already lists its options ("A. ..."), as in training; score them as a choice
         options = row.get("options") or None
         media = [{"type": "video", "video": str(base / v)} for v in row["videos"]]
         categories = {"kind": row["kind"], "reasoning": str(bool(row.get("reasoning", False))).lower()}
+        if clips is not None and row.get("clip_id") in clips:
+            categories.update(scene_categories(clips[row["clip_id"]], row["kind"], row["question"]))
         items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories))
     return items
 
@@ -245,17 +262,13 @@ def _lookup(definition: EvalDefinition) -> list[EvalItem]:
 
 @register_format("world-text")
 def _world_text(definition: EvalDefinition) -> list[EvalItem]:
-    from keye.data.world import WorldConfig
-    from keye.data.world.generate import clips_of_rows
     from keye.data.world.text import oracle_text
 
     path = _annotations(definition)
-    world_json = path.parent / "world.json"
-    if not world_json.is_file():
-        raise KeyeInputError(f"{path}: the world-text format rebuilds each clip from the world.json beside the split, "
-                             f"and {world_json} is missing")
-    config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
     rows = read_rows(path)
-    clips = clips_of_rows(config, rows)
+    clips = _world_clips(path, rows)
+    if clips is None:
+        raise KeyeInputError(f"{path}: the world-text format rebuilds each clip from the world.json beside the split, "
+                             f"and {path.parent / 'world.json'} is missing")
     return [EvalItem(item.id, oracle_text(clips[row["clip_id"]], row["question"]), item.answer, item.options, [],
                      item.categories) for item, row in zip(_world(definition), rows)]

@@ -338,3 +338,41 @@ def test_world_text_items_are_the_split_answered_from_each_clips_listing(world):
     (missing / "test.jsonl").write_text(world.read_text())
     with pytest.raises(KeyeInputError, match="world.json"):
         read_items(load_definition("world-text", [f"annotations={missing / 'test.jsonl'}"]))
+
+
+def test_world_items_are_scored_by_how_crowded_their_scene_is(world):
+    """A world item carries its clip's shots and, where the question names one object, that object's kind
+    and company (the objects of its shot), read off the clip rebuilt from world.json; the report has a table
+    for each. A split without its world.json keeps kind and reasoning alone."""
+    from keye.data.world.generate import make_clip
+    from keye.eval.formats import load_definition
+    from keye.eval.runner import accuracy_table, markdown_report
+
+    config = WorldConfig.from_dict(json.loads((world.parent / "world.json").read_text())["config"])
+    items, rows = read_items(load_definition("world", [f"annotations={world}"])), read_rows(world)
+    named = 0
+    for item, row in zip(items, rows):
+        clip, _ = make_clip(config, "test", row["clip_id"])
+        assert item.categories["shots"] == str(len(clip.shots))
+        question, kind = row["question"], row["kind"]
+        shots = [shot for shot in clip.shots for obj in shot.objects
+                 if (kind in ("motion", "entry") and f"the {obj.name} " in question)
+                 or (kind == "color" and question.endswith(f"the {obj.shape}?"))
+                 or (kind == "shape" and f"the {obj.color} object" in question)]
+        if kind in ("motion", "entry", "color", "shape"):
+            n = len(shots[0].objects)
+            assert len(shots) == 1 and item.categories["company"] == f"{kind}, {n} object{'s' * (n != 1)}"
+            named += 1
+        else:
+            assert "company" not in item.categories, (kind, question)
+    assert named >= 4
+    records = [{"pred": "x", "correct": i % 2 == 0, "answer": item.answer, "categories": item.categories}
+               for i, item in enumerate(items)]
+    report = markdown_report({"name": "t", **accuracy_table(records, [])})
+    assert "| company | n | accuracy |" in report and "| shots | n | accuracy |" in report
+
+    bare = world.parent / "bare"
+    bare.mkdir()
+    (bare / "test.jsonl").write_text(world.read_text())
+    items = read_items(load_definition("world", [f"annotations={bare / 'test.jsonl'}"]))
+    assert all(set(item.categories) == {"kind", "reasoning"} for item in items)

@@ -34,6 +34,20 @@ def asked_objects(question: str) -> list[tuple[str | None, str | None]]:
     return [(c or None, s) for c, s in refs if c or s]
 
 
+def scene_categories(clip, kind: str, question: str) -> dict[str, str]:
+    """How crowded the scene is that ``question`` asks about, for scoring by it: ``shots``, the clip's shots,
+    and, where the question names one object of the clip, ``company``: its kind and the objects in that
+    object's shot ("motion, 3 objects"). A read that holds for an object alone and fails beside others shows
+    there, where the kind's accuracy hides it."""
+    out = {"shots": str(len(clip.shots))}
+    refs = asked_objects(question)
+    named = [shot for shot in clip.shots for obj in shot.objects if len(refs) == 1 and fits(obj.name, refs[0])]
+    if len(named) == 1:
+        n = len(named[0].objects)
+        out["company"] = f"{kind}, {n} object{'s' if n != 1 else ''}"
+    return out
+
+
 def asks_track(question: str) -> bool:
     """Whether ``question`` is answered by the asked object's first and last frames (motion, entry)."""
     return any(pattern.match(question.lstrip()) for pattern in MENTION_QUESTIONS.values())
