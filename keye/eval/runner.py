@@ -249,7 +249,8 @@ def evaluate_world(pipe, split_jsonl: str | os.PathLike, *, out_dir=None, mode: 
     video_options / slow_fast: the message options and sampling training used (e.g. a stage's
     ``video.message()`` and ``video.slow_fast``), so the model sees frames the way it learnt them;
     ``slow_fast`` overrides the pipeline's own setting for this call only (None: keep it). Returns
-    ``run_eval``'s results with ``per_kind``: kind -> accuracy added.
+    ``run_eval``'s results, by kind, by the asked object's company and by shots where the split's world.json
+    is beside it (``keye.data.world.grounding.scene_categories``), with ``per_kind``: kind -> accuracy added.
     """
     was_training = pipe.model.training
     # A pipeline's own Slow-Fast setting must not override the sampling the model was trained with:
@@ -261,7 +262,7 @@ def evaluate_world(pipe, split_jsonl: str | os.PathLike, *, out_dir=None, mode: 
     definition = EvalDefinition(name=f"world-{split.stem}", format="world", annotations=str(split.resolve()),
                                 prompt="{question}", mode=mode, max_new_tokens=max_new_tokens,
                                 video=VideoOptions.from_message(video_options or {}, "video_options", pipe.slow_fast),
-                                breakdown=["kind"])
+                                breakdown=["kind", "company", "shots"])
     try:  # called from a training loop: hand the model back in the mode it came in
         results = run_eval(definition, pipeline_predictor(pipe, mode, max_new_tokens), out_dir, limit=limit,
                            batch_size=batch_size, progress=progress)

@@ -167,6 +167,7 @@ def test_evaluate_world_per_kind_accuracy(world, nano, tmp_path):
     assert results["per_kind"] == {k: 1.0 if k == "count" else 0.0 for k in kinds}
     n_count = sum(r["kind"] == "count" for r in rows)
     assert results["overall"]["correct"] == n_count and oracle.calls == len(rows)
+    assert set(results["by"]) == {"kind", "company", "shots"}  # the world.json beside the split gives the last two
 
     pipe = KeyePipeline(model, processor)
     model.train()
@@ -227,7 +228,7 @@ def test_keye_eval_world_by_name_with_data(world, nano, tmp_path):
     first_two = read_rows(world)[:2]
     assert results["overall"]["n"] == 2 and results["mode"] == "no_think"
     assert sorted(results["by"]["kind"]) == sorted({r["kind"] for r in first_two})
-    assert set(results["by"]) == {"kind", "reasoning"}
+    assert {"kind", "reasoning", "shots"} <= set(results["by"]) <= {"kind", "reasoning", "shots", "company"}
 
 
 def test_keye_eval_samples_video_as_the_model_was_trained(world, nano, tmp_path):
