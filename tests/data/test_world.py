@@ -293,6 +293,37 @@ def test_listing_backgrounds_name_each_frames_background_in_the_listing_and_chan
             for f in range(len(named)) for _ in named[f].split("/")]
 
 
+def test_dense_every_asks_each_question_of_a_kind_and_changes_nothing_else(tmp_path, world):
+    """``dense_every``: the dense conversation asks every motion question the clip allows (one per object), true
+    to the pixels, beside the other kinds once each; every other file is byte for byte the same."""
+    import dataclasses
+    import os
+    import shutil
+
+    for media in ("videos", "crops"):  # kept media is not re-encoded
+        shutil.copytree(world / media, tmp_path / media, copy_function=os.link)
+    config = dataclasses.replace(CONFIG, dense_every=["motion"])
+    generate_world(tmp_path, config, progress=False)
+    for name in ["train.jsonl", "val.jsonl", "test.jsonl", "train_zoom.jsonl", "captions.jsonl", "frames.jsonl",
+                 "clips.jsonl"]:
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
+    more = 0
+    for plain, row in zip(_rows(world / "train_dense.jsonl"), _rows(tmp_path / "train_dense.jsonl"), strict=True):
+        clip, _ = make_clip(CONFIG, "train", row["clip_id"])
+        facts = PixelFacts(render_clip(clip), clip.grid_step)
+        asked = [m["content"].removeprefix("<video>") for m in row["messages"][::2]]
+        motion = [q for q, kind in zip(asked, row["kinds"]) if kind == "motion"]
+        assert sorted(motion) == sorted(qa.question for qa in QUESTION_KINDS["motion"].generate(clip))
+        assert sorted(k for k in row["kinds"] if k != "motion") == sorted(k for k in plain["kinds"] if k != "motion")
+        for kind, question, answer in zip(row["kinds"], asked, row["messages"][1::2]):
+            if kind == "motion":
+                assert _pixel_answer({"kind": kind, "question": question}, facts) == answer["content"], question
+        more += len(motion) - plain["kinds"].count("motion")
+    assert more >= 4
+    with pytest.raises(ConfigError, match="dense_every"):
+        dataclasses.replace(CONFIG, kinds={"color": 1.0}, dense_every=["motion"])
+
+
 def test_frame_boxes_bound_the_rendered_pixels_of_each_listed_object(world):
     """Each box holds every pixel of its object and is tight to them (within 2.5 px: a triangle's apex
     and the ends of its base are thinner than a pixel), clipped to the frame, in the listing's order."""

@@ -76,6 +76,10 @@ class WorldConfig:
     # frame listings (frames.jsonl) name each frame's background ("0.5s navy: red circle top left."), as the
     # text base's listings do, so a decoder trained on them must see the background a cut changes
     listing_backgrounds: bool = False
+    # kinds the dense conversation (train_dense.jsonl) asks every question of (each object's motion, ...), where
+    # it asks the others once: more answers of a kind for the same vision pass; the single-turn rows and the
+    # held-out splits do not change
+    dense_every: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         scene = self.scene
@@ -90,6 +94,9 @@ class WorldConfig:
             raise ConfigError(f"world kinds: unknown {sorted(unknown)}; known: {sorted(set(QUESTION_KINDS) - {THINK_WITH_IMAGE_KIND})}")
         if not any(w > 0 for w in self.kinds.values()) and self.questions_per_clip > 0:
             raise ConfigError("world kinds: at least one kind needs a positive weight")
+        if set(self.dense_every) - set(self.kinds):
+            raise ConfigError(f"world dense_every: {sorted(set(self.dense_every) - set(self.kinds))} not among the "
+                              f"world's kinds {sorted(self.kinds)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -209,9 +216,14 @@ def dense_row(clip: Clip, qas: list[QA]) -> dict:
 
 
 def dense_questions(config: WorldConfig, clip: Clip, rng: np.random.Generator) -> list[QA]:
-    """One question of every weighted kind the clip can ask, in a random order."""
-    names = sorted(k for k, w in config.kinds.items() if w > 0)
-    qas = [qa for name in names if (qa := choose_question(name, clip, rng)) is not None]
+    """One question of every weighted kind the clip can ask (every question of the ``dense_every`` kinds), in a
+    random order."""
+    qas = []
+    for name in sorted(k for k, w in config.kinds.items() if w > 0):
+        if name in config.dense_every:
+            qas += QUESTION_KINDS[name].generate(clip)
+        elif (qa := choose_question(name, clip, rng)) is not None:
+            qas.append(qa)
     return [qas[i] for i in rng.permutation(len(qas))]
 
 
