@@ -219,27 +219,27 @@ def _mvbench(definition: EvalDefinition) -> list[EvalItem]:
     return items
 
 
-def _world_clips(path: Path, rows: list[dict]) -> dict | None:
-    """The rows' clips rebuilt from the ``world.json`` beside the split (None when there is none)."""
+def _world_split(definition: EvalDefinition, need_clips: bool = False
+                 ) -> tuple[list[EvalItem], list[dict], dict | None]:
+    """The split's items, its rows and, where the ``world.json`` beside it is, its clips rebuilt by id
+    (``need_clips``: an error when it is missing)."""
     from keye.data.world import WorldConfig
     from keye.data.world.generate import clips_of_rows
-
-    world_json = path.parent / "world.json"
-    if not world_json.is_file():
-        return None
-    return clips_of_rows(WorldConfig.from_dict(json.loads(world_json.read_text())["config"]), rows)
-
-
-@register_format("world")
-def _world(definition: EvalDefinition) -> list[EvalItem]:
     from keye.data.world.grounding import scene_categories
 
     path = _annotations(definition)
     base = definition.path(definition.video_dir) if definition.video_dir else path.parent
     rows = read_rows(path)
     for i, row in enumerate(rows):
-        _need(row, ("id", "question", "answer", "kind", "videos"), f"{path} row {i}")
-    clips = _world_clips(path, [r for r in rows if "clip_id" in r])  # None for a split without its world.json
+        _need(row, ("id", "question", "answer", "kind", "videos") + (("clip_id",) if need_clips else ()),
+              f"{path} row {i}")
+    world_json, clips = path.parent / "world.json", None
+    if world_json.is_file():
+        config = WorldConfig.from_dict(json.loads(world_json.read_text())["config"])
+        clips = clips_of_rows(config, [r for r in rows if "clip_id" in r])
+    elif need_clips:
+        raise KeyeInputError(f"{path}: the {definition.format} format rebuilds each clip from the world.json beside "
+                             f"the split, and {world_json} is missing")
     items = []
     for row in rows:
         # the row's question already lists its options ("A. ..."), as in training; score them as a choice
@@ -249,7 +249,12 @@ def _world(definition: EvalDefinition) -> list[EvalItem]:
         if clips is not None and row.get("clip_id") in clips:
             categories.update(scene_categories(clips[row["clip_id"]], row["kind"], row["question"]))
         items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories))
-    return items
+    return items, rows, clips
+
+
+@register_format("world")
+def _world(definition: EvalDefinition) -> list[EvalItem]:
+    return _world_split(definition)[0]
 
 
 @register_format("lookup")
@@ -264,11 +269,6 @@ def _lookup(definition: EvalDefinition) -> list[EvalItem]:
 def _world_text(definition: EvalDefinition) -> list[EvalItem]:
     from keye.data.world.text import oracle_text
 
-    path = _annotations(definition)
-    rows = read_rows(path)
-    clips = _world_clips(path, rows)
-    if clips is None:
-        raise KeyeInputError(f"{path}: the world-text format rebuilds each clip from the world.json beside the split, "
-                             f"and {path.parent / 'world.json'} is missing")
+    items, rows, clips = _world_split(definition, need_clips=True)
     return [EvalItem(item.id, oracle_text(clips[row["clip_id"]], row["question"]), item.answer, item.options, [],
-                     item.categories) for item, row in zip(_world(definition), rows)]
+                     item.categories) for item, row in zip(items, rows)]
