@@ -41,7 +41,9 @@ def scene_categories(clip, kind: str, question: str) -> dict[str, str]:
     there, where the kind's accuracy hides it."""
     out = {"shots": str(len(clip.shots))}
     refs = asked_objects(question)
-    named = [shot for shot in clip.shots for obj in shot.objects if len(refs) == 1 and fits(obj.name, refs[0])]
+    if len(refs) != 1:
+        return out
+    named = [shot for shot in clip.shots for obj in shot.objects if fits(obj.name, refs[0])]
     if len(named) == 1:
         n = len(named[0].objects)
         out["company"] = f"{kind}, {n} object{'s' if n != 1 else ''}"
