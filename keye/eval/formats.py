@@ -91,6 +91,9 @@ class EvalItem:
     media: list[dict]
     categories: dict[str, str] = field(default_factory=dict)
     guess: str | None = None  # a trivial strategy's answer (e.g. the first-listed word), scored beside the model
+    # the clip's frame listing ([seconds, "red circle top left, ..."] per 2 fps frame), where the item has one:
+    # the runner checks a generated chain's placements against it
+    listing: list | None = None
 
 
 FormatReader = Callable[[EvalDefinition], list[EvalItem]]
@@ -224,7 +227,7 @@ def _world_split(definition: EvalDefinition, need_clips: bool = False
     """The split's items, its rows and, where the ``world.json`` beside it is, its clips rebuilt by id
     (``need_clips``: an error when it is missing)."""
     from keye.data.world import WorldConfig
-    from keye.data.world.generate import clips_of_rows
+    from keye.data.world.generate import clips_of_rows, frame_texts
     from keye.data.world.grounding import scene_categories
 
     path = _annotations(definition)
@@ -246,9 +249,13 @@ def _world_split(definition: EvalDefinition, need_clips: bool = False
         options = row.get("options") or None
         media = [{"type": "video", "video": str(base / v)} for v in row["videos"]]
         categories = {"kind": row["kind"], "reasoning": str(bool(row.get("reasoning", False))).lower()}
+        listing = None
         if clips is not None and row.get("clip_id") in clips:
-            categories.update(scene_categories(clips[row["clip_id"]], row["kind"], row["question"]))
-        items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories))
+            clip = clips[row["clip_id"]]
+            categories.update(scene_categories(clip, row["kind"], row["question"]))
+            listing = frame_texts(clip)
+        items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories,
+                              listing=listing))
     return items, rows, clips
 
 

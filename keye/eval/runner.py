@@ -5,7 +5,9 @@ Out folder::
     run.json            what produced the predictions (definition, model, mode, video sampling); a rerun must match
     predictions.jsonl   one line per finished item, appended and fsynced item by item
     results.json        overall and per-category accuracy, and per category each reference answer: right of n
-                        and how often the model gave it (rewritten atomically at the end)
+                        and how often the model gave it (rewritten atomically at the end); on world splits,
+                        also how many of the chains' placements ("the red circle is in the top left at
+                        1.0s") the clip's frame listing confirms
     results.md          the same as markdown
 
 A rerun reads ``predictions.jsonl`` and asks the model only about the items not in it, so a run
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from keye.errors import KeyeInputError
 from keye.data.answers import LETTERS, extract_choice, final_answer, is_correct, normalize
+from keye.data.world.words import confirmed_claims
 from keye.eval.formats import EvalDefinition, EvalItem, check_definition, read_items
 from keye.fileio import atomic_write_text
 from keye.video import VideoOptions
@@ -118,6 +121,10 @@ def accuracy_table(records: list[dict], breakdown: list[str]) -> dict:
                "unanswered": sum(r["pred"] in (None, "") for r in rs), "errors": sum("error" in r for r in rs)}
         if rs and all("guess_correct" in r for r in rs):
             out["guess_accuracy"] = sum(r["guess_correct"] for r in rs) / len(rs)
+        placed = [r["placements"] for r in rs if "placements" in r]
+        if placed:
+            claims, right = sum(c for c, _ in placed), sum(k for _, k in placed)
+            out["placements"] = {"claims": claims, "right": right, "share": right / claims if claims else None}
         return out
 
     out = {"overall": acc(records), "by": {}}
@@ -150,15 +157,25 @@ def answer_table(records: list[dict]) -> dict:
 def markdown_report(results: dict) -> str:
     overall = results["overall"]
     guess = "guess_accuracy" in overall  # the items' trivial guess, scored beside the model
+    placed = bool(overall.get("placements", {}).get("claims"))  # generated chains that place objects
+
+    def placements(g: dict) -> str:
+        p = g.get("placements") or {}
+        return f" {p['right']}/{p['claims']} ({100 * p['share']:.1f}) |" if p.get("claims") else " - |"
 
     def table(title: str, groups: dict) -> list[str]:
         head = f"| {title} | n | accuracy |" + (" guess |" if guess else "")
-        rule = "| --- | ---: | ---: |" + (" ---: |" if guess else "")
+        head += " chain placements right |" if placed else ""
+        rule = "| --- | ---: | ---: |" + (" ---: |" if guess else "") + (" ---: |" if placed else "")
         return [head, rule] + [f"| {value} | {g['n']} | {100 * g['accuracy']:.1f} |"
-                               + (f" {100 * g['guess_accuracy']:.1f} |" if guess else "") for value, g in groups.items()]
+                               + (f" {100 * g['guess_accuracy']:.1f} |" if guess else "")
+                               + (placements(g) if placed else "") for value, g in groups.items()]
 
     lines = [f"# {results['name']}", "", f"model: `{results.get('model', '')}`, mode: {results.get('mode', '')}", ""]
     lines += table("split", {"overall": overall})
+    if placed:
+        lines += ["", "Chain placements right: of the places the generated chains give an object at a time (\"the "
+                      "red circle is in the top left at 1.0s\"), how many the clip's frame listing confirms."]
     if overall["errors"]:
         lines += ["", f"{overall['errors']} questions failed on bad input and count as wrong; see predictions.jsonl "
                       "(a rerun retries them)."]
@@ -230,6 +247,10 @@ def run_eval(definition: EvalDefinition, predict: Predictor, out_dir: str | os.P
                 store.append(record)
         bar.update(len(batch))
     bar.close()
+    for item in items:  # computed here, not when asked, so predictions from before this count too
+        record = records[item.id]
+        if item.listing is not None and "error" not in record:
+            record["placements"] = list(confirmed_claims(record["raw"], item.listing))
     results = {
         "name": definition.name, "format": definition.format, "model": model_name, "mode": definition.mode,
         **accuracy_table([records[item.id] for item in items], definition.breakdown),

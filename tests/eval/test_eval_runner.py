@@ -2,6 +2,7 @@
 predictor against hand-computed values, resume (count the model calls), evaluate_world, `keye eval`."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -377,3 +378,41 @@ def test_world_items_are_scored_by_how_crowded_their_scene_is(world):
     (bare / "test.jsonl").write_text(world.read_text())
     items = read_items(load_definition("world", [f"annotations={bare / 'test.jsonl'}"]))
     assert all(set(item.categories) == {"kind", "reasoning"} for item in items)
+
+
+def test_world_reports_how_many_chain_placements_the_listing_confirms(world, tmp_path):
+    """On a world split the runner checks each generated chain's placements ("the red circle is in the top left
+    at 1.0s") against the clip's frame listing: reference chains are all confirmed, the same chains moved to a
+    time no frame has none; the counts add up per kind and overall, and the report gains the column. Bare
+    answers place nothing, and the column stays out."""
+    from keye.eval.runner import markdown_report
+    from keye.data.world.words import placement_claims
+
+    rows = read_rows(world)
+    truth = {(Path(r["videos"][0]).name, r["question"]): (i, r) for i, r in enumerate(rows)}
+
+    def chains(conversations):
+        out = []
+        for c in conversations:
+            i, row = truth[(Path(c[0]["content"][0]["video"]).name, question_of(c))]
+            cot = row["cot"] if i % 2 == 0 else re.sub(r"\b\d+\.\ds\b", "99.0s", row["cot"])
+            out.append(f"<think>{cot}</think>{row['answer']}")
+        return out
+
+    d = load_definition("world", [f"annotations={world}", "mode=think"])
+    results = run_eval(d, chains, tmp_path / "think", progress=False)
+    expected: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        n = len(placement_claims(row["cot"]))
+        claims, right = expected.setdefault(row["kind"], [0, 0])
+        expected[row["kind"]] = [claims + n, right + (n if i % 2 == 0 else 0)]
+    got = {kind: [g["placements"]["claims"], g["placements"]["right"]] for kind, g in results["by"]["kind"].items()}
+    assert got == expected
+    placed = results["overall"]["placements"]
+    assert placed["claims"] == sum(c for c, _ in expected.values()) and 0 < placed["right"] < placed["claims"]
+    assert placed["share"] == placed["right"] / placed["claims"]
+    assert "chain placements right |" in (tmp_path / "think" / "results.md").read_text()
+
+    bare = run_eval(d, lambda cs: ["x"] * len(cs), tmp_path / "bare", progress=False)
+    assert bare["overall"]["placements"]["claims"] == 0 and bare["overall"]["placements"]["share"] is None
+    assert "chain placements" not in markdown_report(bare)

@@ -140,7 +140,8 @@ def test_placement_reward_checks_each_claim_against_the_clips_listing():
     loses exactly that claim's share; a chain without placements earns nothing."""
     from keye.data.world import WorldConfig
     from keye.data.world.generate import frame_texts, make_clip, questions_for_clip
-    from keye.train.rewards import placement_claims, placement_reward
+    from keye.data.world.words import placement_claims
+    from keye.train.rewards import placement_reward
 
     config = WorldConfig(seed=4)
     chains, listings = [], []

@@ -1,8 +1,12 @@
 """The scored words of the world's frame listings and chains: which type a word is, how a tokenized turn's
 labels group into words, and what the frame before already says of each listing word. Shared by the
-perception probes (``keye.eval.perception``) and the next-token stages (``keye.train.stages.lm``)."""
+perception probes (``keye.eval.perception``) and the next-token stages (``keye.train.stages.lm``); and the
+placements a chain states, checked against a frame listing by the RL stage's placement reward and by the world
+evals."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -82,3 +86,37 @@ def listing_mentions(texts: list[tuple[float, str]], backgrounds: list[str] | No
         out += [] if now else [None]
         before = now
     return out
+
+
+# A chain's placement claims, in the words the world's chains and frame listings use: "the red circle is in the
+# top left at 1.0s and further right, in the top centre, at 3.0s", "At 0.5s the blue square is in the middle
+# centre". Within a sentence, a cell phrase belongs to the last object named before it, and to the first time
+# after it (up to the next cell), else the last time before it.
+_CELL = re.compile(r"\b(top|middle|bottom) (left|centre|right)\b")
+_OBJECT = re.compile(r"\b([a-z]+) (circle|square|triangle)\b")
+_TIME = re.compile(r"\b(\d+\.\d)s\b")
+_SENTENCE = re.compile(r"[^.]*(?:\.(?=\d)[^.]*)*(?:\.|$)")  # a period between digits does not end one
+
+
+def placement_claims(text: str) -> list[tuple[str, str, str]]:
+    """(object, seconds as written, cell) for every placement a chain states."""
+    claims = []
+    for sentence in _SENTENCE.findall(text.lower()):
+        cells = list(_CELL.finditer(sentence))
+        for i, cell in enumerate(cells):
+            objects = [m for m in _OBJECT.finditer(sentence, 0, cell.start()) if m.group(1) not in ("the", "a", "an")]
+            stop = cells[i + 1].start() if i + 1 < len(cells) else len(sentence)
+            after = list(_TIME.finditer(sentence, cell.end(), stop))
+            before = list(_TIME.finditer(sentence, 0, cell.start()))
+            when = after[0] if after else (before[-1] if before else None)
+            if objects and when is not None:
+                claims.append((objects[-1].group(0), when.group(1), cell.group(0)))
+    return claims
+
+
+def confirmed_claims(text: str, listing: list) -> tuple[int, int]:
+    """(placement claims in ``text``, how many of them ``listing`` confirms): [seconds, "red circle top left,
+    ..."] per frame, as the world's frames rows hold it."""
+    at = {f"{float(t):.1f}": objects for t, objects in listing}
+    claims = placement_claims(text)
+    return len(claims), sum(when in at and f"{obj} {cell}" in at[when] for obj, when, cell in claims)

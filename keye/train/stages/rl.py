@@ -45,12 +45,13 @@ from keye.data.answers import is_correct
 from keye.data.collate import SampleBuilder
 from keye.data.modes import assign_modes, with_hint
 from keye.data.world.generate import WorldConfig, clips_of_rows, frame_texts
+from keye.data.world.words import confirmed_claims
 from keye.errors import ConfigError
 from keye.fileio import atomic_write_text
 from keye.processing import FAST_END, FAST_START, FRAME, IMAGE_PAD, VIDEO_PAD
 from keye.train.base import DataConfig, LoraSettings, StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.distributed import has_sharded_weights
-from keye.train.rewards import combine_rewards, confirmed_claims, format_ok
+from keye.train.rewards import combine_rewards, format_ok
 from keye.train.rl_losses import PolicyLossConfig, masked_mean_B, sequence_loss
 from keye.train.runner import BatchPlan
 from keye.train.session import RunConfig, TrainSession, to_device
