@@ -243,19 +243,17 @@ def _world_split(definition: EvalDefinition, need_clips: bool = False
     elif need_clips:
         raise KeyeInputError(f"{path}: the {definition.format} format rebuilds each clip from the world.json beside "
                              f"the split, and {world_json} is missing")
+    listings = {clip_id: frame_texts(clip) for clip_id, clip in (clips or {}).items()}  # once per clip
     items = []
     for row in rows:
         # the row's question already lists its options ("A. ..."), as in training; score them as a choice
         options = row.get("options") or None
         media = [{"type": "video", "video": str(base / v)} for v in row["videos"]]
         categories = {"kind": row["kind"], "reasoning": str(bool(row.get("reasoning", False))).lower()}
-        listing = None
-        if clips is not None and row.get("clip_id") in clips:
-            clip = clips[row["clip_id"]]
-            categories.update(scene_categories(clip, row["kind"], row["question"]))
-            listing = frame_texts(clip)
+        if row.get("clip_id") in listings:
+            categories.update(scene_categories(clips[row["clip_id"]], row["kind"], row["question"]))
         items.append(EvalItem(row["id"], row["question"], str(row["answer"]), options, media, categories,
-                              listing=listing))
+                              listing=listings.get(row.get("clip_id"))))
     return items, rows, clips
 
 
