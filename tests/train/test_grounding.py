@@ -123,6 +123,39 @@ def test_groundings_cover_the_asked_objects_pixels(run_root):
     assert checked >= 2
 
 
+def test_rendered_rows_are_grounded_unless_their_answer_opens_a_chain(run_root):
+    """Stages 3 and SFT render each row in a mode: the bare answer (non-thinking, or a row as written that
+    does not think) is grounded as the row as written is, at the position before the answer's first token;
+    a chain (thinking, auto-think) is not, its first token being no answer."""
+    from keye.data.collate import SampleBuilder
+    from keye.data.modes import render_mode
+    from keye.processing import load_nano_processor
+    from keye.train.base import read_rows
+    from keye.train.stages.lm import ObjectGrounder
+
+    rows, base = read_rows(["world/train.jsonl", "world/frames.jsonl"], run_root)
+    processor = load_nano_processor()
+    builder = SampleBuilder(processor, stage2().video, base_dir=base)
+    grounder = ObjectGrounder(rows, builder, processor.token_ids["<|video_pad|>"], 2)
+    grounded = 0
+    for row in rows:
+        if "frame_texts" in row or not row.get("cot"):
+            continue
+        for mode in ("non_thinking", "video"):
+            rendered = render_mode(row, mode)
+            sample = builder(rendered)
+            found = grounder(rendered, sample)
+            assert len(found) == (1 if asked_objects(row["messages"][0]["content"]) else 0), (row["id"], mode)
+            for g in found:
+                first = processor.tokenizer.decode([int(sample.labels[g.position + 1])]).strip()
+                assert first and row["answer"].startswith(first)
+            grounded += len(found)
+        for mode in ("thinking", "auto_think"):
+            rendered = render_mode(row, mode)
+            assert grounder(rendered, builder(rendered)) == []
+    assert grounded >= 4
+
+
 def test_grounded_stage2_moves_the_head_onto_the_asked_objects(run_root):
     """A short stage 2 with grounding on: the guided head's attention from the answers onto the asked
     objects' tokens rises (on the same batch, before and after), and the next-token loss still falls."""

@@ -213,8 +213,9 @@ def drop_repeated_labels(labels_L: torch.Tensor, frame_texts: list, backgrounds:
 
 class ObjectGrounder:
     """``(row, sample) -> [Grounding]`` for grounded attention: the answers of a single-clip row whose clip
-    some row of the data gives ``frame_boxes`` for (by ``clip_id``), rendered as written (a row rendered in a
-    think mode opens its answers with a chain, not the answer). Every other row gets none."""
+    some row of the data gives ``frame_boxes`` for (by ``clip_id``), where every answer starts with the answer
+    itself (as written or rendered bare, ``/no_think``); a row whose answers open a chain (``<think>``,
+    ``<analysis>``) gets none, since its first answer token is no answer. Every other row gets none too."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder, video_token_id: int, merge: int):
         self.boxes = {row["clip_id"]: row["frame_boxes"] for row in rows if row.get("frame_boxes") and "clip_id" in row}
@@ -222,8 +223,8 @@ class ObjectGrounder:
 
     def __call__(self, row: dict, sample) -> list[Grounding]:
         boxes, grid_N3 = self.boxes.get(row.get("clip_id")), sample.vision.get("video_grid_thw")
-        messages, meta = self.builder.messages(row)
-        if boxes is None or grid_N3 is None or meta.get("think_mode"):
+        messages, _ = self.builder.messages(row)
+        if boxes is None or grid_N3 is None or opens_chain(messages):
             return []
         videos = self.builder.vision(messages).videos
         if len(videos) != 1 or videos[0].timestamps is None:
@@ -231,6 +232,12 @@ class ObjectGrounder:
         grids = [(h // self.merge, w // self.merge) for t, h, w in grid_N3.tolist() for _ in range(t)]
         return grounding_targets(sample.input_ids, sample.labels, user_texts(messages), self.video_token_id, grids,
                                  [float(t) for t in videos[0].timestamps], boxes)
+
+
+def opens_chain(messages: list[dict]) -> bool:
+    """Whether an assistant turn starts with a chain (``<think>`` or auto-think's ``<analysis>``)."""
+    return any(m["role"] == "assistant" and " ".join(p["text"] for p in m["content"] if p["type"] == "text")
+               .lstrip().startswith(("<think>", "<analysis>")) for m in messages)
 
 
 def user_texts(messages: list[dict]) -> list[str]:
