@@ -30,7 +30,7 @@ from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
 from keye.data.world.generate import frame_objects, frames_row, make_clip
-from keye.data.world.scene import COLORS, SHAPES
+from keye.data.world.scene import COLORS, DIRECTIONS, SHAPES, STILL
 from keye.data.world.words import MENTIONS, listing_mentions, scored_words
 from keye.errors import KeyeInputError
 from keye.eval.formats import read_rows
@@ -121,12 +121,18 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
 # ----------------------------------------------------------------------------- what the visual tokens carry
 
 
+TOKEN_READS = ("colour", "shape", "row", "column", "motion")
+MOTIONS = (*DIRECTIONS, STILL)
+
+
 @torch.no_grad()
 def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str = "val", train_clips: int = 200,
                   video: VideoOptions = VideoOptions(), limit: int | None = None) -> dict[str, Any]:
     """How well a linear read of the visual tokens (the projector's output, what the decoder receives) names
-    what the frame shows: each listed object's colour and shape from the token under its centre, and each
-    token's own row and column in its frame's token grid. A discrete-mode model is read on its codes, one-hot
+    what the frame shows: each listed object's colour and shape from the token under its centre, each
+    token's own row and column in its frame's token grid, and which way each object moved since the frame
+    before (``motion``: left, right, up, down or still, where the frame before, in the same shot, lists it;
+    one frame cannot show it, so without ``frame_difference`` this read has only where objects sit to go on). A discrete-mode model is read on its codes, one-hot
     (N codebooks x K codes): any linear read of the summed code embeddings the decoder receives is one of
     them, so this bounds it. Fitted on ``train_clips`` train clips of the world
     in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
@@ -146,8 +152,8 @@ def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str
     score = _token_table(model, builder, config, split, range(min(config.clips.get(split, 0), limit or 10**9)))
     model.train(was_training)
     out: dict[str, Any] = {"per_kind": {}, "majority": {}, "objects": len(score["colour"][1]),
-                           "tokens": len(score["row"][1])}
-    for kind in ("colour", "shape", "row", "column"):
+                           "tokens": len(score["row"][1]), "moves": len(score["motion"][1])}
+    for kind in TOKEN_READS:
         (x_fit, y_fit), (x_score, y_score) = fit[kind], score[kind]
         out["per_kind"][kind] = float((_linear_fit(x_fit, y_fit)(x_score) == y_score).float().mean())
         out["majority"][kind] = float(y_score.bincount().max() / len(y_score))
@@ -158,18 +164,25 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per kind, (features (N, D), labels (N,)) over the listed frames of ``split``'s clips ``indices``."""
     device = next(model.parameters()).device
-    rows: dict[str, tuple[list, list]] = {k: ([], []) for k in ("colour", "shape", "row", "column")}  # (x, y)
+    rows: dict[str, tuple[list, list]] = {k: ([], []) for k in TOKEN_READS}  # (x, y)
     for i in indices:
         clip = make_clip(config, split, f"{split}-{i:05d}")[0]
         messages, _ = builder.messages(frames_row(clip))
         decoded = builder.vision(messages).videos[0]
         seconds = torch.as_tensor(decoded.timestamps, dtype=torch.float64)
         listed = list(frame_objects(clip))
-        patches, grids = zip(*(patchify(decoded.frames[int((seconds - t).abs().argmin())]) for t, _ in listed))
+        picks = [int((seconds - t).abs().argmin()) for t, _ in listed]
+        patches, grids = zip(*(patchify(decoded.frames[j]) for j in picks))
+        before = [patchify(decoded.frames[j - 1])[0] if j > 0 else own for j, own in zip(picks, patches)]
+        previous = torch.cat([b if b.shape == own.shape else own for b, own in zip(before, patches)])
         grid_N3 = torch.tensor(grids)
         merge = model.config.projector_config.merge_size
-        tokens = _visual_tokens(model, torch.cat(patches).to(device), grid_N3.to(device)).cpu()
-        for (_, seen), frame_tokens in zip(listed, tokens.split((grid_N3.prod(-1) // merge**2).tolist())):
+        tokens = _visual_tokens(model, torch.cat(patches).to(device), grid_N3.to(device), previous.to(device)).cpu()
+        last: dict[int, tuple[float, float]] = {}  # the frame before's objects, id -> centre, in this frame's shot
+        last_shot = -1
+        for (t, seen), frame_tokens in zip(listed, tokens.split((grid_N3.prod(-1) // merge**2).tolist())):
+            shot = clip.shot_of(int(round(t * clip.fps)))
+            last = last if shot == last_shot else {}
             h, w = int(grid_N3[0, 1]) // merge, int(grid_N3[0, 2]) // merge
             rows["row"][0].append(frame_tokens)
             rows["row"][1].extend(k // w for k in range(h * w))
@@ -177,20 +190,33 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
             rows["column"][1].extend(k % w for k in range(h * w))
             for x, y, obj in seen:
                 k = min(h - 1, int(y / clip.height * h)) * w + min(w - 1, int(x / clip.width * w))
-                for kind, label in (("colour", list(COLORS).index(obj.color)), ("shape", SHAPES.index(obj.shape))):
+                labels = [("colour", list(COLORS).index(obj.color)), ("shape", SHAPES.index(obj.shape))]
+                if id(obj) in last:
+                    labels.append(("motion", MOTIONS.index(_heading(x - last[id(obj)][0], y - last[id(obj)][1]))))
+                for kind, label in labels:
                     rows[kind][0].append(frame_tokens[k : k + 1])
                     rows[kind][1].append(label)
+            last, last_shot = {id(obj): (x, y) for x, y, obj in seen}, shot
     return {k: (torch.cat(x) if x else torch.zeros(0, 1), torch.tensor(y, dtype=torch.long))
             for k, (x, y) in rows.items()}
 
 
-def _visual_tokens(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+def _heading(dx: float, dy: float, still: float = 0.5) -> str:
+    """The way a centre moved by (dx, dy) pixels: the larger axis's direction, or still under ``still`` pixels."""
+    if max(abs(dx), abs(dy)) < still:
+        return STILL
+    step = (1 if dx > 0 else -1, 0) if abs(dx) >= abs(dy) else (0, 1 if dy > 0 else -1)
+    return next(d for d, s in DIRECTIONS.items() if s == step)
+
+
+def _visual_tokens(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                   previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
     """(P, D) float features per merged token: the projector's output, or a discrete model's codes one-hot."""
     from keye.models.modeling import continuous_features
 
     if getattr(model.config, "vision_mode", "continuous") == "continuous":
-        return continuous_features(model, pixel_values, grid_thw).float()
-    rows_PN = model.visual_code_ids(pixel_values, grid_thw) - model.config.text_config.vocab_size
+        return continuous_features(model, pixel_values, grid_thw, previous_pixels).float()
+    rows_PN = model.visual_code_ids(pixel_values, grid_thw, previous_pixels) - model.config.text_config.vocab_size
     return torch.nn.functional.one_hot(rows_PN, model.config.visual_tokenizer_config.num_codes).sum(1).float()
 
 

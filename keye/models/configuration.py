@@ -39,6 +39,11 @@ class KeyeVisionConfig(PreTrainedConfig):
     # load and save without renames. 0 leaves it out.
     packing_position_embeddings: int = 32768
     initializer_range: float = 0.02
+    # Each video frame's patches also see their difference from the same patches one sampled frame earlier,
+    # through a second patch embedding (``difference_embedding``, zero at the start so turning it on changes
+    # no output): a token can then carry which way the object under it moves, which one frame cannot show.
+    # Not in Keye-VL-1.5 (its frames are encoded alone); images and a video's first frame see no difference.
+    frame_difference: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

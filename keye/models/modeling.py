@@ -38,7 +38,8 @@ from keye.models.attention import VARLEN_SDPA, Runs, decoder_attention
 from keye.models.configuration import VISION_MODES, KeyeConfig
 from keye.models.losses import ROUTER_LOSSES, head_cross_entropy
 from keye.models.projector import KeyeProjector
-from keye.models.vision import KeyeVisionModel, VisionRotaryEmbedding2D, frame_grids, grid_list
+from keye.models.vision import (FrameDifferenceEmbedding, KeyeVisionModel, VisionRotaryEmbedding2D, frame_grids, grid_list,
+                               previous_frame_pixels)
 from keye.models.visual_tokenizer import KeyeVisualTokenizer, code_ids, load_visual_tokenizer, merged_vit_features
 
 TEXT_MODELS = {"qwen3": Qwen3Model, "qwen3_moe": Qwen3MoeModel}
@@ -160,18 +161,39 @@ def mrope_positions(
 # ----------------------------------------------------------------------------- vision paths
 
 
-def continuous_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw) -> torch.Tensor:
+def continuous_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw,
+                        previous_pixels=None) -> torch.Tensor:
     """Keye-VL: ViT -> ``mlp_AR`` (2x2 merge, MLP) -> one LM-space vector per merged token."""
-    return model.mlp_AR(model.visual(pixel_values.to(model.dtype), grid_thw), grid_thw)
+    previous = previous_pixels.to(model.dtype) if previous_pixels is not None else None
+    return model.mlp_AR(model.visual(pixel_values.to(model.dtype), grid_thw, previous), grid_thw)
 
 
-def discrete_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw) -> torch.Tensor:
+def discrete_features(model: "KeyeForConditionalGeneration", pixel_values, grid_thw,
+                      previous_pixels=None) -> torch.Tensor:
     """Kelix: ViT -> visual tokenizer -> N code ids per merged token -> sum of their LM embeddings.
 
     The codes are discrete, so nothing upstream of the embedding table gets a gradient here: the
     tokenizer is trained on its own (the ``vq`` stage, ``keye.train.stages.vq``) and the LM learns the code embeddings.
     """
-    return model.embed_code_ids(model.visual_code_ids(pixel_values, grid_thw))
+    return model.embed_code_ids(model.visual_code_ids(pixel_values, grid_thw, previous_pixels))
+
+
+def frames_per_video(input_ids_BL: torch.Tensor, config, frame_tokens: list[int]) -> list[int]:
+    """The frames of each video in the prompt, in order: each vision block's video pads (``<|vision_start|>``
+    to its end) split into frames of ``frame_tokens`` pads each (the per-frame grid rows, in order)."""
+    ids_T = input_ids_BL.flatten()
+    block_T = (ids_T == config.vision_start_token_id).cumsum(0)
+    pads_V = torch.unique_consecutive(block_T[ids_T == config.video_token_id], return_counts=True)[1].tolist()
+    counts, k = [], 0
+    for pads in pads_V:
+        start = k
+        while pads > 0 and k < len(frame_tokens):
+            pads, k = pads - frame_tokens[k], k + 1
+        if pads != 0:
+            raise KeyeInputError(f"a video block's pads do not split into whole frames of video_grid_thw "
+                                 f"(frames of {frame_tokens} pads)")
+        counts.append(k - start)
+    return counts
 
 
 VISION_PATHS = {"continuous": continuous_features, "discrete": discrete_features}
@@ -228,6 +250,8 @@ class KeyePreTrainedModel(PreTrainedModel):
             dim = module.inv_freq.shape[0] * 2
             theta = self.config.vision_config.rope_theta
             init.copy_(module.inv_freq, 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)))
+        elif isinstance(module, FrameDifferenceEmbedding):
+            init.zeros_(module.weight)
         elif isinstance(module, SimVQ):
             # SimVQ map starts as the identity so the implicit codebook is the (k-means) frozen table
             init.copy_(module.code_transform.weight, torch.eye(module.code_transform.weight.shape[0]))
@@ -293,15 +317,19 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ vision
 
-    def visual_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Packed patches (sum t*h*w, 3*p*p) -> LM-space tokens (sum t*h*w / 4, hidden)."""
-        return VISION_PATHS[self.config.vision_mode](self, pixel_values, grid_thw)
+    def visual_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed patches (sum t*h*w, 3*p*p) -> LM-space tokens (sum t*h*w / 4, hidden); ``previous_pixels``,
+        the same patches one frame earlier, for a tower with ``frame_difference``."""
+        return VISION_PATHS[self.config.vision_mode](self, pixel_values, grid_thw, previous_pixels)
 
     @torch.no_grad()
-    def visual_code_ids(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def visual_code_ids(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
         """Discrete mode: packed patches -> LM ids of the N codes per merged token (sum t*h*w / 4, N)."""
         merge = self.config.projector_config.merge_size
-        features = merged_vit_features(self.visual, pixel_values.to(self.dtype), grid_thw, merge)
+        previous = previous_pixels.to(self.dtype) if previous_pixels is not None else None
+        features = merged_vit_features(self.visual, pixel_values.to(self.dtype), grid_thw, merge, previous)
         vq = self.config.visual_tokenizer_config
         return code_ids(self.visual_tokenizer.encode(features), self.config.text_config.vocab_size, vq.codebook_size)
 
@@ -336,6 +364,19 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             )
         return embeds_BLD.masked_scatter(mask_BL[..., None], features_ND.to(embeds_BLD.dtype))
 
+    def _previous_frames(self, input_ids, pixel_values_videos, video_grid_thw) -> torch.Tensor | None:
+        """With ``frame_difference``, each video patch one frame earlier (``previous_frame_pixels``), the videos
+        told apart by the prompt's vision blocks; None without it. ``video_grid_thw``: one row per frame."""
+        if not self.config.vision_config.frame_difference:
+            return None
+        if input_ids is None:
+            raise KeyeInputError("frame_difference needs input_ids beside pixel_values_videos (the prompt's "
+                                 "vision blocks say which frames belong to one video)")
+        grids = grid_list(video_grid_thw)
+        merge = self.config.projector_config.merge_size
+        per_video = frames_per_video(input_ids, self.config, [h * w // merge**2 for _, h, w in grids])
+        return previous_frame_pixels(pixel_values_videos, grids, per_video)
+
     def _embed(self, input_ids, inputs_embeds, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
@@ -343,7 +384,8 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
             feats = self.visual_features(pixel_values, image_grid_thw)
             inputs_embeds = self._insert(inputs_embeds, input_ids, self.config.image_token_id, feats, "images")
         if pixel_values_videos is not None:
-            feats = self.visual_features(pixel_values_videos, video_grid_thw)
+            previous = self._previous_frames(input_ids, pixel_values_videos, video_grid_thw)
+            feats = self.visual_features(pixel_values_videos, video_grid_thw, previous)
             inputs_embeds = self._insert(inputs_embeds, input_ids, self.config.video_token_id, feats, "videos")
         return inputs_embeds
 
@@ -507,10 +549,12 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         return F.normalize(pooled_BD, dim=-1) if normalize else pooled_BD
 
     @torch.no_grad()
-    def _vit_pooled(self, token_mask_BL: torch.Tensor, normalize: bool, pixel_values, grid_thw) -> torch.Tensor:
+    def _vit_pooled(self, token_mask_BL: torch.Tensor, normalize: bool, pixel_values, grid_thw,
+                    previous_pixels=None) -> torch.Tensor:
         """Mean of the ViT's final (post-layernorm) patch features over each sample's patches: the encoder alone,
         no projector, no LM. A sample's patches are its pad tokens times merge**2, in prompt order."""
-        feats_PD = self.visual(pixel_values.to(self.dtype), grid_thw).float()
+        previous = previous_pixels.to(self.dtype) if previous_pixels is not None else None
+        feats_PD = self.visual(pixel_values.to(self.dtype), grid_thw, previous).float()
         merge = self.config.projector_config.merge_size
         patches_B = (token_mask_BL.sum(1) * merge * merge).tolist()
         if 0 in patches_B or sum(patches_B) != feats_PD.shape[0]:
@@ -535,7 +579,9 @@ class KeyeForConditionalGeneration(KeyePreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             mask &= attention_mask.bool()
         if pooling == "vit":
-            return self._vit_pooled(mask, normalize, pixel_values_videos, frame_grids(video_grid_thw, num_frames))
+            grids = frame_grids(video_grid_thw, num_frames)
+            return self._vit_pooled(mask, normalize, pixel_values_videos, grids,
+                                    self._previous_frames(input_ids, pixel_values_videos, grids))
         if pooling != "decoder":
             raise ConfigError(f"pooling must be 'decoder' or 'vit', got {pooling!r}")
         return self._pooled(

@@ -190,6 +190,46 @@ class VisionEncoder(nn.Module):
         return x_ND
 
 
+class FrameDifferenceEmbedding(nn.Linear):
+    """The frame-difference patch embedding: starts at zero (here and in ``_init_weights``), so that a tower
+    gains it without changing an output, and without drawing from the random generator a seeded stage
+    draws from next."""
+
+    def __init__(self, config: KeyeVisionConfig):
+        super().__init__(config.num_channels * config.patch_size**2, config.hidden_size, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+
+def enable_frame_difference(visual: "KeyeVisionModel") -> bool:
+    """Give a built tower the frame-difference embedding (zero) and set its config; False if it had one."""
+    embeddings = visual.vision_model.embeddings
+    if embeddings.difference_embedding is not None:
+        return False
+    config = visual.vision_model.config
+    config.frame_difference = True
+    weight = embeddings.patch_embedding.weight
+    embeddings.difference_embedding = FrameDifferenceEmbedding(config).to(weight.device, weight.dtype)
+    return True
+
+
+def previous_frame_pixels(pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
+                          frames_per_video: list[int]) -> torch.Tensor:
+    """Each patch of a video's frames, one frame earlier: per-frame ``grids`` rows (t = 1) in video order,
+    ``frames_per_video`` adding up to them. A video's first frame, and a frame whose size differs from the
+    one before (Slow-Fast sizes), keep their own patches, that is no difference."""
+    if sum(frames_per_video) != len(grids) or any(t != 1 for t, _, _ in grids):
+        raise KeyeInputError(f"frame differences need one (1, h, w) grid row per frame; got {len(grids)} rows for "
+                             f"videos of {frames_per_video} frames")
+    firsts = {int(k) for k in torch.tensor([0, *frames_per_video[:-1]]).cumsum(0).tolist()}
+    shift = [0 if k in firsts or grids[k] != grids[k - 1] else h * w for k, (_, h, w) in enumerate(grids)]
+    sizes = torch.tensor([h * w for _, h, w in grids])
+    shift_P = torch.tensor(shift).repeat_interleave(sizes)
+    index_P = torch.arange(len(shift_P)) - shift_P
+    return pixel_values[index_P.to(pixel_values.device)]
+
+
 class VisionEmbeddings(nn.Module):
     """Conv patch embedding plus the learned SigLIP position table, interpolated per grid."""
 
@@ -202,6 +242,7 @@ class VisionEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.position_embedding = nn.Embedding(self.grid * self.grid, config.hidden_size)
+        self.difference_embedding = FrameDifferenceEmbedding(config) if config.frame_difference else None
         if config.packing_position_embeddings:
             self.packing_position_embedding = nn.Embedding(config.packing_position_embeddings, config.hidden_size)
             self.packing_position_embedding.weight.requires_grad_(False)
@@ -212,12 +253,20 @@ class VisionEmbeddings(nn.Module):
         table = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)
         return rearrange(table, "1 d h w -> (h w) d")
 
-    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """pixel_values: (N, C*p*p) patches in raster order -> (N, D)."""
+    def forward(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]],
+                previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values: (N, C*p*p) patches in raster order -> (N, D). ``previous_pixels`` (N, C*p*p): the same
+        patches one sampled frame earlier (a frame with none passes its own), read where ``frame_difference``
+        is on."""
         # a stride-p conv over one p x p patch is a matmul with the flattened kernel ((c p q) order, the
         # patches' own): same weights and result, without the conv kernel's overhead (~10% of a nano step)
         conv = self.patch_embedding
         x_ND = F.linear(pixel_values.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)
+        if self.difference_embedding is not None and previous_pixels is not None:
+            if previous_pixels.shape != pixel_values.shape:
+                raise KeyeInputError(f"previous_pixels must have the shape of pixel_values {tuple(pixel_values.shape)}, "
+                                     f"got {tuple(previous_pixels.shape)}")
+            x_ND = x_ND + self.difference_embedding((pixel_values - previous_pixels).to(x_ND.dtype))
         cache: dict[tuple[int, int], torch.Tensor] = {}
         positions = []
         for t, h, w in grids:
@@ -235,11 +284,13 @@ class KeyeVisionTransformer(nn.Module):
         self.encoder = VisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values: (sum t*h*w, C*p*p); grid_thw: (N, 3), per-frame or merged rows -> features (sum t*h*w, D)."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values: (sum t*h*w, C*p*p); grid_thw: (N, 3), per-frame or merged rows -> features (sum t*h*w, D).
+        ``previous_pixels``: see ``VisionEmbeddings.forward`` (``previous_frame_pixels`` builds it for videos)."""
         check_grid(pixel_values, grid_thw, self.config.num_channels * self.config.patch_size**2)
         grids = grid_list(grid_thw)
-        x_ND = self.embeddings(pixel_values, grids)
+        x_ND = self.embeddings(pixel_values, grids, previous_pixels)
         return self.post_layernorm(self.encoder(x_ND, grids))
 
 
@@ -250,5 +301,6 @@ class KeyeVisionModel(nn.Module):
         super().__init__()
         self.vision_model = KeyeVisionTransformer(config)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return self.vision_model(pixel_values, grid_thw)
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vision_model(pixel_values, grid_thw, previous_pixels)

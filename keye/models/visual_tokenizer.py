@@ -290,9 +290,9 @@ def fit_code_embeddings(tokenizer: KeyeVisualTokenizer, features_PF: torch.Tenso
 
 
 def merged_vit_features(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                        merge: int) -> torch.Tensor:
+                        merge: int, previous_pixels: torch.Tensor | None = None) -> torch.Tensor:
     """Packed patches (sum t*h*w, 3*p*p) -> the 2x2-merged ViT features the tokenizer reads (P, F)."""
-    return merge_patches(visual(pixel_values, grid_thw), grid_thw, merge)
+    return merge_patches(visual(pixel_values, grid_thw, previous_pixels), grid_thw, merge)
 
 
 # ----------------------------------------------------------------------------- files

@@ -174,7 +174,7 @@ class PositionTokens(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
 
-    def visual(self, pixel_values, grid_thw):
+    def visual(self, pixel_values, grid_thw, previous_pixels=None):
         return pixel_values
 
     def mlp_AR(self, patches, grid_thw):
@@ -192,7 +192,7 @@ class PositionCodes(PositionTokens):
                              text_config=SimpleNamespace(vocab_size=10),
                              visual_tokenizer_config=SimpleNamespace(num_codes=8, codebook_size=4))
 
-    def visual_code_ids(self, pixel_values, grid_thw):
+    def visual_code_ids(self, pixel_values, grid_thw, previous_pixels=None):
         codes = []
         for _, h, w in grid_thw.tolist():
             rows, cols = torch.arange(h // 2).repeat_interleave(w // 2), torch.arange(w // 2).repeat(h // 2)
@@ -217,6 +217,42 @@ def test_token_readout_reads_what_the_tokens_hold(tmp_path):
     assert codes["per_kind"]["row"] == codes["per_kind"]["column"] == 1.0 and codes["tokens"] == result["tokens"]
     with pytest.raises(KeyeInputError, match="fitted on 7 train clips; the world has 6"):
         token_readout(PositionTokens(), processor, tmp_path, train_clips=7, video=VIDEO)
+
+
+class RecordingTokens(PositionTokens):
+    """``PositionTokens`` that keeps what the tower was given: each frame's patches and the frame before's."""
+
+    def visual(self, pixel_values, grid_thw, previous_pixels=None):
+        self.seen.append((pixel_values, previous_pixels))
+        return pixel_values
+
+
+def test_token_readout_labels_each_move_and_shows_the_frame_before(tmp_path):
+    from keye.data.world.scene import STILL
+    from keye.eval.perception import MOTIONS, _token_table
+    from keye.data.collate import SampleBuilder
+
+    config = WorldConfig.from_dict({"seed": 6, "clips": {"train": 0, "val": 4, "test": 0},
+                                    "scene": {"height": 56, "width": 56}, "crop_size": 56})
+    generate_world(tmp_path, config, progress=False)
+    model = RecordingTokens()
+    model.seen = []
+    table = _token_table(model, SampleBuilder(load_nano_processor(), VIDEO, base_dir=tmp_path), config, "val", range(4))
+    expected = []
+    for i, (pixels, previous) in enumerate(model.seen):
+        clip = make_clip(config, "val", f"val-{i:05d}")[0]
+        frames = pixels.split(16)  # 56 x 56: 4 x 4 patches a frame, every 2 fps frame listed
+        assert torch.equal(previous, torch.cat([frames[0], *frames[:-1]]))
+        listed = list(frame_objects(clip))
+        for j in range(1, len(listed)):
+            shot = clip.shots[clip.shot_of(j * clip.grid_step)]
+            if clip.shot_of((j - 1) * clip.grid_step) != clip.shot_of(j * clip.grid_step):
+                continue
+            paused = shot.pause is not None and shot.pause[0] < j * clip.grid_step < shot.pause[1]
+            before = {id(o) for _, _, o in listed[j - 1][1]}
+            expected += [STILL if paused else o.motion for _, _, o in listed[j][1] if id(o) in before]
+    assert [MOTIONS[k] for k in table["motion"][1].tolist()] == expected
+    assert {STILL} < set(expected)  # moves and rests both in the labels
 
 
 def test_keye_probe_tokens_prints_the_read_of_the_model_it_loads(tmp_path, capsys):

@@ -102,10 +102,11 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
     palette = np.array(list(COLORS.values()), dtype=np.int32)
     for index in range(0, len(dataset), 5):
         row, seconds, text = dataset.items[index]
-        patches, grid, ids, regions = dataset[index]
+        patches, grid, ids, regions, previous = dataset[index]
         clip = builder.vision(builder.messages(row)[0]).videos[0]
         (j,) = np.flatnonzero(np.isclose(clip.timestamps.numpy(), seconds))  # the 2 fps grid: exact times
         assert torch.equal(patches, patchify(clip.frames[j])[0]) and grid.tolist() == [[1, 4, 4]]
+        assert torch.equal(previous, patchify(clip.frames[max(j - 1, 0)])[0])  # the frame before (none: its own)
         assert processor.tokenizer.decode(ids) == text
         # every colour the text names is on that frame (nearest palette colour, a few pixels at least)
         pixels = clip.frames[j].permute(1, 2, 0).reshape(-1, 3).numpy().astype(np.int32)
@@ -222,6 +223,58 @@ def test_stage0_region_term_grounds_each_phrase_under_its_box(run_root, chain):
                                       data=dataclasses.replace(cfg.data, train=["world/frames_noboxes.jsonl"])), run_root)
 
 
+def test_box_motions_say_how_each_object_moved_since_the_frame_before():
+    from keye.train.stages.vit import MOTION_PHRASES, FrameCaptionDataset, box_motions
+
+    before = [["red circle", 0.1, 0.1, 0.3, 0.3], ["blue square", 0.5, 0.5, 0.7, 0.7], ["green star", 0.0, 0.0, 0.1, 0.1]]
+    now = [["red circle", 0.2, 0.12, 0.4, 0.32], ["blue square", 0.5, 0.4, 0.7, 0.6], ["green star", 0.0, 0.0, 0.1, 0.1],
+           ["cyan disc", 0.8, 0.8, 0.9, 0.9]]
+    assert [MOTION_PHRASES[k] if k >= 0 else None for k in box_motions(now, before)] == [
+        "moves right", "moves up", "stays still", None]
+    # a cut (the background changes) starts a shot: an object of the same name there is new, not moved
+    row = {"id": "clip-9-frames", "frame_texts": [[0.0, "red circle"], [0.5, "red circle"], [1.0, "red circle"]],
+           "frame_backgrounds": ["navy", "navy", "gray"],
+           "frame_boxes": [[0.0, [["red circle", 0.0, 0.0, 0.2, 0.2]]], [0.5, [["red circle", 0.0, 0.1, 0.2, 0.3]]],
+                           [1.0, [["red circle", 0.5, 0.5, 0.7, 0.7]]]]}
+    assert FrameCaptionDataset([row], None, motion=True).motions == [[-1], [MOTION_PHRASES.index("moves down")], [-1]]
+
+
+def test_stage0_motion_term_trains_the_frame_difference(run_root, chain):
+    """frame_difference + siglip_motion: the tower gains the zero difference embedding and trains it with the
+    rest of the tower, the motion term falls, each patch's target is its box's move, and the saved model
+    carries the embedding; the term without the difference is a ConfigError."""
+    import dataclasses
+
+    from keye.data.collate import SampleBuilder
+    from keye.errors import ConfigError
+    from keye.processing import load_nano_processor
+    from keye.train.stages.vit import FrameCaptionDataset, VitConfig, siglip_collate
+
+    cfg = dataclasses.replace(chain["stage0_vit"], out="stage0_motion", frame_difference=True, siglip_motion=1.0,
+                              data=dataclasses.replace(chain["stage0_vit"].data, train=["world/frames.jsonl"]))
+    run_stage(cfg, run_root)
+    rows = read_metrics(run_root / "stage0_motion" / "metrics.jsonl")
+    assert rows[-1]["motion_loss"] < rows[0]["motion_loss"]
+    after = state_of(run_root, "stage0_motion")
+    assert after["visual.vision_model.embeddings.difference_embedding.weight"].abs().max() > 0  # from zero
+    assert changed_groups(start_state(cfg, run_root), after) == {"vision"}
+
+    frames = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
+    processor = load_nano_processor()
+    dataset = FrameCaptionDataset(frames, SampleBuilder(processor, cfg.video, base_dir=run_root / "world"), motion=True)
+    batch = siglip_collate([dataset[i] for i in range(8)], tokenizer=processor.tokenizer)
+    P = 16  # 56 x 56 frames: 4 x 4 patches
+    for i in range(8):
+        regions = batch["patch_phrase"][i * P:(i + 1) * P]
+        local = dataset[i][3].patch_phrase_P  # each patch's box in its own frame
+        expected = [dataset.motions[i][k] if k >= 0 else -1 for k in local.tolist()]
+        assert batch["patch_motion"][i * P:(i + 1) * P].tolist() == expected
+        assert ((regions == -1) == (local == -1)).all()
+    assert (batch["patch_motion"] >= 0).any()
+    with pytest.raises(ConfigError, match="needs frame_difference"):
+        VitConfig(siglip_motion=1.0)
+
+
 def test_stage0_mixes_frame_listings_and_clip_captions(run_root):
     from keye.data.collate import SampleBuilder
     from keye.errors import ConfigError
@@ -236,8 +289,9 @@ def test_stage0_mixes_frame_listings_and_clip_captions(run_root):
                             base_dir=world)
     pairs = siglip_pairs(frames[:2] + captions[:3], builder, frames=2, files=["mixed"])
     assert len(pairs) == sum(len(r["frame_texts"]) for r in frames[:2]) + 3
-    patches, grids, ids, regions = pairs[len(pairs) - 1]  # the last caption row: 2 frames of the clip, its caption
+    patches, grids, ids, regions, previous = pairs[len(pairs) - 1]  # the last caption row: 2 frames of the clip, its caption
     assert len(grids) == 2 and builder.processor.tokenizer.decode(ids) == captions[2]["caption"]
+    assert torch.equal(previous, patches)  # a caption's frames are no sequence: no difference
     assert regions.phrases == [] and (regions.patch_phrase_P == -1).all() and len(regions.patch_phrase_P) == len(patches)
     bare = {k: v for k, v in captions[0].items() if k != "caption"}
     with pytest.raises(ConfigError, match=str(bare["id"])):

@@ -98,3 +98,32 @@ def test_dead_code_restarts_bring_unused_codes_back():
     z = F.normalize(torch.randn(3, 4), dim=-1)
     tok.quantizer.restart_codes(1, torch.tensor([0, 5, 9]), z)
     torch.testing.assert_close(tok.quantizer.codebooks()[1][[0, 5, 9]], z, atol=1e-5, rtol=1e-5)
+
+
+def test_frame_features_show_a_frame_difference_tower_the_frame_before(tmp_path):
+    """A tower with ``frame_difference`` gets each frame beside the one before, as the model's forward gives
+    it: the clip's first frame reads as it does alone, a later one as it does beside its own predecessor."""
+    from keye.models.vision import enable_frame_difference
+    from keye.models.visual_tokenizer import merged_vit_features
+    from keye.processing import patchify
+    from keye.video import read_video
+
+    path = tmp_path / "clip.mp4"
+    write_cut_clip(path, num_frames=6, height=56, width=56, cuts=(3,), seed=0)
+    video = VideoOptions(fps=2.0, max_pixels=3136, min_pixels=3136, slow_fast=False)
+    torch.manual_seed(0)
+    model = build_model("keye-nano")
+    enable_frame_difference(model.visual)
+    torch.nn.init.normal_(model.visual.vision_model.embeddings.difference_embedding.weight, std=0.05)
+    visual, merge, _, _ = vision_tower(model)
+    feats = frame_features(visual, merge, [path], video)
+    frames = [patchify(f) for f in read_video(str(path), slow_fast=False, **video.message()).frames]
+    assert len(feats) == len(frames) >= 3
+    for k in (0, 2):
+        patches, grid = frames[k]
+        before = frames[k - 1][0] if k else patches
+        with torch.no_grad():
+            expected = merged_vit_features(visual, patches, torch.tensor([grid]), merge, before)
+            stills = merged_vit_features(visual, patches, torch.tensor([grid]), merge)
+        torch.testing.assert_close(feats[k], expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(feats[k], stills, atol=1e-5) == (k == 0)

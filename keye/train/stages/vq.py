@@ -39,6 +39,7 @@ from keye.config import save_config
 from keye.errors import ConfigError, KeyeInputError
 from keye.fileio import atomic_write_text
 from keye.models.configuration import KeyeVisualTokenizerConfig
+from keye.models.vision import grid_list, previous_frame_pixels
 from keye.models.visual_tokenizer import (KeyeVisualTokenizer, code_shares, codebook_stats, fit_code_embeddings,
                                          merged_vit_features, save_visual_tokenizer)
 from keye.processing import patchify
@@ -193,8 +194,12 @@ def frame_features(visual: nn.Module, merge: int, paths: list[Path], video: Vide
         if not parts:
             continue
         grids = torch.tensor([grid for _, grid in parts])
+        pixels = torch.cat([patches for patches, _ in parts])
+        # a tower with frame_difference sees each frame beside the one before, as in the model's own forward
+        previous = (previous_frame_pixels(pixels, grid_list(grids), [len(parts)])
+                    if visual.vision_model.config.frame_difference else None)
         # one packed ViT call per clip (attention stays within each frame): same features as frame by frame
-        merged = merged_vit_features(visual, torch.cat([patches for patches, _ in parts]), grids, merge).float()
+        merged = merged_vit_features(visual, pixels, grids, merge, previous).float()
         features += merged.split((grids[:, 1] * grids[:, 2] // merge**2).tolist())
     if not features:
         raise KeyeInputError("data videos: no frames were read")
