@@ -30,7 +30,7 @@ from keye.data.collate import SampleBuilder, collate
 from keye.data.modes import render_mode
 from keye.data.world import WorldConfig
 from keye.data.world.generate import frame_objects, frames_row, make_clip
-from keye.data.world.scene import COLORS, DIRECTIONS, SHAPES, STILL
+from keye.data.world.scene import COLORS, MOTIONS, SHAPES, moved
 from keye.data.world.words import MENTIONS, listing_mentions, scored_words
 from keye.errors import KeyeInputError
 from keye.eval.formats import read_rows
@@ -122,7 +122,6 @@ def _word_accuracy(model: nn.Module, processor, world_dir: Path, rows: list[dict
 
 
 TOKEN_READS = ("colour", "shape", "row", "column", "motion")
-MOTIONS = (*DIRECTIONS, STILL)
 
 
 @torch.no_grad()
@@ -132,9 +131,9 @@ def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str
     what the frame shows: each listed object's colour and shape from the token under its centre, each
     token's own row and column in its frame's token grid, and which way each object moved since the frame
     before (``motion``: left, right, up, down or still, where the frame before, in the same shot, lists it;
-    one frame cannot show it, so without ``frame_difference`` this read has only where objects sit to go on). A discrete-mode model is read on its codes, one-hot
-    (N codebooks x K codes): any linear read of the summed code embeddings the decoder receives is one of
-    them, so this bounds it. Fitted on ``train_clips`` train clips of the world
+    one frame cannot show it, so without ``frame_difference`` this read has only where objects sit to go
+    on). A discrete-mode model is read on its codes, one-hot (N codebooks x K codes): any linear read of the
+    summed code embeddings the decoder receives is one of them, so this bounds it. Fitted on ``train_clips`` train clips of the world
     in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
 
     The listing score (``listing_word_accuracy``) also counts what the decoder copies from the frame before;
@@ -155,6 +154,8 @@ def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str
                            "tokens": len(score["row"][1]), "moves": len(score["motion"][1])}
     for kind in TOKEN_READS:
         (x_fit, y_fit), (x_score, y_score) = fit[kind], score[kind]
+        if not len(y_fit) or not len(y_score):  # a world where nothing is seen twice in a shot: no moves
+            continue
         out["per_kind"][kind] = float((_linear_fit(x_fit, y_fit)(x_score) == y_score).float().mean())
         out["majority"][kind] = float(y_score.bincount().max() / len(y_score))
     return out
@@ -192,21 +193,14 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
                 k = min(h - 1, int(y / clip.height * h)) * w + min(w - 1, int(x / clip.width * w))
                 labels = [("colour", list(COLORS).index(obj.color)), ("shape", SHAPES.index(obj.shape))]
                 if id(obj) in last:
-                    labels.append(("motion", MOTIONS.index(_heading(x - last[id(obj)][0], y - last[id(obj)][1]))))
+                    dx, dy = x - last[id(obj)][0], y - last[id(obj)][1]
+                    labels.append(("motion", MOTIONS.index(moved(dx, dy, still=0.5))))  # half a pixel
                 for kind, label in labels:
                     rows[kind][0].append(frame_tokens[k : k + 1])
                     rows[kind][1].append(label)
             last, last_shot = {id(obj): (x, y) for x, y, obj in seen}, shot
     return {k: (torch.cat(x) if x else torch.zeros(0, 1), torch.tensor(y, dtype=torch.long))
             for k, (x, y) in rows.items()}
-
-
-def _heading(dx: float, dy: float, still: float = 0.5) -> str:
-    """The way a centre moved by (dx, dy) pixels: the larger axis's direction, or still under ``still`` pixels."""
-    if max(abs(dx), abs(dy)) < still:
-        return STILL
-    step = (1 if dx > 0 else -1, 0) if abs(dx) >= abs(dy) else (0, 1 if dy > 0 else -1)
-    return next(d for d, s in DIRECTIONS.items() if s == step)
 
 
 def _visual_tokens(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,

@@ -161,6 +161,21 @@ def _rows(path: Path) -> list[dict]:
 # ---------------------------------------------------------------- tests
 
 
+def test_moved_names_each_objects_motion_from_its_track():
+    from keye.data.world.scene import STILL, moved
+
+    seen = set()
+    for i in range(30):
+        clip, _ = make_clip(CONFIG, "train", f"train-{i:05d}")
+        for s, obj in clip.objects:
+            track = clip.shots[s].centers_T2(obj, clip.fps)
+            dx, dy = track[-1] - track[0]
+            assert moved(dx, dy, still=0.5) == obj.motion, (clip.clip_id, obj)
+            seen.add(obj.motion)
+    assert STILL in seen and len(seen) == 5
+    assert moved(3.0, -0.4, still=0.5) == "right" and moved(0.2, -0.3, still=0.5) == STILL
+
+
 def test_rendered_objects_sit_where_the_spec_says():
     checked = 0
     for i in range(12):

@@ -228,9 +228,9 @@ class RecordingTokens(PositionTokens):
 
 
 def test_token_readout_labels_each_move_and_shows_the_frame_before(tmp_path):
-    from keye.data.world.scene import STILL
-    from keye.eval.perception import MOTIONS, _token_table
     from keye.data.collate import SampleBuilder
+    from keye.data.world.scene import MOTIONS, STILL
+    from keye.eval.perception import _token_table
 
     config = WorldConfig.from_dict({"seed": 6, "clips": {"train": 0, "val": 4, "test": 0},
                                     "scene": {"height": 56, "width": 56}, "crop_size": 56})

@@ -57,6 +57,14 @@ _COLLISION_FACTOR = 1.45
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")  # the 3 x 3 cell words
 
 
+def moved(dx: float, dy: float, still: float) -> str:
+    """The way a centre moved by (dx, dy): the larger axis's direction (DIRECTIONS), or STILL under ``still``."""
+    if max(abs(dx), abs(dy)) < still:
+        return STILL
+    step = (1 if dx > 0 else -1, 0) if abs(dx) >= abs(dy) else (0, 1 if dy > 0 else -1)
+    return next(d for d, s in DIRECTIONS.items() if s == step)
+
+
 def where(x: float, y: float, width: int, height: int) -> str:
     """Coarse position of a point on a 3 x 3 grid: 'top left', 'middle centre', ... (the words of the
     frame listings and of the reasoning chains, which never quote pixel coordinates)."""

@@ -26,6 +26,7 @@ from keye.errors import ConfigError, KeyeInputError
 from keye.models.vision import enable_frame_difference
 from keye.processing import patchify
 from keye.data.collate import SampleBuilder
+from keye.data.world.scene import MOTIONS, STILL, moved
 from keye.train.base import StageConfig, prepare, read_rows, register_stage, save_model
 from keye.train.losses import region_sigmoid_loss, siglip_sigmoid_loss
 from keye.train.optim import apply_freeze_plan
@@ -229,8 +230,7 @@ class FrameCaptionDataset:
         return patches, torch.tensor([grid]), torch.tensor(ids), regions, previous
 
 
-MOTION_PHRASES = ("moves left", "moves right", "moves up", "moves down", "stays still")  # the world's order
-_STEPS = {(-1, 0): 0, (1, 0): 1, (0, -1): 2, (0, 1): 3}
+MOTION_PHRASES = tuple("stays still" if m == STILL else f"moves {m}" for m in MOTIONS)  # "moves left", ...
 
 
 def box_motions(boxes: list[list], before: list[list], still: float = 0.005) -> list[int]:
@@ -245,10 +245,7 @@ def box_motions(boxes: list[list], before: list[list], still: float = 0.005) -> 
             out.append(-1)
             continue
         dx, dy = (x0 + x1) / 2 - centres[phrase][0], (y0 + y1) / 2 - centres[phrase][1]
-        if max(abs(dx), abs(dy)) < still:
-            out.append(len(MOTION_PHRASES) - 1)
-        else:
-            out.append(_STEPS[(1 if dx > 0 else -1, 0) if abs(dx) >= abs(dy) else (0, 1 if dy > 0 else -1)])
+        out.append(MOTIONS.index(moved(dx, dy, still)))
     return out
 
 
