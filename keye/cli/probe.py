@@ -7,8 +7,9 @@
   cell).
 * ``chains``: the same words inside the reference chains of thought of the reasoning questions.
 * ``tokens``: what the visual tokens themselves carry: a linear read of each object's colour and shape from
-  the token under it, and of each token's own row and column, fitted on the world's train clips. A
-  discrete (Kelix) model is read on its codes, one-hot: what its tokenizer keeps.
+  the token under it, of each token's own row and column, and of the way each object moved since the frame
+  before (which a tower with ``frame_difference`` can see), fitted on the world's train clips. A discrete
+  (Kelix) model is read on its codes, one-hot: what its tokenizer keeps.
 * ``text-oracle``: exact answers to seed 0's questions, each asked over its clip's listing as text (no
   video); what the decoder can do once perception is perfect.
 * ``lookup``: one frame's listing, "What colour is the triangle?"; the first-listed guess beside it.
