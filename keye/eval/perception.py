@@ -133,8 +133,9 @@ def token_readout(model: nn.Module, processor, world_dir: str | Path, split: str
     before (``motion``: left, right, up, down or still, where the frame before, in the same shot, lists it;
     one frame cannot show it, so without ``frame_difference`` this read has only where objects sit to go
     on). A discrete-mode model is read on its codes, one-hot (N codebooks x K codes): any linear read of the
-    summed code embeddings the decoder receives is one of them, so this bounds it. Fitted on ``train_clips`` train clips of the world
-    in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the first ``limit``).
+    summed code embeddings the decoder receives is one of them, so this bounds it. Fitted on ``train_clips``
+    train clips of the world in ``world_dir`` (their videos must be there), scored on ``split``'s clips (the
+    first ``limit``).
 
     The listing score (``listing_word_accuracy``) also counts what the decoder copies from the frame before;
     this one says what the tokens themselves hold. Returns {"per_kind": {kind: accuracy}, "majority": {kind:
@@ -173,8 +174,9 @@ def _token_table(model: nn.Module, builder: SampleBuilder, config: WorldConfig, 
         seconds = torch.as_tensor(decoded.timestamps, dtype=torch.float64)
         listed = list(frame_objects(clip))
         picks = [int((seconds - t).abs().argmin()) for t, _ in listed]
-        patches, grids = zip(*(patchify(decoded.frames[j]) for j in picks))
-        before = [patchify(decoded.frames[j - 1])[0] if j > 0 else own for j, own in zip(picks, patches)]
+        patched = {j: patchify(decoded.frames[j]) for j in {*picks, *(j - 1 for j in picks if j > 0)}}  # once each
+        patches, grids = zip(*(patched[j] for j in picks))
+        before = [patched[j - 1][0] if j > 0 else own for j, own in zip(picks, patches)]
         previous = torch.cat([b if b.shape == own.shape else own for b, own in zip(before, patches)])
         grid_N3 = torch.tensor(grids)
         merge = model.config.projector_config.merge_size

@@ -97,8 +97,9 @@ def test_stage0_on_frame_listings_pairs_each_frame_with_its_own_text(run_root, c
     rows = [json.loads(line) for line in (run_root / "world" / "frames.jsonl").read_text().splitlines()]
     processor = load_nano_processor()
     builder = SampleBuilder(processor, cfg.video, base_dir=run_root / "world")
-    dataset = FrameCaptionDataset(rows, builder)
+    dataset = FrameCaptionDataset(rows, builder, previous=True)
     assert len(dataset) == sum(len(r["frame_texts"]) for r in rows)
+    assert FrameCaptionDataset(rows, builder)[0][4] is None  # no frame before unless asked for
     palette = np.array(list(COLORS.values()), dtype=np.int32)
     for index in range(0, len(dataset), 5):
         row, seconds, text = dataset.items[index]
@@ -287,7 +288,7 @@ def test_stage0_mixes_frame_listings_and_clip_captions(run_root):
     captions = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines()]
     builder = SampleBuilder(load_nano_processor(), VideoOptions(fps=2.0, slow_fast=False, min_pixels=3136, max_pixels=3136),
                             base_dir=world)
-    pairs = siglip_pairs(frames[:2] + captions[:3], builder, frames=2, files=["mixed"])
+    pairs = siglip_pairs(frames[:2] + captions[:3], builder, frames=2, files=["mixed"], previous=True)
     assert len(pairs) == sum(len(r["frame_texts"]) for r in frames[:2]) + 3
     patches, grids, ids, regions, previous = pairs[len(pairs) - 1]  # the last caption row: 2 frames of the clip, its caption
     assert len(grids) == 2 and builder.processor.tokenizer.decode(ids) == captions[2]["caption"]

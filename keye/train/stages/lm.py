@@ -236,13 +236,17 @@ class ObjectGrounder:
 
 def opens_chain(messages: list[dict]) -> bool:
     """Whether an assistant turn starts with a chain (``<think>`` or auto-think's ``<analysis>``)."""
-    return any(m["role"] == "assistant" and " ".join(p["text"] for p in m["content"] if p["type"] == "text")
-               .lstrip().startswith(("<think>", "<analysis>")) for m in messages)
+    return any(text.lstrip().startswith(("<think>", "<analysis>")) for text in turn_texts(messages, "assistant"))
 
 
 def user_texts(messages: list[dict]) -> list[str]:
     """The text of each user turn, in order (the questions the assistant turns answer)."""
-    return [" ".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "user"]
+    return turn_texts(messages, "user")
+
+
+def turn_texts(messages: list[dict], role: str) -> list[str]:
+    """The text parts of each ``role`` turn, joined, in order."""
+    return [" ".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == role]
 
 
 def subject_word_ids(tokenizer) -> dict[str, int]:

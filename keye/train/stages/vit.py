@@ -151,10 +151,11 @@ def patch_regions(boxes: list[list], grid: tuple[int, int, int]) -> Regions:
 
 
 class ClipCaptionDataset:
-    """(frames of a clip, caption ids): ``frames`` evenly spaced frames of each captioned clip."""
+    """(frames of a clip, caption ids): ``frames`` evenly spaced frames of each captioned clip. With
+    ``previous``, the frames also come as their own "frame before": spaced apart, they are no sequence."""
 
-    def __init__(self, rows: list[dict], builder: SampleBuilder, frames: int):
-        self.rows, self.builder, self.frames = rows, builder, frames
+    def __init__(self, rows: list[dict], builder: SampleBuilder, frames: int, previous: bool = False):
+        self.rows, self.builder, self.frames, self.previous = rows, builder, frames, previous
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -167,7 +168,8 @@ class ClipCaptionDataset:
         patches, grids = zip(*(patchify(clip.frames[i]) for i in picks))
         ids = self.builder.processor.tokenizer(row["caption"], add_special_tokens=False)["input_ids"]
         patches = torch.cat(patches)
-        return patches, torch.tensor(grids), torch.tensor(ids), Regions([], torch.full((len(patches),), -1)), patches
+        return (patches, torch.tensor(grids), torch.tensor(ids), Regions([], torch.full((len(patches),), -1)),
+                patches if self.previous else None)
 
 
 class FrameCaptionDataset:
@@ -176,11 +178,13 @@ class FrameCaptionDataset:
     where a clip caption is spread over every frame of the clip. The frame is the decoded one nearest
     to the text's time; with ``backgrounds`` the text starts with the frame's background, from the row's
     ``frame_backgrounds`` ("navy: red circle top left"). Rows with ``frame_boxes`` ([seconds, [[phrase, x0,
-    y0, x1, y1], ...]] per listed frame) also ground each phrase in the patches under its box (``Regions``)."""
+    y0, x1, y1], ...]] per listed frame) also ground each phrase in the patches under its box (``Regions``).
+    With ``previous`` each pair also holds the sampled frame before (a tower with ``frame_difference`` reads
+    it; a clip's first frame stands in for its own)."""
 
     def __init__(self, rows: list[dict], builder: SampleBuilder, phrases: str = "box", backgrounds: bool = False,
-                 motion: bool = False):
-        self.builder = builder
+                 motion: bool = False, previous: bool = False):
+        self.builder, self.previous = builder, previous
         self.items: list[tuple[dict, float, str]] = []
         self.boxes: list[list] = []  # per item: [[phrase, x0, y0, x1, y1], ...], empty for rows without boxes
         self.motions: list[list[int]] | None = [] if motion else None  # per item, per box: box_motions
@@ -219,9 +223,10 @@ class FrameCaptionDataset:
         clip = self.builder.vision(messages).videos[0]
         nearest = int(torch.as_tensor(clip.timestamps, dtype=torch.float64).sub(seconds).abs().argmin())
         patches, grid = patchify(clip.frames[nearest])
-        previous = patchify(clip.frames[nearest - 1])[0] if nearest > 0 else patches
-        if previous.shape != patches.shape:
-            previous = patches
+        previous = None
+        if self.previous:
+            previous = patchify(clip.frames[nearest - 1])[0] if nearest > 0 else patches
+            previous = previous if previous.shape == patches.shape else patches
         ids = self.builder.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         regions = patch_regions(self.boxes[index], grid)
         if self.motions is not None:
@@ -262,7 +267,7 @@ def listing_phrases(row_id, boxes: list[list], text: str) -> list[list]:
 
 
 def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: list[str], phrases: str = "box",
-                 backgrounds: bool = False, motion: bool = False):
+                 backgrounds: bool = False, motion: bool = False, previous: bool = False):
     """Stage 0's pairs: each row with ``frame_texts`` gives one pair per listed frame, every other row one
     clip/caption pair; files may mix both. A row with neither is a ConfigError naming it."""
     unusable = [row.get("id", f"#{i}") for i, row in enumerate(rows) if "frame_texts" not in row and "caption" not in row]
@@ -273,8 +278,8 @@ def siglip_pairs(rows: list[dict], builder: SampleBuilder, frames: int, files: l
         )
     per_frame = [row for row in rows if "frame_texts" in row]
     per_clip = [row for row in rows if "frame_texts" not in row]
-    parts = ([FrameCaptionDataset(per_frame, builder, phrases, backgrounds, motion)] if per_frame else []) + (
-        [ClipCaptionDataset(per_clip, builder, frames)] if per_clip else [])
+    parts = ([FrameCaptionDataset(per_frame, builder, phrases, backgrounds, motion, previous)] if per_frame else []) + (
+        [ClipCaptionDataset(per_clip, builder, frames, previous)] if per_clip else [])
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
@@ -284,12 +289,13 @@ def siglip_collate(samples, tokenizer=None):
     patches, grids, ids, regions, previous = zip(*samples)
     batch = {
         "pixel_values": torch.cat(patches),
-        "previous_pixels": torch.cat(previous),
         "grid_thw": torch.cat(grids),
         "frames_per_clip": [len(g) for g in grids],
         "text_ids": torch.cat(ids),
         "text_offsets": _offsets([len(i) for i in ids]),
     }
+    if all(p is not None for p in previous):  # the frames before, where the dataset was asked for them
+        batch["previous_pixels"] = torch.cat(previous)
     if tokenizer is not None:
         phrases = list(dict.fromkeys(p for r in regions for p in r.phrases))
         index = {p: k for k, p in enumerate(phrases)}
@@ -331,7 +337,7 @@ def run_vit(cfg: VitConfig, run_root: Path) -> Path:
     # prepare() logged the counts before the head existed; these include it
     log.info("%s: trainable parameters with the SigLIP head %s", cfg.out, apply_freeze_plan(pair, cfg.train))
     dataset = siglip_pairs(rows, builder, cfg.siglip_frames, cfg.data.train, cfg.siglip_region_phrases,
-                           cfg.siglip_backgrounds, cfg.siglip_motion > 0)
+                           cfg.siglip_backgrounds, cfg.siglip_motion > 0, cfg.frame_difference)
     log.info("%s: %d image/text pairs", cfg.out, len(dataset))
     if cfg.siglip_regions > 0 and not any(row.get("frame_boxes") for row in rows):
         raise ConfigError(f"siglip_regions: {cfg.siglip_regions} asks for the region term, but no row of {cfg.data.train} "
